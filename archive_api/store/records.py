@@ -1,0 +1,303 @@
+"""Typed records of the archive and the spool entries that carry them.
+
+One `ArchiveRecord` type covers every kind of archived thing (message, subscription request,
+spam report, session start/end); fields that do not apply to a kind stay empty. Records are
+serialised to canonical JSON, and that exact byte string is what the hash chain covers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from classifier.verdict import ALLOW, Verdict
+
+
+class Direction(StrEnum):
+    FROM_CLIENT = "from-client"  # sent by a local user through the proxy
+    TO_CLIENT = "to-client"  # delivered to a local user through the proxy
+    COPY = "copy"  # a copy forwarded by the server (component mode)
+
+
+class RecordKind(StrEnum):
+    MESSAGE = "message"
+    SUBSCRIPTION = "subscription"
+    REPORT = "report"
+    SESSION = "session"
+
+
+class ObservationVia(StrEnum):
+    LIVE = "live"
+    CARBON_SENT = "carbon-sent"
+    CARBON_RECEIVED = "carbon-received"
+    MAM = "mam"
+    OFFLINE = "offline"
+    MUC_REFLECTION = "muc-reflection"
+    COMPONENT = "component"
+    RELEASE = "release"
+
+
+class RecordStatus(StrEnum):
+    DELIVERED = "delivered"
+    HELD = "held"  # quarantined, not delivered
+    RELEASED = "released"
+    REJECTED = "rejected"
+    DROPPED = "dropped"
+    CONFIRMED_SPAM = "confirmed-spam"
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _dt(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _parse_dt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    url: str
+    source: str  # "oob", "sims" or "upload"
+    media_type: str | None = None
+    name: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "source": self.source,
+            "media_type": self.media_type,
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Attachment:
+        return cls(
+            url=data["url"],
+            source=data["source"],
+            media_type=data.get("media_type"),
+            name=data.get("name"),
+            size=data.get("size"),
+            sha256=data.get("sha256"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StanzaIdRef:
+    """An XEP-0359 stanza-id: the id an archive (`by`) gave the message."""
+
+    id: str
+    by: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "by": self.by}
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One place and time a record was seen: sent by or delivered to a full JID."""
+
+    at: datetime
+    jid: str
+    via: ObservationVia
+    direction: Direction
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "jid": self.jid,
+            "via": self.via.value,
+            "direction": self.direction.value,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Observation:
+        return cls(
+            at=datetime.fromisoformat(data["at"]),
+            jid=data["jid"],
+            via=ObservationVia(data["via"]),
+            direction=Direction(data["direction"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveRecord:
+    record_id: str
+    kind: RecordKind
+    occurred_at: datetime
+    direction: Direction
+    sender: str = ""  # bare JID
+    sender_full: str = ""
+    recipient: str = ""  # bare JID
+    recipient_full: str = ""
+    stanza_type: str = ""  # chat, groupchat, normal, headline; subscribe, ...; start/end
+    room: str | None = None
+    body: str | None = None
+    subject: str | None = None
+    thread: str | None = None
+    message_id: str | None = None
+    origin_id: str | None = None
+    stanza_ids: tuple[StanzaIdRef, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
+    encryption: str | None = None  # "omemo", "openpgp", "otr"
+    replaces_id: str | None = None  # XEP-0308: id of the corrected message
+    retracts_id: str | None = None  # XEP-0424: id of the retracted message
+    delay_stamp: datetime | None = None
+    client_address: str | None = None
+    reported_jid: str | None = None  # spam reports: who is reported
+    report_reason: str | None = None
+    report_text: str | None = None
+    verdict: Verdict = ALLOW
+    status: RecordStatus = RecordStatus.DELIVERED
+    raw: bytes = b""
+    observations: tuple[Observation, ...] = field(default_factory=tuple)
+
+    @property
+    def remote_domain(self) -> str:
+        """The other party's domain (the recipient's for outgoing, the sender's for incoming)."""
+        other = self.recipient if self.direction == Direction.FROM_CLIENT else self.sender
+        return other.rpartition("@")[2].split("/", 1)[0]
+
+    def with_observation(self, observation: Observation) -> ArchiveRecord:
+        if observation in self.observations:
+            return self
+        return replace(self, observations=(*self.observations, observation))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "record_id": self.record_id,
+            "kind": self.kind.value,
+            "occurred_at": self.occurred_at.isoformat(),
+            "direction": self.direction.value,
+            "sender": self.sender,
+            "sender_full": self.sender_full,
+            "recipient": self.recipient,
+            "recipient_full": self.recipient_full,
+            "stanza_type": self.stanza_type,
+            "room": self.room,
+            "body": self.body,
+            "subject": self.subject,
+            "thread": self.thread,
+            "message_id": self.message_id,
+            "origin_id": self.origin_id,
+            "stanza_ids": [s.to_json() for s in self.stanza_ids],
+            "attachments": [a.to_json() for a in self.attachments],
+            "encryption": self.encryption,
+            "replaces_id": self.replaces_id,
+            "retracts_id": self.retracts_id,
+            "delay_stamp": _dt(self.delay_stamp),
+            "client_address": self.client_address,
+            "reported_jid": self.reported_jid,
+            "report_reason": self.report_reason,
+            "report_text": self.report_text,
+            "verdict": self.verdict.to_json(),
+            "status": self.status.value,
+            "raw": base64.b64encode(self.raw).decode("ascii"),
+            "observations": [o.to_json() for o in self.observations],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArchiveRecord:
+        return cls(
+            record_id=data["record_id"],
+            kind=RecordKind(data["kind"]),
+            occurred_at=datetime.fromisoformat(data["occurred_at"]),
+            direction=Direction(data["direction"]),
+            sender=data.get("sender", ""),
+            sender_full=data.get("sender_full", ""),
+            recipient=data.get("recipient", ""),
+            recipient_full=data.get("recipient_full", ""),
+            stanza_type=data.get("stanza_type", ""),
+            room=data.get("room"),
+            body=data.get("body"),
+            subject=data.get("subject"),
+            thread=data.get("thread"),
+            message_id=data.get("message_id"),
+            origin_id=data.get("origin_id"),
+            stanza_ids=tuple(StanzaIdRef(s["id"], s["by"]) for s in data.get("stanza_ids", [])),
+            attachments=tuple(Attachment.from_json(a) for a in data.get("attachments", [])),
+            encryption=data.get("encryption"),
+            replaces_id=data.get("replaces_id"),
+            retracts_id=data.get("retracts_id"),
+            delay_stamp=_parse_dt(data.get("delay_stamp")),
+            client_address=data.get("client_address"),
+            reported_jid=data.get("reported_jid"),
+            report_reason=data.get("report_reason"),
+            report_text=data.get("report_text"),
+            verdict=Verdict.from_json(data["verdict"]) if data.get("verdict") else ALLOW,
+            status=RecordStatus(data.get("status", RecordStatus.DELIVERED.value)),
+            raw=base64.b64decode(data.get("raw", "")),
+            observations=tuple(Observation.from_json(o) for o in data.get("observations", [])),
+        )
+
+
+def deterministic_record_id(*parts: str) -> str:
+    """A record id derived from what identifies the stanza, so a retry yields the same id."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+    return digest[:32]
+
+
+class EntryOp(StrEnum):
+    RECORD = "record"  # a new record
+    OBSERVE = "observe"  # another observation of an existing record
+    STATUS = "status"  # a status change (released, confirmed spam, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """What one spool slot holds. `payload()` is the byte string the hash chain covers."""
+
+    op: EntryOp
+    record_id: str
+    record: ArchiveRecord | None = None
+    observation: Observation | None = None
+    status: RecordStatus | None = None
+    actor: str | None = None
+    at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"op": self.op.value, "record_id": self.record_id}
+        if self.record is not None:
+            data["record"] = self.record.to_json()
+        if self.observation is not None:
+            data["observation"] = self.observation.to_json()
+        if self.status is not None:
+            data["status"] = self.status.value
+        if self.actor is not None:
+            data["actor"] = self.actor
+        if self.at is not None:
+            data["at"] = self.at.isoformat()
+        return data
+
+    def payload(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpoolEntry:
+        return cls(
+            op=EntryOp(data["op"]),
+            record_id=data["record_id"],
+            record=ArchiveRecord.from_json(data["record"]) if "record" in data else None,
+            observation=(
+                Observation.from_json(data["observation"]) if "observation" in data else None
+            ),
+            status=RecordStatus(data["status"]) if "status" in data else None,
+            actor=data.get("actor"),
+            at=_parse_dt(data.get("at")),
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> SpoolEntry:
+        return cls.from_json(json.loads(payload))

@@ -1,0 +1,97 @@
+"""What a decision says: the action to take, the score, and every reason that led to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Action(StrEnum):
+    """What happens to a stanza, in increasing order of severity."""
+
+    ALLOW = "allow"
+    FLAG = "flag"  # deliver, queue for review
+    QUARANTINE = "quarantine"  # hold, releasable
+    REJECT = "reject"  # bounce <policy-violation/> with a reason text
+    DROP = "drop"  # silent
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+    @property
+    def delivers(self) -> bool:
+        return self in (Action.ALLOW, Action.FLAG)
+
+    @property
+    def is_final(self) -> bool:
+        """REJECT and DROP end the rule chain: the first one wins."""
+        return self in (Action.REJECT, Action.DROP)
+
+
+_SEVERITY = {
+    Action.ALLOW: 0,
+    Action.FLAG: 1,
+    Action.QUARANTINE: 2,
+    Action.REJECT: 3,
+    Action.DROP: 4,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One rule's contribution to a verdict."""
+
+    rule_id: str
+    detail: str
+    contribution: float = 0.0
+    action: Action = Action.ALLOW
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rule_id": self.rule_id,
+            "detail": self.detail,
+            "contribution": self.contribution,
+            "action": self.action.value,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Reason:
+        return cls(
+            rule_id=str(data["rule_id"]),
+            detail=str(data["detail"]),
+            contribution=float(data.get("contribution", 0.0)),
+            action=Action(data.get("action", Action.ALLOW.value)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    score: float = 0.0
+    reasons: tuple[Reason, ...] = field(default_factory=tuple)
+
+    @property
+    def reason_text(self) -> str:
+        """The human-readable text sent back with a bounce: the deciding reasons only."""
+        deciding = [r.detail for r in self.reasons if r.action == self.action]
+        return "; ".join(deciding or [r.detail for r in self.reasons]) or self.action.value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "score": self.score,
+            "reasons": [r.to_json() for r in self.reasons],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Verdict:
+        return cls(
+            action=Action(data["action"]),
+            score=float(data.get("score", 0.0)),
+            reasons=tuple(Reason.from_json(r) for r in data.get("reasons", [])),
+        )
+
+
+ALLOW = Verdict(Action.ALLOW)
