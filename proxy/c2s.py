@@ -1,0 +1,736 @@
+"""The inline client-to-server proxy: TLS toward clients, a splice toward the server.
+
+One `ClientSession` per client connection:
+1. On the STARTTLS port the proxy answers the first stream header itself and offers only
+   `<starttls/>` (plaintext is refused unless allowed); on the direct-TLS port (XEP-0368)
+   TLS comes first.
+2. After TLS the client's next stream header opens the upstream leg; from then on every
+   top-level element is relayed byte for byte. The server's features lose only what cannot
+   survive two TLS sessions (`<starttls/>`, `SCRAM-*-PLUS`, channel-binding lists).
+3. SASL is relayed untouched; the bound JID is read from the bind (or SASL2) result.
+4. Stanzas of an authenticated session go through the `StanzaHook`; XEP-0198 acks are
+   rewritten so that drops and injections do not break stream management.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from xml.sax.saxutils import quoteattr
+
+from archive_api.store.records import Direction
+from proxy import metrics
+from proxy.errors import FramingError, StreamClosed, UpstreamError
+from proxy.hook import Decision, DecisionKind, SessionInfo, StanzaHook
+from proxy.sm import DirectionLedger, SmRegistry, SmState
+from proxy.stream import (
+    Element,
+    Frame,
+    Framer,
+    FramingLimits,
+    StreamClose,
+    StreamOpen,
+    Whitespace,
+    stream_error,
+)
+
+log = logging.getLogger(__name__)
+
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+SASL2_NS = "urn:xmpp:sasl:2"
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SM_NAMESPACES = frozenset({"urn:xmpp:sm:3", "urn:xmpp:sm:2"})
+BIND_MARKER = b"urn:ietf:params:xml:ns:xmpp-bind"
+
+_STARTTLS = re.compile(rb"<starttls\b[^>]*?(?:/>|>.*?</starttls>)", re.S)
+_PLUS_MECHANISM = re.compile(rb"<mechanism>[^<]*-PLUS</mechanism>")
+_CHANNEL_BINDING = re.compile(
+    rb"<sasl-channel-binding\b[^>]*?(?:/>|>.*?</sasl-channel-binding>)", re.S
+)
+_JID = re.compile(rb"<jid>([^<]{1,3071})</jid>")
+_AUTHZ_ID = re.compile(rb"<authorization-identifier>([^<]{1,3071})</authorization-identifier>")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything the transport needs; built by the composition root from the settings."""
+
+    domains: frozenset[str]
+    upstream_host: str
+    upstream_port: int
+    server_tls: ssl.SSLContext | None
+    upstream_tls: ssl.SSLContext | None = None  # direct TLS to the server, no channel binding
+    allow_plaintext: bool = False
+    limits: FramingLimits = field(default_factory=FramingLimits)
+    auth_timeout: float = 60.0  # seconds to authenticate after connecting
+    idle_timeout: float = 600.0  # seconds without a byte from the client
+    stanza_timeout: float = 30.0  # seconds to finish an element once started
+    max_sessions: int = 50_000
+    read_size: int = 64 * 1024
+    connect_timeout: float = 10.0
+
+
+class Leg:
+    """One side's writer with write-combining; counts what crosses it."""
+
+    __slots__ = ("closed", "direction", "out", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter, direction: Direction) -> None:
+        self.writer = writer
+        self.direction = direction
+        self.out = bytearray()
+        self.closed = False
+
+    def push(self, data: bytes) -> None:
+        self.out += data
+
+    def flush(self) -> None:
+        if self.out and not self.closed:
+            metrics.BYTES.labels(self.direction.value).inc(len(self.out))
+            self.writer.write(bytes(self.out))
+        self.out.clear()
+
+    async def drain(self) -> None:
+        self.flush()
+        if not self.closed:
+            await self.writer.drain()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+
+
+def _stream_header(domain: str, stream_id: str) -> bytes:
+    return (
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+        f"xmlns:stream='http://etherx.jabber.org/streams' from={quoteattr(domain)} "
+        f"id='{stream_id}' version='1.0' xml:lang='en'>"
+    ).encode()
+
+
+def rewrite_features(data: bytes, *, strip_starttls: bool = True) -> bytes:
+    """Remove what cannot survive a second TLS session; leave every other byte alone."""
+    if strip_starttls and b"starttls" in data:
+        data = _STARTTLS.sub(b"", data)
+    if b"-PLUS" in data:
+        data = _PLUS_MECHANISM.sub(b"", data)
+    if b"sasl-channel-binding" in data:
+        data = _CHANNEL_BINDING.sub(b"", data)
+    return data
+
+
+def _sm_nonza(name: str, namespace: str, **attrs: str) -> bytes:
+    rendered = "".join(f" {key}={quoteattr(value)}" for key, value in attrs.items())
+    return f"<{name} xmlns='{namespace}'{rendered}/>".encode()
+
+
+class ClientSession:
+    def __init__(
+        self,
+        proxy: C2SProxy,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        direct_tls: bool,
+    ) -> None:
+        self.proxy = proxy
+        self.config = proxy.config
+        self.hook = proxy.hook
+        peer = writer.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.info = SessionInfo(
+            session_id=secrets.token_hex(8), client_address=address, tls=direct_tls
+        )
+        self.client_reader = reader
+        self.client = Leg(writer, Direction.TO_CLIENT)
+        self.server: Leg | None = None
+        self.server_reader: asyncio.StreamReader | None = None
+        self.client_framer = Framer(self.config.limits)
+        self.server_framer = Framer(self.config.limits)
+        self.direct_tls = direct_tls
+        self.client_header_sent = False
+        self.sm: SmState | None = None
+        self.started = time.monotonic()
+        self.last_client_read = self.started
+        self.partial_since: float | None = None
+        self._closing = False
+        self._timed_out = False
+        self._pending_frames: list[Frame] = []
+        self._resuming: SmState | None = None
+        self._resume_pending: list[bytes] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        reason = "closed"
+        try:
+            if not self.direct_tls:
+                await self._negotiate_tls()
+            await self._open_upstream()
+            await self._relay()
+        except StreamClosed as exc:
+            reason = exc.condition
+            log.info(
+                "stream closed",
+                extra={
+                    "session": self.info.session_id,
+                    "condition": exc.condition,
+                    "detail": exc.detail,
+                },
+            )
+            await self._send_client_error(exc.condition, exc.detail)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as exc:
+            reason = "connection-timeout" if self._timed_out else "connection-lost"
+            log.info(
+                "connection lost",
+                extra={"session": self.info.session_id, "error": type(exc).__name__},
+            )
+        except UpstreamError as exc:
+            reason = "remote-connection-failed"
+            log.warning(
+                "upstream failed", extra={"session": self.info.session_id, "error": str(exc)}
+            )
+            await self._send_client_error("remote-connection-failed", "")
+        finally:
+            metrics.CLOSED.labels(reason).inc()
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        if self.server is not None:
+            if not self.server.closed:
+                self.server.push(b"</stream:stream>")
+            await self.server.close()
+        await self.client.close()
+        if self.info.authenticated:
+            try:
+                await self.hook.session_ended(self.info)
+            except Exception:
+                log.exception("hook failed at session end")
+
+    async def _send_client_error(self, condition: str, detail: str) -> None:
+        if self.client.closed:
+            return
+        if not self.client_header_sent:
+            self.client.push(_stream_header(self._domain_or_default(), secrets.token_hex(8)))
+            self.client_header_sent = True
+        self.client.push(stream_error(condition, detail or None))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.drain(), 2.0)
+
+    def _domain_or_default(self) -> str:
+        return self.info.domain or next(iter(sorted(self.config.domains)), "localhost")
+
+    def check_timeouts(self, now: float) -> str | None:
+        """Called by the proxy's watchdog: which timeout, if any, this session has hit."""
+        if not self.info.authenticated and now - self.started > self.config.auth_timeout:
+            return "authentication took too long"
+        if now - self.last_client_read > self.config.idle_timeout:
+            return "idle for too long"
+        if self.partial_since is not None and now - self.partial_since > self.config.stanza_timeout:
+            return "stanza took too long to arrive"
+        return None
+
+    # -- client reading with the limits -------------------------------------------------
+
+    async def _read_client(self) -> list[Frame]:
+        if self._pending_frames:
+            frames, self._pending_frames = self._pending_frames, []
+            return frames
+        data = await self.client_reader.read(self.config.read_size)
+        if not data:
+            raise ConnectionResetError("client closed the connection")
+        now = time.monotonic()
+        self.last_client_read = now
+        metrics.BYTES.labels(Direction.FROM_CLIENT.value).inc(len(data))
+        frames = self.client_framer.feed(data)
+        if self.client_framer.buffered:
+            if self.partial_since is None:
+                self.partial_since = now
+        else:
+            self.partial_since = None
+        return frames
+
+    # -- phase 1: our own stream until TLS ----------------------------------------------
+
+    async def _read_header(self) -> StreamOpen:
+        frames = await self._read_client()
+        while not frames:
+            frames = await self._read_client()
+        header = frames[0]
+        if not isinstance(header, StreamOpen):
+            raise StreamClosed("not-well-formed", "expected a stream header")
+        self._check_header(header)
+        self._pending_frames = frames[1:]
+        return header
+
+    def _check_header(self, header: StreamOpen) -> None:
+        to = header.attrs.get("to", "").lower()
+        if to not in self.config.domains:
+            raise StreamClosed("host-unknown", "this service does not host that domain")
+        self.info.domain = to
+
+    async def _negotiate_tls(self) -> None:
+        await self._read_header()
+        self.client.push(_stream_header(self.info.domain, secrets.token_hex(8)))
+        self.client_header_sent = True
+        if self.config.allow_plaintext and self.config.server_tls is None:
+            raise StreamClosed("policy-violation", "no TLS certificate configured")
+        self.client.push(
+            b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
+            + (b"" if self.config.allow_plaintext else b"<required/>")
+            + b"</starttls></stream:features>"
+        )
+        await self.client.drain()
+        frames = await self._read_client()
+        while not frames:
+            frames = await self._read_client()
+        first = frames[0]
+        if len(frames) > 1:
+            raise StreamClosed("policy-violation", "data after <starttls/> before TLS")
+        if not (
+            isinstance(first, Element) and first.namespace == TLS_NS and first.name == "starttls"
+        ):
+            raise StreamClosed("policy-violation", "TLS is required")
+        if self.config.server_tls is None:
+            raise StreamClosed("policy-violation", "TLS is not configured")
+        self.client.push(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await self.client.drain()
+        await self.client.writer.start_tls(self.config.server_tls)
+        self.info.tls = True
+        self.client_framer.reset()
+        self.client_header_sent = False
+
+    # -- phase 2: splice ----------------------------------------------------------------
+
+    async def _open_upstream(self) -> None:
+        header = await self._read_header()
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    self.config.upstream_host,
+                    self.config.upstream_port,
+                    ssl=self.config.upstream_tls,
+                    server_hostname=self.info.domain if self.config.upstream_tls else None,
+                ),
+                self.config.connect_timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise UpstreamError(f"cannot reach the XMPP server: {exc}") from None
+        self.server_reader = reader
+        self.server = Leg(writer, Direction.FROM_CLIENT)
+        self.server.push(header.data)
+        await self.server.drain()
+
+    async def _relay(self) -> None:
+        assert self.server is not None
+        to_server = asyncio.create_task(self._pump_from_client())
+        to_client = asyncio.create_task(self._pump_from_server())
+        done, pending = await asyncio.wait(
+            {to_server, to_client}, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    async def _pump_from_client(self) -> None:
+        server = self.server
+        assert server is not None
+        while True:
+            frames = await self._read_client()
+            batch: list[Element] = []
+            for frame in frames:
+                if isinstance(frame, Element) and frame.is_stanza and self.info.authenticated:
+                    batch.append(frame)
+                    continue
+                if batch:
+                    await self._decide(Direction.FROM_CLIENT, batch)
+                    batch = []
+                if isinstance(frame, StreamClose):
+                    server.push(frame.data)
+                    server.flush()
+                    return
+                if isinstance(frame, StreamOpen):
+                    self._check_header(frame)
+                    server.push(frame.data)
+                elif isinstance(frame, Element):
+                    self._client_element(frame)
+                elif isinstance(frame, Whitespace):
+                    server.push(frame.data)
+            if batch:
+                await self._decide(Direction.FROM_CLIENT, batch)
+            self.client.flush()
+            await server.drain()
+
+    async def _pump_from_server(self) -> None:
+        reader = self.server_reader
+        assert reader is not None
+        framer = self.server_framer
+        while True:
+            try:
+                data = await reader.read(self.config.read_size)
+            except (ConnectionError, OSError) as exc:
+                raise UpstreamError(f"server connection lost: {exc}") from None
+            if not data:
+                return
+            try:
+                frames = framer.feed(data)
+            except FramingError as exc:
+                raise UpstreamError(f"server sent bad XML: {exc}") from None
+            batch: list[Element] = []
+            for frame in frames:
+                if isinstance(frame, Element) and frame.is_stanza and self.info.authenticated:
+                    batch.append(frame)
+                    continue
+                if batch:
+                    await self._decide(Direction.TO_CLIENT, batch)
+                    batch = []
+                if isinstance(frame, StreamClose):
+                    self.client.push(frame.data)
+                    self.client.flush()
+                    return
+                if isinstance(frame, StreamOpen):
+                    self.client.push(frame.data)
+                    self.client_header_sent = True
+                elif isinstance(frame, Element):
+                    await self._server_element(frame)
+                elif isinstance(frame, Whitespace):
+                    self.client.push(frame.data)
+            if batch:
+                await self._decide(Direction.TO_CLIENT, batch)
+            if self.server is not None:
+                self.server.flush()
+            await self.client.drain()
+
+    # -- nonzas and the few stanzas the transport itself must read ------------------------
+
+    def _client_element(self, element: Element) -> None:
+        server = self.server
+        assert server is not None
+        if element.namespace in SM_NAMESPACES:
+            server.push(self._sm_from_client(element))
+        elif element.namespace == TLS_NS:
+            raise StreamClosed("policy-violation", "TLS is already in place")
+        else:
+            if element.is_stanza:
+                # Stanzas before authentication (rare: iq register) are not the hook's.
+                metrics.STANZAS.labels(Direction.FROM_CLIENT.value).inc()
+            server.push(element.data)
+
+    async def _server_element(self, element: Element) -> None:
+        ns, name = element.namespace, element.name
+        if ns == "http://etherx.jabber.org/streams" and name == "features":
+            self.client.push(rewrite_features(element.data))
+        elif ns == SASL_NS and name == "success":
+            self.client.push(element.data)
+            self._authenticated()
+            # Both ends restart the stream after SASL success.
+            self.server_framer.reset()
+            self.client_framer.reset()
+        elif ns == SASL2_NS and name == "success":
+            self.client.push(element.data)
+            self._authenticated()
+            match = _AUTHZ_ID.search(element.data)
+            if match:
+                await self._bound(match.group(1).decode("utf-8", "replace"))
+        elif ns in SM_NAMESPACES:
+            self.client.push(await self._sm_from_server(element))
+        else:
+            if element.is_stanza:
+                metrics.STANZAS.labels(Direction.TO_CLIENT.value).inc()
+            self.client.push(element.data)
+
+    def _authenticated(self) -> None:
+        self.info.authenticated = True
+        metrics.AUTHENTICATED.inc()
+
+    async def _bound(self, jid: str) -> None:
+        self.info.bound_jid = jid
+        self.proxy.register_bound(self)
+        self.flush_all()
+        await self.hook.session_bound(self.info)
+
+    def flush_all(self) -> None:
+        self.client.flush()
+        if self.server is not None:
+            self.server.flush()
+
+    # -- the hook -----------------------------------------------------------------------
+
+    async def _decide(self, direction: Direction, batch: Sequence[Element]) -> None:
+        if direction == Direction.TO_CLIENT and self.info.bound_jid is None:
+            await self._learn_bind(batch)
+        self.flush_all()  # what was counted before this await must be on the wire first
+        decisions = await self.hook.process(self.info, direction, batch)
+        if len(decisions) != len(batch):
+            raise StreamClosed("internal-server-error", "hook returned the wrong count")
+        if direction == Direction.FROM_CLIENT:
+            self._apply(batch, decisions, forward=self.server, ledger=self._ledger_to_server())
+        else:
+            self._apply(batch, decisions, forward=self.client, ledger=self._ledger_to_client())
+
+    async def _learn_bind(self, batch: Sequence[Element]) -> None:
+        for element in batch:
+            if element.name == "iq" and BIND_MARKER in element.data:
+                match = _JID.search(element.data)
+                if match and element.attrs.get("type") == "result":
+                    await self._bound(match.group(1).decode("utf-8", "replace"))
+                    return
+
+    def _ledger_to_server(self) -> DirectionLedger | None:
+        return self.sm.to_server if self.sm is not None else None
+
+    def _ledger_to_client(self) -> DirectionLedger | None:
+        return self.sm.to_client if self.sm is not None else None
+
+    def _apply(
+        self,
+        batch: Sequence[Element],
+        decisions: Sequence[Decision],
+        *,
+        forward: Leg | None,
+        ledger: DirectionLedger | None,
+    ) -> None:
+        assert forward is not None
+        counter = metrics.STANZAS.labels(forward.direction.value)
+        for element, decision in zip(batch, decisions, strict=True):
+            if decision.kind == DecisionKind.PASS:
+                forward.push(element.data)
+                counter.inc()
+                if ledger is not None:
+                    ledger.forwarded()
+            elif decision.kind == DecisionKind.REPLACE:
+                forward.push(decision.replacement or element.data)
+                counter.inc()
+                if ledger is not None:
+                    ledger.forwarded()
+            else:
+                metrics.DROPPED.labels(forward.direction.value).inc()
+                if ledger is not None:
+                    ledger.dropped()
+            for data in decision.inject_to_client:
+                self.inject(Direction.TO_CLIENT, data)
+            for data in decision.inject_to_server:
+                self.inject(Direction.FROM_CLIENT, data)
+
+    def inject(self, direction: Direction, data: bytes) -> None:
+        """Send a stanza of the proxy's own into one leg, keeping the SM counts right."""
+        if direction == Direction.TO_CLIENT:
+            self.client.push(data)
+            if self.sm is not None:
+                self.sm.to_client.injected(data)
+        else:
+            assert self.server is not None
+            self.server.push(data)
+            if self.sm is not None:
+                self.sm.to_server.injected(data)
+        metrics.INJECTED.labels(direction.value).inc()
+
+    # -- XEP-0198 -----------------------------------------------------------------------
+
+    def _sm_from_client(self, element: Element) -> bytes:
+        name, ns, attrs = element.name, element.namespace, element.attrs
+        if name == "a" and self.sm is not None and "h" in attrs:
+            h = self.sm.to_client.acknowledge(_parse_h(attrs["h"]))
+            return _sm_nonza("a", ns, h=str(h))
+        elif name == "resume" and "previd" in attrs and "h" in attrs:
+            state = self.proxy.sm_registry.get(attrs["previd"])
+            if state is not None:
+                source_h, pending = state.to_client.restart_at(_parse_h(attrs["h"]))
+                self._resume_pending = pending
+                self._resuming = state
+                return _sm_nonza("resume", ns, previd=attrs["previd"], h=str(source_h))
+        return element.data
+
+    async def _sm_from_server(self, element: Element) -> bytes:
+        name, ns, attrs = element.name, element.namespace, element.attrs
+        if name == "enabled":
+            sm_id = attrs.get("id")
+            if sm_id:
+                self.sm = self.proxy.sm_registry.create(sm_id)
+                self.info.sm_id = sm_id
+            else:
+                self.sm = SmState("")
+        elif name == "a" and self.sm is not None and "h" in attrs:
+            h = self.sm.to_server.acknowledge(_parse_h(attrs["h"]))
+            return _sm_nonza("a", ns, h=str(h))
+        elif name == "resumed":
+            state = self._resuming
+            if state is not None and "h" in attrs:
+                self.sm = state
+                self.info.sm_id = state.sm_id
+                source_h, _ = state.to_server.restart_at(_parse_h(attrs["h"]))
+                out = _sm_nonza("resumed", ns, previd=attrs.get("previd", ""), h=str(source_h))
+                previous = self.proxy.resumed(self, state.sm_id)
+                if previous is not None and previous.info.bound_jid:
+                    self.info.bound_jid = previous.info.bound_jid
+                    self.proxy.register_bound(self)
+                self.client.push(out)
+                for data in self._resume_pending:
+                    self.inject(Direction.TO_CLIENT, data)
+                self._resume_pending = []
+                return b""
+        elif name == "failed":
+            self._resuming = None
+        return element.data
+
+
+def _parse_h(value: str) -> int:
+    try:
+        h = int(value)
+    except ValueError:
+        raise StreamClosed("invalid-xml", "h is not a number") from None
+    if not 0 <= h < 2**32:
+        raise StreamClosed("invalid-xml", "h out of range")
+    return h
+
+
+class C2SProxy:
+    """The listeners, the live sessions, and the stream-management registry."""
+
+    def __init__(
+        self, config: ProxyConfig, hook: StanzaHook, sm_registry: SmRegistry | None = None
+    ) -> None:
+        self.config = config
+        self.hook = hook
+        self.sm_registry = sm_registry or SmRegistry()
+        self.sessions: set[ClientSession] = set()
+        self._by_bare_jid: dict[str, set[ClientSession]] = {}
+        self._by_sm_id: dict[str, ClientSession] = {}
+        self._servers: list[asyncio.Server] = []
+        self._watchdog: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(
+        self, listen: tuple[str, int] | None, listen_tls: tuple[str, int] | None
+    ) -> list[tuple[str, int]]:
+        """Start the listeners; return the bound addresses (port 0 picks a free port)."""
+        bound: list[tuple[str, int]] = []
+        if listen is not None:
+            server = await asyncio.start_server(
+                self._accept_starttls, listen[0], listen[1], limit=self.config.read_size * 2
+            )
+            self._servers.append(server)
+            bound.append(server.sockets[0].getsockname()[:2])
+        if listen_tls is not None:
+            if self.config.server_tls is None:
+                raise ValueError("direct TLS needs a certificate and key")
+            server = await asyncio.start_server(
+                self._accept_direct_tls,
+                listen_tls[0],
+                listen_tls[1],
+                ssl=self.config.server_tls,
+                limit=self.config.read_size * 2,
+            )
+            self._servers.append(server)
+            bound.append(server.sockets[0].getsockname()[:2])
+        self._watchdog = asyncio.create_task(self._watch())
+        return bound
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    def _accept_starttls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._spawn(ClientSession(self, reader, writer, direct_tls=False))
+
+    def _accept_direct_tls(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._spawn(ClientSession(self, reader, writer, direct_tls=True))
+
+    def _spawn(self, session: ClientSession) -> None:
+        if len(self.sessions) >= self.config.max_sessions:
+            session.client.push(_stream_header(session._domain_or_default(), "full"))
+            session.client.push(stream_error("resource-constraint", "too many sessions"))
+            session.client.flush()
+            session.client.writer.close()
+            metrics.CLOSED.labels("resource-constraint").inc()
+            return
+        self.sessions.add(session)
+        metrics.SESSIONS.inc()
+        metrics.ACTIVE.inc()
+        task = asyncio.create_task(self._run(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, session: ClientSession) -> None:
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            metrics.ACTIVE.dec()
+            bare = session.info.bare_jid
+            if bare is not None:
+                peers = self._by_bare_jid.get(bare)
+                if peers is not None:
+                    peers.discard(session)
+                    if not peers:
+                        del self._by_bare_jid[bare]
+            sm_id = session.info.sm_id
+            if sm_id and self._by_sm_id.get(sm_id) is session:
+                del self._by_sm_id[sm_id]
+
+    def register_bound(self, session: ClientSession) -> None:
+        bare = session.info.bare_jid
+        if bare is not None:
+            self._by_bare_jid.setdefault(bare, set()).add(session)
+        if session.info.sm_id:
+            self._by_sm_id[session.info.sm_id] = session
+
+    def resumed(self, session: ClientSession, sm_id: str) -> ClientSession | None:
+        previous = self._by_sm_id.get(sm_id)
+        self._by_sm_id[sm_id] = session
+        return previous
+
+    def sessions_of(self, bare_jid: str) -> list[ClientSession]:
+        """Live, bound sessions of one user (for delivering released messages)."""
+        return list(self._by_bare_jid.get(bare_jid, ()))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                problem = session.check_timeouts(now)
+                if problem is not None and not session._closing:
+                    session._closing = True
+                    task = asyncio.create_task(self._timeout(session, problem))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    async def _timeout(self, session: ClientSession, problem: str) -> None:
+        log.info("stream timed out", extra={"session": session.info.session_id, "detail": problem})
+        session._timed_out = True
+        await session._send_client_error("connection-timeout", problem)
+        await session.client.close()
+        if session.server is not None:
+            await session.server.close()

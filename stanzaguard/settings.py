@@ -1,0 +1,126 @@
+"""Settings: built once at start-up from CLI options, `STANZAGUARD_*` variables and a TOML file.
+
+Precedence, highest first: command-line options, environment variables, the TOML file
+(`--config FILE` or `STANZAGUARD_CONFIG`), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from stanzaguard.errors import SettingsError
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port!r}")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STANZAGUARD_", extra="forbid", validate_default=True
+    )
+
+    environment: Literal["development", "production"] = Field(
+        "production", description="'development' relaxes checks meant for production."
+    )
+    domain: list[str] = Field(
+        default_factory=list, description="XMPP domains served (the `to` of client streams)."
+    )
+    upstream: HostPort = Field(
+        "127.0.0.1:5222", description="The XMPP server's c2s port (loopback, plain TCP)."
+    )
+    upstream_tls: bool = Field(False, description="Direct TLS to the upstream server.")
+    upstream_ca_file: Path | None = Field(None, description="CA bundle for upstream TLS.")
+    cert: Path | None = Field(None, description="PEM certificate (chain) for the domain.")
+    key: Path | None = Field(None, description="PEM private key for the domain.")
+    listen: HostPort | None = Field("0.0.0.0:5222", description="STARTTLS listener.")
+    listen_tls: HostPort | None = Field(
+        "0.0.0.0:5223", description="Direct TLS listener (XEP-0368)."
+    )
+    allow_plaintext: bool = Field(
+        False, description="Let clients stay unencrypted (never in production)."
+    )
+    data_dir: Path = Field(Path("stanzaguard-data"), description="Spool, archive and keys.")
+    policy: Path | None = Field(None, description="Policy file (TOML), reloaded on change.")
+    max_stanza_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_depth: int = Field(32, ge=4, le=1024)
+    max_attributes: int = Field(64, ge=4, le=4096)
+    auth_timeout: float = Field(60.0, gt=0, description="Seconds to authenticate.")
+    idle_timeout: float = Field(600.0, gt=0, description="Seconds without client bytes.")
+    stanza_timeout: float = Field(30.0, gt=0, description="Seconds to finish one element.")
+    max_sessions: int = Field(50_000, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("domain", mode="before")
+    @classmethod
+    def _split_domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [str(part).strip().lower() for part in value]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("STANZAGUARD_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, or raise `SettingsError` naming every bad key."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    previous = os.environ.get("STANZAGUARD_CONFIG")
+    try:
+        if config_file is not None:
+            if not config_file.is_file():
+                raise SettingsError(f"config file {config_file} does not exist")
+            os.environ["STANZAGUARD_CONFIG"] = str(config_file)
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+            problems.append(f"{key}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise SettingsError(f"cannot read settings: {exc}") from None
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop("STANZAGUARD_CONFIG", None)
+            else:
+                os.environ["STANZAGUARD_CONFIG"] = previous
