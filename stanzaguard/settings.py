@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(600.0, gt=0, description="Seconds without client bytes.")
     stanza_timeout: float = Field(30.0, gt=0, description="Seconds to finish one element.")
     max_sessions: int = Field(50_000, ge=1)
+    metrics_listen: HostPort | None = Field(
+        None, description="Serve Prometheus metrics on HOST:PORT (/metrics)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 

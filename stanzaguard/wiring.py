@@ -7,6 +7,8 @@ import contextlib
 import logging
 import signal
 
+from prometheus_client import start_http_server
+
 from proxy.c2s import C2SProxy, ProxyConfig
 from proxy.hook import PassThroughHook, StanzaHook
 from proxy.stream import FramingLimits
@@ -63,6 +65,9 @@ async def serve(
         bound = await proxy.start(listen, listen_tls)
     except OSError as exc:
         raise SettingsError(f"listen: cannot listen: {exc}") from None
+    if settings.metrics_listen:
+        metrics_host, metrics_port = split_host_port(settings.metrics_listen)
+        start_http_server(metrics_port, metrics_host)
     log.info(
         "proxy listening",
         extra={"addresses": [f"{h}:{p}" for h, p in bound], "upstream": settings.upstream},

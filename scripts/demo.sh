@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The quick-start demo: a throwaway Prosody on loopback with demo users, `stanzaguard run` in
+# front of it, messages sent through it by a real client (go-sendxmpp), then the archive.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+demo=$root/.demo
+keep=${KEEP:-0}
+prosody_port=15322
+listen_port=15222
+listen_tls_port=15223
+
+bash scripts/install-deps.sh prosody go-sendxmpp openssl
+make -s venv
+
+rm -rf "$demo"
+mkdir -p "$demo/prosody/data"
+.venv/bin/stanzaguard dev-cert localhost --out "$demo" >/dev/null
+cp "$demo/localhost.crt" "$demo/localhost.key" "$demo/prosody/"
+cat > "$demo/prosody/prosody.cfg.lua" <<CFG
+pidfile = "$demo/prosody/prosody.pid"
+data_path = "$demo/prosody/data"
+daemonize = false
+c2s_ports = { $prosody_port }
+c2s_interfaces = { "127.0.0.1" }
+s2s_ports = { }
+component_ports = { }
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+authentication = "internal_hashed"
+network_settings = { nagle = false }
+limits = { c2s = { rate = "100mb/s" } }
+log = { info = "$demo/prosody/prosody.log" }
+modules_enabled = { "roster"; "saslauth"; "tls"; "disco"; "ping"; "offline"; "carbons"; "smacks"; "blocklist"; "mam" }
+VirtualHost "localhost"
+  ssl = { certificate = "$demo/prosody/localhost.crt"; key = "$demo/prosody/localhost.key" }
+CFG
+chown -R prosody: "$demo/prosody"
+for user in alice bob; do
+  runuser -u prosody -- prosodyctl --config "$demo/prosody/prosody.cfg.lua" register "$user" localhost demo-password
+done
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+runuser -u prosody -- prosody --config "$demo/prosody/prosody.cfg.lua" -F >"$demo/prosody/stdout.log" 2>&1 &
+pids+=($!)
+.venv/bin/python - "$prosody_port" <<'PY'
+import socket, sys, time
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("prosody did not start")
+PY
+
+STANZAGUARD_LOG_FORMAT=text .venv/bin/stanzaguard run \
+  --domain localhost --upstream "127.0.0.1:$prosody_port" \
+  --cert "$demo/localhost.crt" --key "$demo/localhost.key" \
+  --listen "127.0.0.1:$listen_port" --listen-tls "127.0.0.1:$listen_tls_port" \
+  --data-dir "$demo/data" --environment development >"$demo/stanzaguard.log" 2>&1 &
+pids+=($!)
+sleep 1.5
+
+echo "== go-sendxmpp → stanzaguard (STARTTLS :$listen_port) → Prosody :$prosody_port"
+echo "Quarterly numbers are in the shared folder." |
+  go-sendxmpp -u alice@localhost -p demo-password -j "127.0.0.1:$listen_port" -n bob@localhost
+echo "== go-sendxmpp → stanzaguard (direct TLS :$listen_tls_port)"
+echo "Lunch at noon?" |
+  go-sendxmpp -u alice@localhost -p demo-password -j "127.0.0.1:$listen_tls_port" -t -n bob@localhost
+sleep 0.5
+
+echo "== bob's offline store in Prosody (delivered through the proxy):"
+grep -o '<body>[^<]*</body>' -r "$demo/prosody/data/localhost/offline" || echo "(none)"
+if .venv/bin/stanzaguard --help | grep -q " search "; then
+  echo "== the archive (stanzaguard search):"
+  .venv/bin/stanzaguard search --data-dir "$demo/data" "from:alice@localhost" || true
+fi
+echo "== proxy log: $demo/stanzaguard.log"
+if [ "$keep" = 1 ]; then
+  echo "Running; connect a client to 127.0.0.1:$listen_port (users alice, bob / demo-password). Ctrl-C stops."
+  wait
+fi
