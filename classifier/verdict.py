@@ -71,6 +71,8 @@ class Verdict:
     action: Action
     score: float = 0.0
     reasons: tuple[Reason, ...] = field(default_factory=tuple)
+    # Which policy decided (`classifier.policy.policy_fingerprint`); None when no policy did.
+    policy_fingerprint: str | None = None
 
     @property
     def reason_text(self) -> str:
@@ -79,11 +81,15 @@ class Verdict:
         return "; ".join(deciding or [r.detail for r in self.reasons]) or self.action.value
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "action": self.action.value,
             "score": self.score,
             "reasons": [r.to_json() for r in self.reasons],
         }
+        # Only present when set, so verdicts without one serialise exactly as before.
+        if self.policy_fingerprint is not None:
+            data["policy_fingerprint"] = self.policy_fingerprint
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Verdict:
@@ -91,6 +97,9 @@ class Verdict:
             action=Action(data["action"]),
             score=float(data.get("score", 0.0)),
             reasons=tuple(Reason.from_json(r) for r in data.get("reasons", [])),
+            policy_fingerprint=(
+                None if data.get("policy_fingerprint") is None else str(data["policy_fingerprint"])
+            ),
         )
 
 

@@ -33,3 +33,7 @@ class SpoolUnavailable(ProxyError):
 
 class SpoolCorrupt(ProxyError):
     """The spool's files fail verification (a bad frame, a broken chain or a missing segment)."""
+
+
+class StanzaError(ProxyError):
+    """A normalised event was used for something it cannot be (e.g. archiving an `Ignored`)."""
