@@ -1,0 +1,110 @@
+"""Fixtures shared by the whole suite: real Prosody servers, TLS material, test clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from tests.support.certs import TlsPair, make_self_signed
+from tests.support.clients import ChatClient
+from tests.support.prosody import DEFAULT_USERS, ProsodyConfig, ProsodyServer, make_prosody
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Remember each phase's outcome on the item, so fixtures can add server logs on failure.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"rep_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> TlsPair:
+    """A self-signed certificate and key for ``localhost`` (EC P-256)."""
+    return make_self_signed(tmp_path / "tls", "localhost")
+
+
+class ProsodyFactory(Protocol):
+    def __call__(
+        self,
+        config: ProsodyConfig | None = None,
+        *,
+        users: dict[str, str] | None = None,
+        tls: TlsPair | None = None,
+        start: bool = True,
+    ) -> ProsodyServer: ...
+
+
+@pytest.fixture
+def prosody_factory(request: pytest.FixtureRequest) -> Iterator[ProsodyFactory]:
+    """Make started Prosody servers (users alice, bob, carol unless ``users`` says otherwise).
+
+    Every server is stopped by PID and its directory removed at teardown; when the test failed,
+    the tail of each server's log is printed first (pytest shows it with the failure).
+    """
+    servers: list[ProsodyServer] = []
+
+    def factory(
+        config: ProsodyConfig | None = None,
+        *,
+        users: dict[str, str] | None = None,
+        tls: TlsPair | None = None,
+        start: bool = True,
+    ) -> ProsodyServer:
+        chosen = DEFAULT_USERS if users is None else users
+        server = make_prosody(config, users=chosen, tls=tls, start=start)
+        servers.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        failed = _failed(request)
+        for server in servers:
+            if failed:
+                print(f"\n=== Prosody {server.directory} ===\n{server.diagnostics()}")
+            server.cleanup()
+
+
+@pytest.fixture
+def prosody(prosody_factory: ProsodyFactory) -> ProsodyServer:
+    """A fresh, started Prosody with users alice, bob and carol (see ``DEFAULT_USERS``)."""
+    return prosody_factory()
+
+
+ClientFactory = Callable[..., ChatClient]
+
+
+@pytest.fixture
+async def make_client(prosody: ProsodyServer) -> AsyncIterator[ClientFactory]:
+    """Build ``ChatClient``s for users of the ``prosody`` fixture; disconnects them afterwards.
+
+    ``make_client("alice", resource="laptop", carbons=True)``: the port defaults to the
+    server's STARTTLS c2s port and the password to the registered one; anything else is passed
+    to :class:`ChatClient`. The client is returned unconnected: ``await client.connect()``.
+    """
+    clients: list[ChatClient] = []
+
+    def factory(user: str, **kwargs: Any) -> ChatClient:
+        kwargs.setdefault("port", prosody.c2s_port)
+        kwargs.setdefault("host", prosody.host)
+        password = kwargs.pop("password", prosody.users[user])
+        client = ChatClient(prosody.jid(user), password, **kwargs)
+        clients.append(client)
+        return client
+
+    try:
+        yield factory
+    finally:
+        for client in clients:
+            await client.disconnect()
