@@ -265,10 +265,17 @@ class ClientSession:
 
     # -- phase 1: our own stream until TLS ----------------------------------------------
 
+    async def _read_significant(self) -> list[Frame]:
+        """The next frames that are not whitespace (clients send newlines between elements)."""
+        while True:
+            frames: list[Frame] = [
+                f for f in await self._read_client() if not isinstance(f, Whitespace)
+            ]
+            if frames:
+                return frames
+
     async def _read_header(self) -> StreamOpen:
-        frames = await self._read_client()
-        while not frames:
-            frames = await self._read_client()
+        frames = await self._read_significant()
         header = frames[0]
         if not isinstance(header, StreamOpen):
             raise StreamClosed("not-well-formed", "expected a stream header")
@@ -294,9 +301,7 @@ class ClientSession:
             + b"</starttls></stream:features>"
         )
         await self.client.drain()
-        frames = await self._read_client()
-        while not frames:
-            frames = await self._read_client()
+        frames = await self._read_significant()
         first = frames[0]
         if len(frames) > 1:
             raise StreamClosed("policy-violation", "data after <starttls/> before TLS")

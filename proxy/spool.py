@@ -860,6 +860,10 @@ class Spool:
 
     # -- reading and the cursor --------------------------------------------------------------
 
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
     def head(self) -> tuple[int, bytes]:
         """The newest durable entry: (seq, hash); (0, GENESIS) when nothing was written."""
         with self._lock:

@@ -23,6 +23,7 @@ PACKAGES=(
 SERVICES=(prosody redis-server)
 
 check_only=0
+only=()
 update=0
 stop=0
 for arg in "$@"; do
@@ -30,9 +31,12 @@ for arg in "$@"; do
     --check) check_only=1 ;;
     --update) update=1 ;;
     --stop-services) stop=1 ;;
-    *) echo "usage: $0 [--check] [--update] [--stop-services]" >&2; exit 2 ;;
+    -*) echo "usage: $0 [--check] [--update] [--stop-services] [PACKAGE...]" >&2; exit 2 ;;
+    *) only+=("$arg") ;;
   esac
 done
+# Named packages (the demo needs only a few) replace the full list.
+if [ "${#only[@]}" -gt 0 ]; then PACKAGES=("${only[@]}"); fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

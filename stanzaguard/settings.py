@@ -65,6 +65,22 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("stanzaguard-data"), description="Spool, archive and keys.")
     policy: Path | None = Field(None, description="Policy file (TOML), reloaded on change.")
+    keep_evidence: bool = Field(
+        True, description="Keep sealed spool segments as evidence (else delete once indexed)."
+    )
+    evidence_dir: Path | None = Field(
+        None, description="Where sealed segments go (WORM storage); default DATA_DIR/evidence."
+    )
+    fail_open: bool = Field(
+        False, description="Deliver unarchived when the spool is down (unregulated use only)."
+    )
+    spool_max_bytes: int = Field(
+        8 * 1024**3, ge=1024 * 1024, description="Unindexed spool size at which to fail closed."
+    )
+    checkpoint_every: int = Field(1000, ge=1, description="Sign the chain head every N entries.")
+    upload_hosts: list[str] = Field(
+        default_factory=list, description="HTTP upload (XEP-0363) hosts whose files are fetched."
+    )
     max_stanza_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_depth: int = Field(32, ge=4, le=1024)
     max_attributes: int = Field(64, ge=4, le=4096)
@@ -78,7 +94,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
-    @field_validator("domain", mode="before")
+    @field_validator("domain", "upload_hosts", mode="before")
     @classmethod
     def _split_domains(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -6,17 +6,51 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import start_http_server
 
+from archive_api.store.sqlite import SqliteStore
+from classifier.clock import Clock
+from classifier.errors import PolicyError
+from classifier.policy import PolicyHolder
 from proxy.c2s import C2SProxy, ProxyConfig
-from proxy.hook import PassThroughHook, StanzaHook
+from proxy.hook import StanzaHook
+from proxy.indexer import Indexer
+from proxy.pipeline import Pipeline, PipelineConfig
+from proxy.policy_source import PolicyFileWatcher, load_policy
+from proxy.spool import Spool
 from proxy.stream import FramingLimits
+from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError
+from stanzaguard.keys import load_or_create_signer
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.tls import server_context, upstream_context
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DataLayout:
+    """Where things live under the data directory."""
+
+    root: Path
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "archive.sqlite3"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    def evidence(self, settings: Settings) -> Path:
+        return settings.evidence_dir or self.root / "evidence"
 
 
 def build_proxy_config(settings: Settings) -> ProxyConfig:
@@ -51,26 +85,102 @@ def build_proxy_config(settings: Settings) -> ProxyConfig:
     )
 
 
-async def serve(
-    settings: Settings, hook: StanzaHook | None = None, ready: asyncio.Event | None = None
-) -> None:
-    """Run the proxy until SIGINT or SIGTERM."""
-    config = build_proxy_config(settings)
-    proxy = C2SProxy(config, hook or PassThroughHook())
-    listen = split_host_port(settings.listen) if settings.listen else None
-    listen_tls = split_host_port(settings.listen_tls) if settings.listen_tls else None
-    if config.server_tls is None:
-        listen_tls = None
-    try:
-        bound = await proxy.start(listen, listen_tls)
-    except OSError as exc:
-        raise SettingsError(f"listen: cannot listen: {exc}") from None
+async def open_store(settings: Settings) -> SqliteStore:
+    layout = DataLayout(settings.data_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    return await SqliteStore.open(layout.store)
+
+
+async def open_spool(settings: Settings, clock: Clock) -> Spool:
+    layout = DataLayout(settings.data_dir)
+    signer = load_or_create_signer(layout.keys)
+    return await Spool.open(
+        layout.spool,
+        clock=clock,
+        signer=signer,
+        checkpoint_every=settings.checkpoint_every,
+        max_spool_bytes=settings.spool_max_bytes,
+        keep_evidence=settings.keep_evidence,
+        evidence_dir=layout.evidence(settings),
+    )
+
+
+class ArchivingService:
+    """The one-machine service: proxy → pipeline → spool → indexer → SQLite store."""
+
+    def __init__(
+        self, settings: Settings, clock: Clock | None = None, hook: StanzaHook | None = None
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.proxy_config = build_proxy_config(settings)
+        self._hook_override = hook
+        self.policy_watcher: PolicyFileWatcher | None = None
+        self.bound: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        domains = frozenset(settings.domain)
+        try:
+            self.policy = PolicyHolder(load_policy(settings.policy, domains))
+        except PolicyError as exc:
+            raise SettingsError(f"policy: {exc}") from None
+        self.store = await open_store(settings)
+        self.spool = await open_spool(settings, self.clock)
+        self.indexer = Indexer(self.spool, self.store)
+        self.pipeline = Pipeline(
+            PipelineConfig(
+                local_domains=domains,
+                upload_hosts=frozenset(settings.upload_hosts),
+                fail_open=settings.fail_open,
+            ),
+            decider=self.policy,
+            spool=self.spool,
+            clock=self.clock,
+            on_spooled=self.indexer.notify,
+        )
+        if settings.fail_open:
+            log.warning("FAIL-OPEN is on: stanzas are delivered even when they cannot be archived")
+        self.indexer.start()
+        if settings.policy is not None:
+            self.policy_watcher = PolicyFileWatcher(settings.policy, self.policy, domains)
+            self.policy_watcher.start()
+        self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.pipeline)
+        listen = split_host_port(settings.listen) if settings.listen else None
+        listen_tls = split_host_port(settings.listen_tls) if settings.listen_tls else None
+        if self.proxy_config.server_tls is None:
+            listen_tls = None
+        try:
+            self.bound = await self.proxy.start(listen, listen_tls)
+        except OSError as exc:
+            await self.stop()
+            raise SettingsError(f"listen: cannot listen: {exc}") from None
+
+    async def stop(self) -> None:
+        if hasattr(self, "proxy"):
+            await self.proxy.stop()
+        if self.policy_watcher is not None:
+            await self.policy_watcher.stop()
+        if hasattr(self, "indexer"):
+            await self.indexer.stop()
+            with contextlib.suppress(Exception):
+                await self.indexer.drain()
+        if hasattr(self, "spool"):
+            await self.spool.close()
+        if hasattr(self, "store"):
+            await self.store.close()
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run the service until SIGINT or SIGTERM."""
+    service = ArchivingService(settings)
+    await service.start()
     if settings.metrics_listen:
         metrics_host, metrics_port = split_host_port(settings.metrics_listen)
         start_http_server(metrics_port, metrics_host)
     log.info(
         "proxy listening",
-        extra={"addresses": [f"{h}:{p}" for h, p in bound], "upstream": settings.upstream},
+        extra={"addresses": [f"{h}:{p}" for h, p in service.bound], "upstream": settings.upstream},
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -82,5 +192,5 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        log.info("proxy stopping")
-        await proxy.stop()
+        log.info("stopping")
+        await service.stop()

@@ -1,0 +1,103 @@
+"""The indexer: moves durable spool entries into the archive store, at least once.
+
+The store applies entries idempotently (by sequence number), so the cursor in the spool moves
+only after the store acknowledged a batch: a crash between the two re-applies a batch, which
+changes nothing. Fully indexed segments are sealed and then removed or kept as evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from archive_api.store.base import ArchiveStore
+from proxy.spool import Spool, read_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+class Indexer:
+    def __init__(
+        self,
+        spool: Spool,
+        store: ArchiveStore,
+        *,
+        batch_size: int = 5000,
+        idle_wait: float = 0.5,
+        seal: bool = True,
+    ) -> None:
+        self.spool = spool
+        self.store = store
+        self.batch_size = batch_size
+        self.idle_wait = idle_wait
+        self.seal = seal
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.indexed = 0
+        self.failures = 0
+
+    def notify(self) -> None:
+        """New entries are in the spool."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        backoff = self.idle_wait
+        while True:
+            try:
+                moved = await self.index_once()
+                backoff = self.idle_wait
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The store is unreachable or refused: the spool keeps everything; retry.
+                self.failures += 1
+                log.exception("indexing failed; retrying")
+                moved = 0
+                backoff = min(backoff * 2, 30.0)
+            if moved == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), backoff)
+
+    async def index_once(self) -> int:
+        """Index one batch; return how many entries moved."""
+        start = max(self.spool.cursor(), await self.store.last_seq()) + 1
+        links = await self.spool.read_from(start, self.batch_size)
+        if not links:
+            if self.seal:
+                await self._seal()
+            return 0
+        await self.store.apply(links)
+        await self.spool.commit_cursor(links[-1].seq)
+        self.indexed += len(links)
+        if len(links) < self.batch_size and self.seal:
+            await self._seal()
+        return len(links)
+
+    async def drain(self) -> None:
+        """Index until the store has everything the spool holds (for tests and shutdown)."""
+        while await self.index_once():
+            pass
+
+    async def _seal(self) -> None:
+        sealed = await self.spool.seal_indexed()
+        if sealed:
+            log.info("sealed spool segments", extra={"count": len(sealed)})
+        await self.copy_checkpoints()
+
+    async def copy_checkpoints(self) -> None:
+        known = {(c.chain_name, c.seq) for c in await self.store.checkpoints()}
+        for checkpoint in read_checkpoints(self.spool.directory):
+            if (checkpoint.chain_name, checkpoint.seq) not in known:
+                await self.store.add_checkpoint(checkpoint)

@@ -1,0 +1,429 @@
+"""The per-stanza pipeline: normalise, decide, spool durably, then let the transport forward.
+
+It is the proxy's `StanzaHook`. For each batch of stanzas that arrived together on one leg:
+1. stanzas nobody archives (presence updates, pings, most iqs) pass untouched, unparsed;
+2. the rest are normalised into events (`proxy.stanza`);
+3. live messages, subscription requests and MUC joins are decided by the classifier; history
+   (carbons, MAM pages, offline redelivery, MUC history) and second sightings of a message
+   already decided (the recipient's leg of a local conversation, MUC reflections) are never
+   re-decided and never blocked: they only add an observation;
+4. every record and observation of the batch is appended to the spool in one group commit;
+5. only then the decisions are returned: nothing is forwarded before it is durable. If the
+   spool cannot be written the batch fails closed (the sender gets `<wait/>`
+   `resource-constraint`), unless fail-open is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+from xml.sax.saxutils import escape, quoteattr
+
+from archive_api.store.records import (
+    ArchiveRecord,
+    Direction,
+    EntryOp,
+    RecordKind,
+    RecordStatus,
+    SpoolEntry,
+    deterministic_record_id,
+)
+from classifier.clock import Clock
+from classifier.context import DecisionContext, StanzaKind
+from classifier.context import Direction as DecisionDirection
+from classifier.verdict import Action, Reason, Verdict
+from proxy.errors import SpoolUnavailable
+from proxy.hook import PASS, Decision, DecisionKind, SessionInfo
+from proxy.stanza import (
+    Event,
+    MessageEvent,
+    MucJoinEvent,
+    ReportEvent,
+    RosterEvent,
+    SubscriptionEvent,
+    dedupe_key,
+    normalise,
+    observation_of,
+    to_records,
+)
+from proxy.stream import Element
+
+log = logging.getLogger(__name__)
+
+STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+_URL = re.compile(r"(?:https?|aesgcm)://[^\s<>\"']+", re.IGNORECASE)
+_SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
+_STATUS_OF_ACTION = {
+    Action.ALLOW: RecordStatus.DELIVERED,
+    Action.FLAG: RecordStatus.DELIVERED,
+    Action.QUARANTINE: RecordStatus.HELD,
+    Action.REJECT: RecordStatus.REJECTED,
+    Action.DROP: RecordStatus.DROPPED,
+}
+HISTORY_VERDICT = Verdict(
+    Action.ALLOW, 0.0, (Reason("history", "a copy of an earlier message: never re-decided"),)
+)
+
+
+class Decider(Protocol):
+    def evaluate(self, ctx: DecisionContext) -> Verdict: ...
+
+
+class SpoolWriter(Protocol):
+    async def append(self, payloads: Sequence[bytes]) -> object: ...
+
+
+class RosterObserver(Protocol):
+    def roster_seen(self, owner: str, event: RosterEvent) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    local_domains: frozenset[str]
+    upload_hosts: frozenset[str] = frozenset()
+    fail_open: bool = False
+    recent_ids: int = 500_000  # record ids remembered to tell a first sighting from a copy
+
+
+@dataclass(slots=True)
+class _Planned:
+    index: int
+    entries: list[SpoolEntry] = field(default_factory=list)
+    decision: Decision = PASS
+    fail_closed: Decision | None = None  # what to do instead when the spool is down
+
+
+class RecentIds:
+    """A bounded memory of record ids already spooled by this process."""
+
+    def __init__(self, capacity: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def __contains__(self, record_id: object) -> bool:
+        return record_id in self._ids
+
+    def add(self, record_id: str) -> None:
+        self._ids[record_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        decider: Decider,
+        spool: SpoolWriter,
+        clock: Clock,
+        on_spooled: Callable[[], None] | None = None,
+        roster_observer: RosterObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.decider = decider
+        self.spool = spool
+        self.clock = clock
+        self.on_spooled = on_spooled
+        self.roster_observer = roster_observer
+        self.recent = RecentIds(config.recent_ids)
+
+    # -- StanzaHook ---------------------------------------------------------------------
+
+    async def process(
+        self, session: SessionInfo, direction: Direction, stanzas: Sequence[Element]
+    ) -> Sequence[Decision]:
+        now = self.clock.now()
+        decisions: list[Decision] = [PASS] * len(stanzas)
+        plans: list[_Planned] = []
+        for index, element in enumerate(stanzas):
+            if not _worth_reading(element, direction):
+                continue
+            event = normalise(
+                element.tree(),
+                element.data,
+                direction=direction,
+                session_jid=session.bound_jid,
+                client_address=session.client_address,
+                now=now,
+                upload_hosts=self.config.upload_hosts,
+            )
+            plan = self._plan(index, event, element, session, now)
+            if plan is not None:
+                plans.append(plan)
+        entries = [entry for plan in plans for entry in plan.entries]
+        if entries:
+            await self._spool(entries, plans)
+            for plan in plans:
+                for entry in plan.entries:
+                    self.recent.add(entry.record_id)
+            if self.on_spooled is not None:
+                self.on_spooled()
+        for plan in plans:
+            decisions[plan.index] = plan.decision
+        return decisions
+
+    async def _spool(self, entries: list[SpoolEntry], plans: list[_Planned]) -> None:
+        try:
+            await self.spool.append([entry.payload() for entry in entries])
+        except SpoolUnavailable as exc:
+            if self.config.fail_open:
+                log.error(
+                    "spool unavailable: FAIL-OPEN delivers %d stanzas unarchived",
+                    len(plans),
+                    extra={"error": str(exc)},
+                )
+                for plan in plans:
+                    plan.entries = []
+                return
+            log.error("spool unavailable: failing closed", extra={"error": str(exc)})
+            for plan in plans:
+                plan.entries = []
+                plan.decision = plan.fail_closed or Decision.drop()
+
+    async def session_bound(self, session: SessionInfo) -> None:
+        await self._session_event(session, "start")
+
+    async def session_ended(self, session: SessionInfo) -> None:
+        if session.bound_jid is not None:
+            await self._session_event(session, "end")
+
+    async def _session_event(self, session: SessionInfo, kind: str) -> None:
+        jid = session.bound_jid or ""
+        now = self.clock.now()
+        record = ArchiveRecord(
+            record_id=deterministic_record_id("session", session.session_id, kind),
+            kind=RecordKind.SESSION,
+            occurred_at=now,
+            direction=Direction.FROM_CLIENT,
+            sender=jid.split("/", 1)[0],
+            sender_full=jid,
+            stanza_type=kind,
+            client_address=session.client_address,
+        )
+        try:
+            await self.spool.append(
+                [SpoolEntry(EntryOp.RECORD, record.record_id, record).payload()]
+            )
+        except SpoolUnavailable:
+            log.error("spool unavailable: session %s event not archived", kind)
+            return
+        if self.on_spooled is not None:
+            self.on_spooled()
+
+    # -- planning one stanza --------------------------------------------------------------
+
+    def _plan(
+        self,
+        index: int,
+        event: Event,
+        element: Element,
+        session: SessionInfo,
+        now: datetime,
+    ) -> _Planned | None:
+        if isinstance(event, MessageEvent):
+            if not event.archivable or event.stanza_type == "error":
+                return None
+            return self._plan_message(index, event, element, session, now)
+        if isinstance(event, SubscriptionEvent):
+            return self._plan_subscription(index, event, element, session, now)
+        if isinstance(event, ReportEvent):
+            observation = observation_of(event, session.bound_jid, now)
+            records = to_records(event, Verdict(Action.ALLOW), RecordStatus.DELIVERED, observation)
+            return _Planned(
+                index,
+                [SpoolEntry(EntryOp.RECORD, r.record_id, r) for r in records],
+                fail_closed=_fail_closed(element, session, Direction.FROM_CLIENT),
+            )
+        if isinstance(event, RosterEvent):
+            if self.roster_observer is not None:
+                self.roster_observer.roster_seen(event.owner, event)
+            return None
+        if isinstance(event, MucJoinEvent) and event.leg == Direction.FROM_CLIENT:
+            return self._plan_join(index, event, element, session, now)
+        return None
+
+    def _plan_message(
+        self,
+        index: int,
+        event: MessageEvent,
+        element: Element,
+        session: SessionInfo,
+        now: datetime,
+    ) -> _Planned:
+        record_id = dedupe_key(event)
+        observation = observation_of(event, session.bound_jid, now)
+        fail_closed = _fail_closed(element, session, event.leg)
+        if event.history is not None or record_id in self.recent:
+            # A copy: one more observation, never a new decision.
+            if record_id in self.recent:
+                entry = SpoolEntry(EntryOp.OBSERVE, record_id, observation=observation)
+            else:
+                (record,) = to_records(event, HISTORY_VERDICT, RecordStatus.DELIVERED, observation)
+                entry = SpoolEntry(EntryOp.RECORD, record_id, record)
+            return _Planned(index, [entry], PASS, fail_closed)
+        verdict = self.decider.evaluate(self._context(event, now))
+        status = _STATUS_OF_ACTION[verdict.action]
+        (record,) = to_records(event, verdict, status, observation)
+        entry = SpoolEntry(EntryOp.RECORD, record_id, record)
+        return _Planned(index, [entry], _enforce(verdict, element, session, event.leg), fail_closed)
+
+    def _plan_subscription(
+        self,
+        index: int,
+        event: SubscriptionEvent,
+        element: Element,
+        session: SessionInfo,
+        now: datetime,
+    ) -> _Planned:
+        ctx = DecisionContext(
+            kind=StanzaKind.SUBSCRIPTION,
+            direction=_decision_direction(event.leg),
+            sender=event.sender,
+            recipient=event.recipient,
+            timestamp=now,
+            local_domains=self.config.local_domains,
+            sender_full=event.sender_full or None,
+            recipient_full=event.recipient_full or None,
+            stanza_type=event.stanza_type,
+        )
+        verdict = self.decider.evaluate(ctx)
+        observation = observation_of(event, session.bound_jid, now)
+        (record,) = to_records(event, verdict, _STATUS_OF_ACTION[verdict.action], observation)
+        entry = SpoolEntry(EntryOp.RECORD, record.record_id, record)
+        if record.record_id in self.recent:
+            entry = SpoolEntry(EntryOp.OBSERVE, record.record_id, observation=observation)
+        return _Planned(
+            index,
+            [entry],
+            _enforce(verdict, element, session, event.leg),
+            _fail_closed(element, session, event.leg),
+        )
+
+    def _plan_join(
+        self,
+        index: int,
+        event: MucJoinEvent,
+        element: Element,
+        session: SessionInfo,
+        now: datetime,
+    ) -> _Planned | None:
+        sender = session.bare_jid or ""
+        ctx = DecisionContext(
+            kind=StanzaKind.MUC_JOIN,
+            direction=DecisionDirection.OUTBOUND,
+            sender=sender,
+            recipient=event.room,
+            timestamp=now,
+            local_domains=self.config.local_domains,
+            room=event.room,
+        )
+        verdict = self.decider.evaluate(ctx)
+        if verdict.action.delivers:
+            return None  # joins are not archived; only refusals are enforced
+        return _Planned(index, [], _enforce(verdict, element, session, event.leg))
+
+    def _context(self, event: MessageEvent, now: datetime) -> DecisionContext:
+        urls = tuple(_URL.findall(event.body)) if event.body else ()
+        urls += tuple(a.url for a in event.attachments if a.url not in urls)
+        kind = StanzaKind.MUC_INVITE if event.invitation is not None else StanzaKind.MESSAGE
+        return DecisionContext(
+            kind=kind,
+            direction=_decision_direction(event.leg),
+            sender=event.sender,
+            recipient=event.recipient,
+            timestamp=now,
+            local_domains=self.config.local_domains,
+            sender_full=event.sender_full or None,
+            recipient_full=event.recipient_full or None,
+            stanza_type=event.stanza_type,
+            body=event.body,
+            urls=urls,
+            encryption=event.encryption,
+            room=event.room,
+        )
+
+
+def _decision_direction(leg: Direction) -> DecisionDirection:
+    return DecisionDirection.OUTBOUND if leg == Direction.FROM_CLIENT else DecisionDirection.INBOUND
+
+
+def _worth_reading(element: Element, direction: Direction) -> bool:
+    """A cheap look at the name, attributes and bytes before anything is parsed."""
+    name = element.name
+    if name == "message":
+        return True
+    if name == "presence":
+        kind = element.attrs.get("type")
+        if kind in _SUBSCRIPTION_TYPES:
+            return True
+        return direction == Direction.FROM_CLIENT and b"http://jabber.org/protocol/muc" in (
+            element.data
+        )
+    if name == "iq":
+        data = element.data
+        if direction == Direction.FROM_CLIENT:
+            return b"urn:xmpp:blocking" in data
+        return b"jabber:iq:roster" in data
+    return False
+
+
+def _enforce(verdict: Verdict, element: Element, session: SessionInfo, leg: Direction) -> Decision:
+    action = verdict.action
+    if action.delivers:
+        return PASS
+    if action == Action.REJECT and element.attrs.get("type") != "error":
+        bounce = error_reply(
+            element, session, leg, "modify", "policy-violation", verdict.reason_text
+        )
+        if leg == Direction.FROM_CLIENT:
+            return Decision.drop(inject_to_client=(bounce,))
+        return Decision(DecisionKind.DROP, inject_to_server=(bounce,))
+    return Decision.drop()  # QUARANTINE holds, DROP is silent
+
+
+def _fail_closed(element: Element, session: SessionInfo, leg: Direction) -> Decision:
+    if element.attrs.get("type") == "error":
+        return Decision.drop()
+    bounce = error_reply(
+        element,
+        session,
+        leg,
+        "wait",
+        "resource-constraint",
+        "the compliance archive is unavailable; try again later",
+    )
+    if leg == Direction.FROM_CLIENT:
+        return Decision.drop(inject_to_client=(bounce,))
+    return Decision(DecisionKind.DROP, inject_to_server=(bounce,))
+
+
+def error_reply(
+    element: Element,
+    session: SessionInfo,
+    leg: Direction,
+    error_type: str,
+    condition: str,
+    text: str,
+) -> bytes:
+    """A stanza error answering `element`, addressed back to its sender (RFC 6120 §8.3)."""
+    attrs = element.attrs
+    if leg == Direction.FROM_CLIENT:
+        to = session.bound_jid or ""
+        sender = attrs.get("to", session.domain)
+    else:
+        to = attrs.get("from", "")
+        sender = attrs.get("to", session.bound_jid or "")
+    name = element.name if element.name in ("message", "presence", "iq") else "message"
+    id_attr = f" id={quoteattr(attrs['id'])}" if "id" in attrs else ""
+    return (
+        f"<{name} xmlns='jabber:client' type='error' from={quoteattr(sender)} "
+        f"to={quoteattr(to)}{id_attr}><error type='{error_type}'>"
+        f"<{condition} xmlns='{STANZAS_NS}'/>"
+        f"<text xmlns='{STANZAS_NS}'>{escape(text)}</text></error></{name}>"
+    ).encode()
