@@ -1396,3 +1396,30 @@ def iter_evidence(
         if (seq, head) != (seal.last_seq, seal.last_hash):
             raise SpoolCorrupt(f"{name} does not end where its seal says")
         previous = (seq, head)
+
+
+def iter_spool_segments(directory: str | os.PathLike[str]) -> Iterator[ChainLink]:
+    """Every durable entry still in a spool directory, read-only (safe beside a running proxy).
+
+    A frame being written at this moment looks torn; reading stops there. Entries are checked
+    against their checksums and the chain, as on open; `SpoolCorrupt` where they are not.
+    """
+    base = Path(directory)
+    named = sorted(
+        (int(m.group(1)), base / m.group(0))
+        for m in (_SEGMENT_NAME.match(p.name) for p in base.iterdir())
+        if m is not None
+    )
+    for name_seq, path in named:
+        data = path.read_bytes()
+        header = _decode_segment_header(data[: SEGMENT_HEADER_SIZE + 1])
+        if header is None:
+            return  # a segment whose header is still being written
+        first_seq, prev_hash = header
+        if first_seq != name_seq:
+            raise SpoolCorrupt(f"{path.name} says its first seq is {first_seq}")
+        try:
+            for link, _ in _walk_segment(data, first_seq, prev_hash, path.name):
+                yield link
+        except _BadFrame:
+            return

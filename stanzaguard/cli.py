@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
 
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.logs import configure_logging
@@ -107,6 +111,142 @@ def dev_cert(
     """Make a self-signed certificate and key for trials (clients must accept it)."""
     cert_path, key_path = write_dev_cert(domain, out, datetime.now(UTC))
     typer.echo(f"{cert_path}\n{key_path}")
+
+
+DataDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="STANZAGUARD_DATA_DIR",
+        help="The service's data directory (default ./stanzaguard-data).",
+    ),
+]
+
+
+@app.command()
+def search(
+    query: Annotated[
+        str, typer.Argument(help="e.g. 'from:alice@corp.example \"guaranteed return\"'")
+    ],
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record a line.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Most hits to show.")] = 50,
+    sort: Annotated[str, typer.Option(help="time, time_asc or relevance.")] = "time",
+) -> None:
+    """Search the archive: words, "phrases", -negation, from: to: with: after: before: ..."""
+    from archive_api.store.errors import StoreError
+    from stanzaguard import operations
+
+    if sort not in ("time", "time_asc", "relevance"):
+        raise _fail(StanzaGuardError("--sort must be time, time_asc or relevance"))
+    try:
+        page = asyncio.run(
+            operations.search(operations.Paths(data_dir), query, limit=limit, sort=sort)
+        )
+    except (StanzaGuardError, StoreError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        for hit in page.hits:
+            record = hit.record.to_json()
+            record.pop("raw", None)
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    table = Table("time (UTC)", "from", "to", "verdict", "text", show_lines=False)
+    for hit in page.hits:
+        r = hit.record
+        text = Text()
+        for part in hit.snippet:
+            text.append(part.text, style="bold yellow" if part.match else None)
+        if not hit.snippet:
+            text.append(r.body or f"[{r.kind.value} {r.stanza_type}]")
+        table.add_row(
+            r.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.sender_full or r.sender,
+            r.recipient or r.room or "",
+            r.verdict.action.value,
+            text,
+        )
+    Console().print(table)
+    Console(stderr=True).print(
+        f"{len(page.hits)} hit(s){' (more available)' if page.next_cursor else ''}"
+    )
+
+
+@app.command()
+def verify(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    evidence_dir: Annotated[
+        Path | None, typer.Option(help="Sealed segments (default DATA_DIR/evidence).")
+    ] = None,
+) -> None:
+    """Prove the archive whole: chain, signatures, and every spooled entry in the store.
+
+    Exits 0 when whole; 1 naming the first break otherwise.
+    """
+    from archive_api.store.errors import StoreError
+    from stanzaguard import operations
+
+    try:
+        outcome = asyncio.run(operations.verify(operations.Paths(data_dir, evidence_dir)))
+    except (StanzaGuardError, StoreError) as exc:
+        raise _fail(exc) from None
+    out = Console()
+    report = outcome.store
+    for chain in report.chains:
+        out.print(
+            f"chain {chain.chain}: {chain.last_seq} entries, head {chain.head.hex()[:16]}…, "
+            f"{chain.checkpoints} signed checkpoint(s) checked"
+        )
+    out.print(
+        f"{report.records_checked} records and {outcome.spool_entries_checked} spooled "
+        "entries checked"
+    )
+    if outcome.not_yet_indexed:
+        out.print(f"{outcome.not_yet_indexed} spooled entries are not indexed yet")
+    problems = [str(p) for p in report.problems] + outcome.spool_problems
+    if problems:
+        out.print(f"[bold red]BROKEN[/]: first break: {problems[0]}", highlight=False)
+        for extra in problems[1:10]:
+            out.print(f"  also: {extra}", highlight=False)
+        raise typer.Exit(1)
+    out.print("[bold green]OK[/]: no gap, no edit, no deletion")
+
+
+@app.command()
+def reindex(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    evidence_dir: Annotated[
+        Path | None, typer.Option(help="Sealed segments (default DATA_DIR/evidence).")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option(help="Swap the rebuilt store in for the current one.")
+    ] = False,
+) -> None:
+    """Rebuild the SQLite archive from the kept evidence and spool segments (proxy stopped)."""
+    from stanzaguard import operations
+
+    paths = operations.Paths(data_dir, evidence_dir)
+    target = data_dir / "archive.sqlite3.rebuild"
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} entries")
+    ) as progress:
+        task = progress.add_task("re-indexing", total=None)
+        try:
+            applied = asyncio.run(
+                operations.rebuild(
+                    paths, target, progress=lambda n: progress.update(task, completed=n)
+                )
+            )
+        except StanzaGuardError as exc:
+            raise _fail(exc) from None
+    typer.echo(f"rebuilt {applied} entries into {target}")
+    if replace:
+        for suffix in ("", "-wal", "-shm"):
+            old = paths.store.with_name(paths.store.name + suffix)
+            if old.exists():
+                old.rename(old.with_name(old.name + ".old"))
+        target.rename(paths.store)
+        typer.echo(f"replaced {paths.store} (previous kept as .old)")
 
 
 if __name__ == "__main__":
