@@ -14,7 +14,7 @@ bash scripts/install-deps.sh prosody go-sendxmpp openssl
 make -s venv
 
 rm -rf "$demo"
-mkdir -p "$demo/prosody/data"
+mkdir -p "$demo/prosody/data" "$demo/prosody/certs"
 .venv/bin/stanzaguard dev-cert localhost --out "$demo" >/dev/null
 cp "$demo/localhost.crt" "$demo/localhost.key" "$demo/prosody/"
 cat > "$demo/prosody/prosody.cfg.lua" <<CFG
@@ -59,7 +59,15 @@ else:
     sys.exit("prosody did not start")
 PY
 
-STANZAGUARD_LOG_FORMAT=text .venv/bin/stanzaguard run \
+cat > "$demo/policy.toml" <<POLICY
+version = 1
+
+[federation]
+mode = "deny"
+domains = ["evil.example", "*.evil.example"]
+POLICY
+
+STANZAGUARD_LOG_FORMAT=text .venv/bin/stanzaguard run --policy "$demo/policy.toml" \
   --domain localhost --upstream "127.0.0.1:$prosody_port" \
   --cert "$demo/localhost.crt" --key "$demo/localhost.key" \
   --listen "127.0.0.1:$listen_port" --listen-tls "127.0.0.1:$listen_tls_port" \
@@ -73,14 +81,19 @@ echo "Quarterly numbers are in the shared folder." |
 echo "== go-sendxmpp → stanzaguard (direct TLS :$listen_tls_port)"
 echo "Lunch at noon?" |
   go-sendxmpp -u alice@localhost -p demo-password -j "127.0.0.1:$listen_tls_port" -t -n bob@localhost
-sleep 0.5
+echo "== go-sendxmpp → mallory@evil.example (a denied domain: bounced by the proxy, never reaches Prosody)"
+echo "Send me the client list." |
+  go-sendxmpp -u alice@localhost -p demo-password -j "127.0.0.1:$listen_port" -n mallory@evil.example || true
+sleep 1
 
 echo "== bob's offline store in Prosody (delivered through the proxy):"
-grep -o '<body>[^<]*</body>' -r "$demo/prosody/data/localhost/offline" || echo "(none)"
-if .venv/bin/stanzaguard --help | grep -q " search "; then
-  echo "== the archive (stanzaguard search):"
-  .venv/bin/stanzaguard search --data-dir "$demo/data" "from:alice@localhost" || true
-fi
+grep -ho 'Quarterly numbers are in the shared folder\.\|Lunch at noon?' -r "$demo/prosody/data/localhost/offline" || echo "(none)"
+echo "== the archive: every message alice sent (stanzaguard search 'from:alice@localhost type:chat'):"
+.venv/bin/stanzaguard search --data-dir "$demo/data" "from:alice@localhost type:chat"
+echo "== what policy stopped (stanzaguard search 'verdict:reject'):"
+.venv/bin/stanzaguard search --data-dir "$demo/data" "verdict:reject"
+echo "== tamper evidence (stanzaguard verify):"
+.venv/bin/stanzaguard verify --data-dir "$demo/data"
 echo "== proxy log: $demo/stanzaguard.log"
 if [ "$keep" = 1 ]; then
   echo "Running; connect a client to 127.0.0.1:$listen_port (users alice, bob / demo-password). Ctrl-C stops."
