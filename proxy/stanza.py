@@ -32,13 +32,13 @@ record id (`dedupe_key`) is already known, and decide otherwise.
 Record ids (`dedupe_key`) collapse the copies of one message: the sender's live copy, carbons,
 MAM replays, offline redelivery and each MUC reflection. See `dedupe_key` for the design.
 
-How slixmpp is used (measured figures in the "messages" section below):
-- presence and iq stanzas (subscriptions, MUC joins, roster, bind, block/report) are wrapped
-  in private subclasses of slixmpp's stanza classes with exactly the plugins needed,
+How slixmpp is used (figures measured on a loaded 2-core machine, see `_scan`):
+- presence and iq stanzas (subscriptions, MUC joins, bind, block/report, roster detection) are
+  wrapped in private subclasses of slixmpp's stanza classes with exactly the plugins needed,
   registered once at import; their interfaces read the payloads;
 - messages, the stanza every conversation produces two or more times, are read with
   ElementTree in one pass over the children, with every tag name taken from slixmpp's stanza
-  classes: wrapping them costs 10-40 times more;
+  classes; roster items are read from the tree too (a roster can have thousands);
 - JIDs are validated with slixmpp's `JID` (cached), and always from the raw attribute: its
   getters build a `JID` that raises `InvalidJID` on hostile input.
 Reading a missing plugin as `stanza['plugin']` would insert an empty element into the parsed
@@ -197,8 +197,10 @@ class MessageEvent:
     For carbons and MAM results everything describes the forwarded (inner) message; `leg` is
     the leg it was seen on and `direction` is relative to the local user: `FROM_CLIENT` when
     the user sent it (also a sent carbon or a MAM copy of the user's own message), `TO_CLIENT`
-    when it was sent to the user. For groupchat reflections `sender` is the room's bare JID and
-    `sender_full` the occupant JID (`room@service/nick`); the real JID is not known there.
+    when it was sent to the user (`COPY` for a server's copy in component mode). For groupchat
+    reflections `sender` is the room's bare JID and `sender_full` the occupant JID
+    (`room@service/nick`); the real JID is not known there. `raw` is the top-level stanza as
+    it crossed the proxy (for carbons and MAM results, the wrapper), kept by reference.
     """
 
     leg: Direction
@@ -353,9 +355,11 @@ ArchivableEvent: TypeAlias = MessageEvent | SubscriptionEvent | ReportEvent
 
 
 # --- slixmpp stanza classes (presence and iq) --------------------------------------------------
-# Private subclasses: register_stanza_plugin copies the plugin maps onto the class it is given,
-# so registering on these leaves slixmpp's own Presence/Iq (and any running client's view of
-# them) untouched, and nothing a running client registers adds work here.
+# Private subclasses with plugin maps of their own, started empty: slixmpp discovers plugins
+# eagerly (every registered child is wrapped when the stanza is), so what it or a running
+# client registers on the shared classes (slixmpp.stanza.roster puts RosterItem on Roster at
+# import; a plugin's init puts MUC items on MUCPresence) would otherwise add work here, and our
+# registrations would change what a running client sees.
 
 
 class _MucUserPresence(MUCPresence):
@@ -387,13 +391,17 @@ class _Iq(Iq):
 
 
 def _register_plugins() -> None:
+    for cls in (_MucUserPresence, _Presence, _Report, _BlockItem, _Block, _Roster, _Iq):
+        cls.plugin_attrib_map = {}
+        cls.plugin_tag_map = {}
+        cls.plugin_iterables = set()
+        cls.plugin_overrides = {}
     register_stanza_plugin(_Presence, MUCJoin)
     register_stanza_plugin(_Presence, _MucUserPresence)
     register_stanza_plugin(_Presence, UserNick)
     register_stanza_plugin(_Report, StanzaID, iterable=True)
     register_stanza_plugin(_BlockItem, _Report)
     register_stanza_plugin(_Block, _BlockItem, iterable=True)
-    register_stanza_plugin(_Roster, RosterItem, iterable=True)
     for payload in (Bind, _Roster, _Block):
         register_stanza_plugin(_Iq, payload)
 
@@ -539,12 +547,14 @@ def _where(exc: BaseException) -> str:
 
 
 # --- messages -----------------------------------------------------------------------------------
-# Read with ElementTree, one pass over the children, with tag names taken from slixmpp's stanza
-# classes. Wrapping in slixmpp's classes measured 25-40 µs for a plain chat message, 100-150 µs
-# for a carbon and 230-430 µs for a MAM result with a SIMS attachment (every plugin lookup and
-# sub-element read walks the xml:lang inheritance up the parent chain through the generic
-# `__getitem__`), against a budget where Prosody spends ~50 µs of CPU per message: messages
-# are the one stanza every conversation produces two or more times.
+# Read with ElementTree in one pass over the children (`_scan`), with tag names taken from
+# slixmpp's stanza classes. A first version wrapped messages in slixmpp's classes: 40-45 µs for
+# a plain chat message, 100-160 µs for a carbon, 230-570 µs for a MAM result with a SIMS
+# attachment, where this reader takes 18-27, 27-36 and 57-70 µs and ElementTree's own parse of
+# the same stanza 12-20, 19-27 and 30-44 µs (same loaded machine, min of 7 runs). slixmpp
+# discovers every registered plugin eagerly, and each plugin lookup or sub-element read walks
+# the xml:lang inheritance up the parent chain through its generic `__getitem__` (2-4 µs per
+# read at the top, more the deeper the element), so nesting (carbons, MAM, SIMS) costs most.
 
 
 def _tag(cls: type[ElementBase]) -> str:
@@ -835,7 +845,7 @@ def _describe(
         anomalies.add(Anomaly.NESTED_FORWARD)
 
     body, other_bodies = _bodies(element, scan.bodies)
-    subject = scan.subject.text if scan.subject is not None else None
+    subject = (scan.subject.text or "") if scan.subject is not None else None
     room = nick = None
     if stanza_type == "groupchat":
         occupant = recipient if direction == Direction.FROM_CLIENT else sender
@@ -872,6 +882,10 @@ def _describe(
             invitation.room if invitation else None,
             invitation.reason if invitation else None,
         )
+    elif Anomaly.FORGED_CARBON in anomalies or Anomaly.FORGED_MAM in anomalies:
+        # Archived as evidence though it has no content of its own: its payload is inside the
+        # wrapper, so the bytes tell two forgeries apart.
+        digest = hashlib.sha256(raw).hexdigest()[:32]
     return MessageEvent(
         leg=ctx.leg,
         direction=direction,
@@ -931,9 +945,10 @@ def _stamp(text: str | None) -> datetime | None:
         return None
     try:
         stamp = datetime.fromisoformat(text)
-    except ValueError:
+        # Year 9999 at -01:00 is valid ISO 8601 and out of range in UTC.
+        return stamp.astimezone(UTC) if stamp.tzinfo is not None else None
+    except (ValueError, OverflowError):
         return None
-    return stamp.astimezone(UTC) if stamp.tzinfo is not None else None
 
 
 def _stanza_ids(
@@ -1028,7 +1043,9 @@ def _file_meta(file: ET.Element | None, namespace: str) -> _FileMeta:
     if file is None:
         return None, None, None, None
     size_text = file.findtext(f"{{{namespace}}}size")
-    size = int(size_text) if size_text and size_text.isdigit() and len(size_text) < 20 else None
+    # isascii: str.isdigit() accepts '²', which int() refuses.
+    digits = size_text is not None and size_text.isascii() and size_text.isdigit()
+    size = int(size_text) if digits and size_text and len(size_text) < 20 else None
     sha256 = None
     # XEP-0300 hashes; slixmpp's XEP-0234 `hash` interface looks for them in the file's own
     # namespace, where they never are.
@@ -1196,6 +1213,10 @@ def _iq(element: ET.Element, raw: bytes, ctx: _Context) -> Event:
     return Ignored(f"iq {itype[:20]}")
 
 
+_ROSTER_ITEM: Final = _tag(RosterItem)
+_SUBSCRIPTIONS: Final = frozenset({"none", "to", "from", "both", "remove"})
+
+
 def _roster(element: ET.Element, roster: ElementBase, ctx: _Context, *, is_push: bool) -> Event:
     stated_from = _jid(element.get("from"))
     own = ctx.session
@@ -1206,20 +1227,20 @@ def _roster(element: ET.Element, roster: ElementBase, ctx: _Context, *, is_push:
     owner = own.bare or _jid(element.get("to")).bare
     if not owner:
         return Ignored("roster stanza for an unknown account")
+    # Items are read from the tree: wrapping each one as a slixmpp RosterItem measured ~13 µs
+    # an item, tens of milliseconds of a blocked event loop for a large shared roster.
     items = []
-    for item in _each(roster, RosterItem):
-        jid = _jid(item.xml.get("jid"))
+    for item in roster.xml.iterfind(_ROSTER_ITEM):
+        jid = _jid(item.get("jid"))
         if not jid.bare:
             continue
-        subscription = _str(item["subscription"]) or "none"
-        if subscription not in ("none", "to", "from", "both", "remove"):
-            subscription = "none"
+        subscription = item.get("subscription") or "none"
         items.append(
             RosterEntry(
                 jid=jid.bare,
-                subscription=subscription,
-                ask=item["ask"] == "subscribe",
-                name=_capped(_str(item["name"])),
+                subscription=subscription if subscription in _SUBSCRIPTIONS else "none",
+                ask=item.get("ask") == "subscribe",
+                name=_capped(item.get("name") or None),
             )
         )
     return RosterEvent(owner=owner, items=tuple(items), is_push=is_push, version=roster["ver"])
@@ -1310,7 +1331,9 @@ def dedupe_key(event: ArchivableEvent) -> str:
       one record, with one observation per copy seen.
     Known splits (duplicates, not losses): MUC private messages (one record per leg: the
     sender writes to `room/nick`, the recipient gets it from `room/their-nick`); a server
-    that rewrites a body; an id-less groupchat message (the room's id differs from nothing).
+    that rewrites a body; a groupchat message with neither id nor origin-id (the room makes
+    up an id for the reflections). The one collapse of distinct messages: another occupant
+    repeating both the id and the exact content, which then shows only as more observations.
 
     Subscriptions: type, both bare JIDs, nick and status, and the UTC day, so a server
     re-sending a pending request at each login adds observations, not records.
