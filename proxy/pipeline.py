@@ -259,19 +259,37 @@ class Pipeline:
         record_id = dedupe_key(event)
         observation = observation_of(event, session.bound_jid, now)
         fail_closed = _fail_closed(element, session, event.leg)
-        if event.history is not None or record_id in self.recent:
-            # A copy: one more observation, never a new decision.
-            if record_id in self.recent:
-                entry = SpoolEntry(EntryOp.OBSERVE, record_id, observation=observation)
-            else:
-                (record,) = to_records(event, HISTORY_VERDICT, RecordStatus.DELIVERED, observation)
-                entry = SpoolEntry(EntryOp.RECORD, record_id, record)
+        if record_id in self.recent:
+            # A copy of a record already decided: one more observation, never a new decision.
+            entry = SpoolEntry(EntryOp.OBSERVE, record_id, observation=observation)
             return _Planned(index, [entry], PASS, fail_closed)
+        if event.history is not None:
+            # History is never blocked; but a first sighting (a remote sender's message that
+            # waited offline, or a forged delay) is still scored so reviewers see it.
+            verdict = self._history_verdict(event, now)
+            (record,) = to_records(event, verdict, RecordStatus.DELIVERED, observation)
+            return _Planned(
+                index, [SpoolEntry(EntryOp.RECORD, record_id, record)], PASS, fail_closed
+            )
         verdict = self.decider.evaluate(self._context(event, now))
         status = _STATUS_OF_ACTION[verdict.action]
         (record,) = to_records(event, verdict, status, observation)
         entry = SpoolEntry(EntryOp.RECORD, record_id, record)
         return _Planned(index, [entry], _enforce(verdict, element, session, event.leg), fail_closed)
+
+    def _history_verdict(self, event: MessageEvent, now: datetime) -> Verdict:
+        if event.direction == Direction.FROM_CLIENT:
+            return HISTORY_VERDICT  # the user's own message: decided when it was sent
+        verdict = self.decider.evaluate(self._context(event, now))
+        if verdict.action.delivers:
+            return verdict
+        note = Reason(
+            "history",
+            f"history is never blocked (would be {verdict.action.value})",
+            0.0,
+            Action.FLAG,
+        )
+        return Verdict(Action.FLAG, verdict.score, (*verdict.reasons, note))
 
     def _plan_subscription(
         self,
@@ -329,7 +347,10 @@ class Pipeline:
         return _Planned(index, [], _enforce(verdict, element, session, event.leg))
 
     def _context(self, event: MessageEvent, now: datetime) -> DecisionContext:
-        urls = tuple(_URL.findall(event.body)) if event.body else ()
+        body = event.body
+        if event.other_bodies:  # a second-language body must not hide from the rules
+            body = "\n".join([body or "", *(text for _, text in event.other_bodies)])
+        urls = tuple(_URL.findall(body)) if body else ()
         urls += tuple(a.url for a in event.attachments if a.url not in urls)
         kind = StanzaKind.MUC_INVITE if event.invitation is not None else StanzaKind.MESSAGE
         return DecisionContext(
@@ -342,7 +363,7 @@ class Pipeline:
             sender_full=event.sender_full or None,
             recipient_full=event.recipient_full or None,
             stanza_type=event.stanza_type,
-            body=event.body,
+            body=body,
             urls=urls,
             encryption=event.encryption,
             room=event.room,
