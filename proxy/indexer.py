@@ -72,7 +72,9 @@ class Indexer:
 
     async def index_once(self) -> int:
         """Index one batch; return how many entries moved."""
-        start = max(self.spool.cursor(), await self.store.last_seq()) + 1
+        # The store's own last seq, not the cursor: a power loss can roll back the store's
+        # newest commits (synchronous=NORMAL), and those entries must be applied again.
+        start = await self.store.last_seq() + 1
         links = await self.spool.read_from(start, self.batch_size)
         if not links:
             if self.seal:

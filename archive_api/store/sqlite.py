@@ -1,0 +1,1450 @@
+"""The embedded archive store: one SQLite file, WAL, FTS5. The only module that speaks SQL.
+
+Layout and the reasons for it:
+
+- `ledger` keeps every chain link (prev_hash, hash, payload) so the chain can be verified
+  from the store alone. Its rowid is `chain_id << 40 | seq`, so a (chain, seq) lookup or
+  range is a rowid lookup or range and needs no extra index.
+- The RECORD link's payload is the record's canonical document. `records` holds only the
+  searchable columns derived from it plus `entry` (the ledger rowid of that payload), so the
+  document is stored once and is byte-for-byte what the hash covers.
+- `records.id` grows with time: `occurred_at in µs * 1024 + tie-breaker`. A time window is
+  then a rowid range (FTS5 and the b-tree both seek on it), and a record that arrives late
+  simply lands in its place. Ties share the µs slot in arrival order; past 1024 of them a
+  record spills into the next slot, and `meta.max_spill_us` widens `before:` bounds by the
+  largest spill so time filters stay exact (the exact `occurred_us` check is always there).
+  Times outside ±2^53 µs (years 1684-2255) are clamped to the edge slots.
+- `observations` and `statuses` are one row per chain entry (a projection of the ledger),
+  keyed by record_id rather than by the record row, so an OBSERVE or STATUS that arrives
+  before its RECORD (another proxy's chain) needs no special case. Duplicate observations
+  collapse when a record is read.
+- `fts` is an external-content FTS5 table over records(body, subject): the text is stored
+  once, snippet() and highlight() still work (they read the content row), and because body
+  and subject never change after insert there is nothing to keep in sync with triggers.
+  A future purge must issue the FTS5 'delete' command with the old values before deleting
+  the row. A contentless table would save nothing here and lose snippets.
+
+SQL text is assembled only from constants of this module (column names, `?` placeholders,
+fragments chosen by AST node type); every value from a query or a record is a bound
+parameter, which is why the S608 warnings below are silenced line by line.
+
+Every call runs on one dedicated worker thread that owns the connection, so the event loop
+never blocks and SQLite sees one writer; an `apply` batch is one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from archive_api.store.base import (
+    DEFAULT_CHAIN,
+    HIGHLIGHT_END,
+    HIGHLIGHT_START,
+    MAX_PAGE_SIZE,
+    SORT_ORDERS,
+    ArchiveStore,
+    ChainState,
+    Facets,
+    Hit,
+    SearchPage,
+    SnippetPart,
+    SortOrder,
+    VerifyProblem,
+    VerifyReport,
+    parse_marked,
+)
+from archive_api.store.chain import GENESIS, ChainLink, Checkpoint, link_hash, verify_links
+from archive_api.store.errors import (
+    ChainConflict,
+    ChainGap,
+    InvalidCursor,
+    InvalidEntry,
+    InvalidRequest,
+    StoreCorrupted,
+    StoreError,
+    StoreUnavailable,
+)
+from archive_api.store.query import (
+    Clause,
+    Flag,
+    FlagTerm,
+    JidKind,
+    JidPattern,
+    Party,
+    PartyTerm,
+    Query,
+    RecordType,
+    RoomTerm,
+    TextTerm,
+    TimeBound,
+    TimeTerm,
+    TypeTerm,
+    VerdictTerm,
+    as_query,
+    jid_domain,
+    normalize_jid,
+)
+from archive_api.store.records import (
+    ArchiveRecord,
+    Direction,
+    EntryOp,
+    Observation,
+    ObservationVia,
+    RecordKind,
+    RecordStatus,
+    SpoolEntry,
+    canonical_json,
+)
+from classifier.verdict import Action
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+
+_SEQ_BITS: Final = 40
+_SEQ_MASK: Final = (1 << _SEQ_BITS) - 1
+_TIE_BITS: Final = 10
+_TIES: Final = 1 << _TIE_BITS
+# Edge slots leave room above for spills and keep every rowid inside a signed 64-bit int.
+_MAX_SLOT: Final = (1 << 53) - (1 << 20)
+_MIN_SLOT: Final = -_MAX_SLOT
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_DAY_US: Final = 86_400_000_000
+_MAX_CHAIN_NAME: Final = 200
+_SNIPPET_TOKENS: Final = 16
+_PLAIN_SNIPPET_CHARS: Final = 200
+_CHUNK: Final = 2000
+_MAX_PROBLEMS: Final = 1000
+_CURSOR_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) STRICT;
+CREATE TABLE chains (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    last_seq INTEGER NOT NULL,
+    head BLOB NOT NULL
+) STRICT;
+CREATE TABLE ledger (
+    id INTEGER PRIMARY KEY,          -- chain_id << 40 | seq
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    payload BLOB NOT NULL
+) STRICT;
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,          -- occurred_at µs * 1024 + tie-breaker
+    record_id TEXT NOT NULL UNIQUE,
+    entry INTEGER NOT NULL UNIQUE,   -- ledger id of the RECORD payload
+    occurred_us INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    rtype TEXT NOT NULL,             -- what type: matches
+    direction TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sender_full TEXT NOT NULL,
+    sender_domain TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    recipient_full TEXT NOT NULL,
+    recipient_domain TEXT NOT NULL,
+    remote_domain TEXT NOT NULL,
+    room TEXT,
+    action TEXT NOT NULL,
+    has_attachment INTEGER NOT NULL,
+    encrypted INTEGER NOT NULL,
+    message_id TEXT,
+    origin_id TEXT,
+    replaces_id TEXT,
+    retracts_id TEXT,
+    body TEXT,
+    subject TEXT
+) STRICT;
+CREATE INDEX records_sender ON records (sender);
+CREATE INDEX records_recipient ON records (recipient);
+CREATE INDEX records_sender_domain ON records (sender_domain);
+CREATE INDEX records_recipient_domain ON records (recipient_domain);
+CREATE INDEX records_room ON records (room) WHERE room IS NOT NULL;
+CREATE INDEX records_action ON records (action);
+CREATE INDEX records_replaces ON records (replaces_id) WHERE replaces_id IS NOT NULL;
+CREATE INDEX records_retracts ON records (retracts_id) WHERE retracts_id IS NOT NULL;
+CREATE TABLE observations (
+    entry INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    obs TEXT NOT NULL,               -- canonical JSON of one Observation
+    PRIMARY KEY (entry, idx)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX observations_record ON observations (record_id);
+CREATE TABLE statuses (
+    entry INTEGER PRIMARY KEY,
+    record_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    at_us INTEGER,
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL
+) STRICT;
+CREATE INDEX statuses_record ON statuses (record_id);
+CREATE TABLE checkpoints (
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (chain, seq, signature)
+) STRICT;
+CREATE VIRTUAL TABLE fts USING fts5 (
+    body, subject,
+    content = 'records', content_rowid = 'id',
+    tokenize = 'unicode61 remove_diacritics 2'
+);
+INSERT INTO meta (key, value) VALUES ('max_spill_us', 0);
+"""
+
+# The columns derived from a record's payload; apply writes them and verify recomputes them
+# from the payload with the same function.
+_COLUMNS: Final = (
+    "record_id",
+    "occurred_us",
+    "kind",
+    "rtype",
+    "direction",
+    "sender",
+    "sender_full",
+    "sender_domain",
+    "recipient",
+    "recipient_full",
+    "recipient_domain",
+    "remote_domain",
+    "room",
+    "action",
+    "has_attachment",
+    "encrypted",
+    "message_id",
+    "origin_id",
+    "replaces_id",
+    "retracts_id",
+    "body",
+    "subject",
+)
+_BODY_COL: Final = _COLUMNS.index("body")
+_SUBJECT_COL: Final = _COLUMNS.index("subject")
+_OCCURRED_COL: Final = _COLUMNS.index("occurred_us")
+_INSERT_RECORD: Final = (
+    f"INSERT INTO records (id, entry, {', '.join(_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
+)
+
+# --- error translation ------------------------------------------------------------------
+
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_AUTH,
+    }
+)
+_CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def _translate(exc: sqlite3.Error) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    closed = isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc)
+    if closed or primary in _UNAVAILABLE_CODES:
+        return StoreUnavailable(f"SQLite store unavailable: {exc}")
+    if primary in _CORRUPT_CODES or "no such table" in str(exc) or "no such column" in str(exc):
+        return StoreCorrupted(f"SQLite store damaged: {exc}")
+    return StoreError(f"SQLite store error: {exc}")
+
+
+# --- deriving columns from a record's canonical JSON -------------------------------------
+
+
+def _to_us(at: datetime) -> int:
+    if at.tzinfo is None:  # records are UTC; a naive stamp is read as UTC, never local time
+        at = at.replace(tzinfo=UTC)
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _slot(us: int) -> int:
+    return min(max(us, _MIN_SLOT), _MAX_SLOT)
+
+
+def _opt_str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is not a string")
+    return value
+
+
+def _str(data: dict[str, Any], key: str) -> str:
+    return _opt_str(data, key) or ""
+
+
+def _derive(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """The searchable columns of a record, from its canonical JSON (in `_COLUMNS` order).
+
+    Works on the parsed dict rather than an ArchiveRecord: building the dataclass costs
+    several times the JSON parse and would dominate ingest.
+    """
+    record_id = rec["record_id"]
+    if not isinstance(record_id, str) or not record_id:
+        raise ValueError("record_id is missing")
+    kind = _KINDS[rec["kind"]].value
+    direction = _DIRECTIONS[rec["direction"]]
+    occurred_us = _to_us(datetime.fromisoformat(rec["occurred_at"]))
+    sender = normalize_jid(_str(rec, "sender"))
+    recipient = normalize_jid(_str(rec, "recipient"))
+    stanza_type = _str(rec, "stanza_type")
+    # Same rule as ArchiveRecord.remote_domain, on the normalised JIDs.
+    remote = recipient if direction is Direction.FROM_CLIENT else sender
+    room = _opt_str(rec, "room")
+    verdict = rec.get("verdict")
+    action = _ACTIONS[verdict["action"]].value if verdict else Action.ALLOW.value
+    return (
+        record_id,
+        occurred_us,
+        kind,
+        (stanza_type or "normal") if kind == RecordKind.MESSAGE.value else kind,
+        direction.value,
+        sender,
+        normalize_jid(_str(rec, "sender_full")),
+        jid_domain(sender),
+        recipient,
+        normalize_jid(_str(rec, "recipient_full")),
+        jid_domain(recipient),
+        jid_domain(remote),
+        normalize_jid(room) if room else None,
+        action,
+        1 if rec.get("attachments") else 0,
+        1 if rec.get("encryption") else 0,
+        _opt_str(rec, "message_id"),
+        _opt_str(rec, "origin_id"),
+        _opt_str(rec, "replaces_id"),
+        _opt_str(rec, "retracts_id"),
+        _opt_str(rec, "body"),
+        _opt_str(rec, "subject"),
+    )
+
+
+_KINDS: Final = {k.value: k for k in RecordKind}
+_DIRECTIONS: Final = {d.value: d for d in Direction}
+_VIAS: Final = frozenset(v.value for v in ObservationVia)
+_ACTIONS: Final = {a.value: a for a in Action}
+_OBSERVATION_KEYS: Final = frozenset({"at", "jid", "via", "direction"})
+
+
+def _obs_text(data: Any) -> str:
+    """Canonical text of one observation, after checking it is one (what from_json needs)."""
+    if (
+        not isinstance(data, dict)
+        or data.keys() != _OBSERVATION_KEYS
+        or not isinstance(data["jid"], str)
+        or data["via"] not in _VIAS
+        or data["direction"] not in _DIRECTIONS
+    ):
+        raise ValueError("malformed observation")
+    datetime.fromisoformat(data["at"])
+    return canonical_json(data).decode()
+
+
+def _status_row(entry_json: dict[str, Any]) -> tuple[str, int | None]:
+    status = RecordStatus(entry_json["status"]).value
+    at = entry_json.get("at")
+    return status, _to_us(datetime.fromisoformat(at)) if at else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What apply and verify need from one payload."""
+
+    op: EntryOp
+    record_id: str
+    record: dict[str, Any] | None
+    columns: tuple[Any, ...] | None
+    observations: tuple[str, ...]
+    status: tuple[str, int | None] | None
+
+
+def _parse_payload(payload: bytes) -> _Parsed:
+    """Parse and check one payload; raise ValueError (or a subclass) when it is not valid."""
+    try:
+        data = json.loads(payload)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        op = EntryOp(data["op"])
+        record_id = data["record_id"]
+        if not isinstance(record_id, str) or not record_id:
+            raise ValueError("record_id is missing")
+        if op is EntryOp.RECORD:
+            rec = data["record"]
+            columns = _derive(rec)
+            if columns[0] != record_id:
+                raise ValueError("the record's id differs from the entry's record_id")
+            observations = tuple(_obs_text(o) for o in rec.get("observations", []))
+            return _Parsed(op, record_id, rec, columns, observations, None)
+        if op is EntryOp.OBSERVE:
+            return _Parsed(op, record_id, None, None, (_obs_text(data["observation"]),), None)
+        return _Parsed(op, record_id, None, None, (), _status_row(data))
+    except (KeyError, TypeError, AttributeError, OverflowError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# --- translating the query AST -----------------------------------------------------------
+
+
+def _fts_phrase(term: TextTerm) -> str:
+    """One term as an FTS5 string: always a quoted phrase, so no user text is ever syntax."""
+    # Control characters separate tokens anyway, and FTS5 stops reading at a NUL.
+    cleaned = "".join(" " if ord(ch) < 32 or ch == "\x7f" else ch for ch in term.text)
+    phrase = '"' + cleaned.replace('"', '""') + '"'
+    if term.prefix and any(ch.isalnum() for ch in cleaned):
+        phrase += " *"
+    return phrase
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A query as SQL: `FROM {source} WHERE {where}`, with the id column to order by."""
+
+    match: str | None  # FTS5 expression of the positive text terms, bound as the first param
+    where: str
+    params: tuple[Any, ...]
+
+    @property
+    def id_col(self) -> str:
+        return "fts.rowid" if self.match is not None else "r.id"
+
+    @property
+    def source(self) -> str:
+        # CROSS JOIN keeps fts as the outer loop: it yields rowids already in time order and
+        # honours rowid ranges, which is what makes LIMIT cheap.
+        if self.match is not None:
+            return "fts CROSS JOIN records AS r ON r.id = fts.rowid"
+        return "records AS r"
+
+    def all_params(self) -> tuple[Any, ...]:
+        return ((self.match,) if self.match is not None else ()) + self.params
+
+
+def _party_sql(side: str, jid: JidPattern) -> tuple[str, list[Any]]:
+    if jid.kind is JidKind.DOMAIN:
+        return f"r.{side}_domain = ?", [jid.value]
+    if jid.kind is JidKind.BARE:
+        return f"r.{side} = ?", [jid.value]
+    # The bare column is indexed; the full one only narrows what the index found.
+    return f"(r.{side} = ? AND r.{side}_full = ?)", [jid.bare, jid.value]
+
+
+# A correction or retraction is linked to its original by the original's id from the same
+# sender. The subquery probes the small partial index; INDEXED BY because without
+# statistics the planner may pick records_sender, which can be huge for one busy sender.
+# Alone, is:edited walks the (time-ordered) records; combine it with a window or a party.
+_EDITED_SQL: Final = (
+    "(r.replaces_id IS NOT NULL OR EXISTS (SELECT 1 FROM records AS c "
+    "INDEXED BY records_replaces "
+    "WHERE c.replaces_id IN (r.message_id, r.origin_id) AND c.sender = r.sender))"
+)
+_RETRACTED_SQL: Final = (
+    "(r.retracts_id IS NOT NULL OR EXISTS (SELECT 1 FROM records AS c "
+    "INDEXED BY records_retracts "
+    "WHERE c.retracts_id IN (r.message_id, r.origin_id) AND c.sender = r.sender))"
+)
+
+
+def _filter_sql(clause: Clause, id_col: str, max_spill: int) -> tuple[str, list[Any]]:
+    term = clause.term
+    match term:
+        case PartyTerm(party=party, jid=jid):
+            if party is Party.FROM:
+                return _party_sql("sender", jid)
+            if party is Party.TO:
+                return _party_sql("recipient", jid)
+            left, left_params = _party_sql("sender", jid)
+            right, right_params = _party_sql("recipient", jid)
+            return f"({left} OR {right})", left_params + right_params
+        case RoomTerm(room=room):
+            if room.kind is JidKind.DOMAIN:
+                return "substr(r.room, instr(r.room, '@') + 1) = ?", [room.value]
+            return "r.room = ?", [room.value]
+        case TimeTerm(bound=bound, at=at):
+            us = _to_us(at)
+            exact = "r.occurred_us >= ?" if bound is TimeBound.AFTER else "r.occurred_us < ?"
+            # The rowid bound is what makes the window fast; it is a superset of the exact
+            # one (spills only move records later), so both together are exact.
+            if bound is TimeBound.AFTER and _MIN_SLOT < us <= _MAX_SLOT:
+                return f"({id_col} >= ? AND {exact})", [us * _TIES, us]
+            if bound is TimeBound.BEFORE and _MIN_SLOT < us < _MAX_SLOT - max_spill:
+                return f"({id_col} < ? AND {exact})", [(us + max_spill) * _TIES, us]
+            return exact, [us]
+        case TypeTerm(type=record_type):
+            if record_type is RecordType.FILE:
+                return "(r.rtype = ? OR r.has_attachment = 1)", [record_type.value]
+            return "r.rtype = ?", [record_type.value]
+        case VerdictTerm(action=action):
+            return "r.action = ?", [action.value]
+        case FlagTerm(flag=flag):
+            return {
+                Flag.ATTACHMENT: "r.has_attachment = 1",
+                Flag.ENCRYPTED: "r.encrypted = 1",
+                Flag.EDITED: _EDITED_SQL,
+                Flag.RETRACTED: _RETRACTED_SQL,
+            }[flag], []
+        case TextTerm():
+            raise AssertionError("text terms are translated to FTS5, not to filters")
+
+
+def _plan(query: Query, max_spill: int) -> _Plan:
+    positive: list[str] = []
+    negative: list[str] = []
+    for clause in query.text_clauses:
+        if isinstance(clause.term, TextTerm):
+            (negative if clause.negated else positive).append(_fts_phrase(clause.term))
+    match: str | None = None
+    where: list[str] = []
+    params: list[Any] = []
+    if positive:
+        match = " AND ".join(positive)
+        if negative:
+            match = f"({match}) NOT ({' OR '.join(negative)})"
+        where.append("fts MATCH ?")
+    elif negative:
+        where.append("r.id NOT IN (SELECT rowid FROM fts WHERE fts MATCH ?)")
+        params.append(" OR ".join(negative))
+    id_col = "fts.rowid" if match is not None else "r.id"
+    for clause in query.filter_clauses:
+        sql, clause_params = _filter_sql(clause, id_col, max_spill)
+        # `IS NOT 1` rather than NOT: a NULL column (no room, say) must count as "not this".
+        where.append(f"({sql}) IS NOT 1" if clause.negated else sql)
+        params.extend(clause_params)
+    return _Plan(match, " AND ".join(where) or "1", tuple(params))
+
+
+# Document-local relevance: matched spans (subject counts double) per length of body. No
+# corpus statistics, so a record's score never moves and relevance cursors stay stable.
+_SCORE_SQL: Final = (
+    "((2.0 * coalesce(length(highlight(fts, 1, char(2), '')) - length(r.subject), 0)"
+    " + coalesce(length(highlight(fts, 0, char(2), '')) - length(r.body), 0))"
+    " / (1.0 + length(coalesce(r.body, '')) / 500.0))"
+)
+
+
+# --- cursors -----------------------------------------------------------------------------
+
+
+def _query_key(query: Query, sort: SortOrder) -> str:
+    return hashlib.sha256(f"{sort}\n{query}".encode()).hexdigest()[:16]
+
+
+def _encode_cursor(query: Query, sort: SortOrder, last_id: int, score: float | None) -> str:
+    data = [_CURSOR_VERSION, _query_key(query, sort), last_id, score]
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, query: Query, sort: SortOrder) -> tuple[int, float | None]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, key, last_id, score = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidCursor("malformed paging cursor") from None
+    if version != _CURSOR_VERSION or key != _query_key(query, sort):
+        raise InvalidCursor("the paging cursor belongs to a different query or sort order")
+    if not isinstance(last_id, int) or isinstance(last_id, bool) or abs(last_id) >= 1 << 63:
+        raise InvalidCursor("malformed paging cursor")
+    if sort == "relevance" and (
+        not isinstance(score, float | int) or isinstance(score, bool) or not math.isfinite(score)
+    ):
+        raise InvalidCursor("malformed paging cursor")
+    return last_id, float(score) if sort == "relevance" else None
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _ChainRow:
+    id: int
+    name: str
+    last_seq: int
+    head: bytes
+
+
+def _check_chain_name(chain: str) -> None:
+    if not chain or len(chain) > _MAX_CHAIN_NAME or not chain.isprintable():
+        raise InvalidRequest(f"invalid chain name {chain[:40]!r}")
+
+
+class SqliteStore:
+    """`ArchiveStore` on one SQLite file. Create with `await SqliteStore.open(path)`."""
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+        self._path = path
+        self._executor = executor
+        self._conn = conn
+        self._closed = False
+
+    # -- lifecycle --
+
+    @classmethod
+    async def open(
+        cls, path: str | PathLike[str], *, cache_mb: int = 64, busy_timeout_ms: int = 5000
+    ) -> SqliteStore:
+        """Open (creating if needed) the store file; ":memory:" works for throwaway stores.
+
+        `busy_timeout_ms` is how long to wait for another process holding the write lock
+        (a CLI `verify` or `reindex` on the same file) before StoreUnavailable.
+        """
+        target = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(
+                executor, functools.partial(_connect, str(path), cache_mb, busy_timeout_ms)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(target, executor, conn)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, _close, self._conn)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(_guard, fn, *args))
+
+    # -- ingest --
+
+    async def apply(self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN) -> None:
+        _check_chain_name(chain)
+        if links:
+            await self._run(self._apply, chain, tuple(links))
+
+    def _apply(self, chain: str, links: tuple[ChainLink, ...]) -> None:
+        conn = self._conn
+        first = links[0].seq
+        for offset, link in enumerate(links):
+            if link.seq != first + offset:
+                raise ChainGap(chain, first + offset, f"the batch jumps to seq {link.seq}")
+        if first < 1 or links[-1].seq > _SEQ_MASK:
+            raise InvalidRequest(f"seq out of range in chain {chain!r}")
+        with _transaction(conn):
+            row = _chain_row(conn, chain, create=True)
+            assert row is not None
+            base = row.id << _SEQ_BITS
+            old = [link for link in links if link.seq <= row.last_seq]
+            if old:
+                stored = dict(
+                    conn.execute(
+                        "SELECT id, hash FROM ledger WHERE id BETWEEN ? AND ?",
+                        (base | old[0].seq, base | old[-1].seq),
+                    ).fetchall()
+                )
+                for link in old:
+                    if stored.get(base | link.seq) != link.hash:
+                        raise ChainConflict(
+                            chain, link.seq, "differs from the entry already applied (fork?)"
+                        )
+            new = links[len(old) :]
+            if not new:
+                return
+            broken = verify_links(new, start_seq=row.last_seq + 1, start_prev=row.head)
+            if broken is not None:
+                if broken.seq == row.last_seq + 1 and new[0].seq > row.last_seq + 1:
+                    raise ChainGap(chain, broken.seq, f"not applied yet; {broken.problem}")
+                raise ChainConflict(chain, broken.seq, broken.problem)
+            self._ingest(conn, chain, base, new)
+            conn.execute(
+                "UPDATE chains SET last_seq = ?, head = ? WHERE id = ?",
+                (new[-1].seq, new[-1].hash, row.id),
+            )
+
+    def _ingest(
+        self, conn: sqlite3.Connection, chain: str, base: int, links: Sequence[ChainLink]
+    ) -> None:
+        ledger_rows = []
+        obs_rows: list[tuple[int, int, str, str]] = []
+        status_rows = []
+        fresh: list[tuple[int, _Parsed]] = []
+        for link in links:
+            entry = base | link.seq
+            ledger_rows.append((entry, link.prev_hash, link.hash, link.payload))
+            try:
+                parsed = _parse_payload(link.payload)
+            except ValueError as exc:
+                raise InvalidEntry(chain, link.seq, f"not a valid spool entry ({exc})") from None
+            obs_rows.extend(
+                (entry, idx, parsed.record_id, text) for idx, text in enumerate(parsed.observations)
+            )
+            if parsed.status is not None:
+                status, at_us = parsed.status
+                status_rows.append((entry, parsed.record_id, status, at_us, chain, link.seq))
+            if parsed.columns is not None:
+                fresh.append((entry, parsed))
+        conn.executemany(
+            "INSERT INTO ledger (id, prev_hash, hash, payload) VALUES (?, ?, ?, ?)", ledger_rows
+        )
+        conn.executemany(
+            "INSERT INTO observations (entry, idx, record_id, obs) VALUES (?, ?, ?, ?)", obs_rows
+        )
+        conn.executemany(
+            "INSERT INTO statuses (entry, record_id, status, at_us, chain, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            status_rows,
+        )
+        if fresh:
+            self._insert_records(conn, fresh)
+
+    @staticmethod
+    def _insert_records(conn: sqlite3.Connection, fresh: Sequence[tuple[int, _Parsed]]) -> None:
+        """Insert the records rows (and their FTS rows) a batch's RECORD entries create."""
+        known = _existing_record_ids(conn, [parsed.record_id for _, parsed in fresh])
+        allocator = _RowidAllocator(conn)
+        rows: list[tuple[Any, ...]] = []
+        for entry, parsed in fresh:
+            columns = parsed.columns
+            # A repeated RECORD for a known id only contributes its observations.
+            if columns is None or parsed.record_id in known:
+                continue
+            known.add(parsed.record_id)
+            rowid = allocator.allocate(columns[_OCCURRED_COL])
+            if rowid is not None:
+                rows.append((rowid, entry, *columns))
+                continue
+            # The slot is full. The gap search reads the table, so everything allocated so
+            # far must be in it, and so must the spilled row before anything else is handed
+            # out in the slot it lands in.
+            _write_records(conn, rows)
+            rows = []
+            _write_records(conn, [(allocator.spill(columns[_OCCURRED_COL]), entry, *columns)])
+        _write_records(conn, rows)
+        allocator.save()
+
+    async def last_seq(self, *, chain: str = DEFAULT_CHAIN) -> int:
+        _check_chain_name(chain)
+        row = await self._run(lambda: _chain_row(self._conn, chain, create=False))
+        return row.last_seq if row is not None else 0
+
+    async def chains(self) -> tuple[str, ...]:
+        rows = await self._run(
+            lambda: self._conn.execute("SELECT name FROM chains ORDER BY name").fetchall()
+        )
+        return tuple(name for (name,) in rows)
+
+    # -- reading --
+
+    async def get(self, record_id: str) -> ArchiveRecord | None:
+        records = await self._run(self._load_records, [record_id])
+        return records.get(record_id)
+
+    def _load_records(self, record_ids: Sequence[str]) -> dict[str, ArchiveRecord]:
+        """Full records (payload + merged observations + effective status) by record_id."""
+        conn = self._conn
+        out: dict[str, ArchiveRecord] = {}
+        if not record_ids:
+            return out
+        marks = ", ".join("?" * len(record_ids))
+        rows = conn.execute(
+            f"SELECT r.record_id, l.payload FROM records AS r JOIN ledger AS l "  # noqa: S608
+            f"ON l.id = r.entry WHERE r.record_id IN ({marks})",
+            tuple(record_ids),
+        ).fetchall()
+        obs_rows = conn.execute(
+            f"SELECT record_id, obs FROM observations WHERE record_id IN ({marks}) "  # noqa: S608
+            "ORDER BY entry, idx",
+            tuple(record_ids),
+        ).fetchall()
+        # Later rows win: ordered by the documented precedence (at, chain, seq).
+        status_rows = conn.execute(
+            f"SELECT record_id, status FROM statuses WHERE record_id IN ({marks}) "  # noqa: S608
+            "ORDER BY at_us IS NOT NULL, at_us, chain, seq",
+            tuple(record_ids),
+        ).fetchall()
+        try:
+            observations: dict[str, list[Observation]] = {}
+            for rid, text in obs_rows:
+                seen = observations.setdefault(rid, [])
+                observation = Observation.from_json(json.loads(text))
+                if observation not in seen:
+                    seen.append(observation)
+            statuses = {rid: RecordStatus(status) for rid, status in status_rows}
+            for rid, payload in rows:
+                record = SpoolEntry.from_payload(payload).record
+                if record is None:
+                    raise ValueError("the stored payload is not a RECORD entry")
+                out[rid] = replace(
+                    record,
+                    observations=tuple(observations.get(rid, ())),
+                    status=statuses.get(rid, record.status),
+                )
+        except (ValueError, KeyError, TypeError) as exc:
+            # Only tampering or a bug gets here: apply checked all of it on the way in.
+            raise StoreCorrupted(f"stored record data unreadable ({exc})") from exc
+        return out
+
+    async def search(
+        self,
+        query: Query | str,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        sort: SortOrder = "time",
+    ) -> SearchPage:
+        parsed = as_query(query)
+        if sort not in SORT_ORDERS:
+            raise InvalidRequest(f"unknown sort order {sort!r}")
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        after = _decode_cursor(cursor, parsed, sort) if cursor is not None else None
+        return await self._run(self._search, parsed, limit, after, sort)
+
+    def _search(
+        self,
+        query: Query,
+        limit: int,
+        after: tuple[int, float | None] | None,
+        sort: SortOrder,
+    ) -> SearchPage:
+        conn = self._conn
+        plan = _plan(query, _max_spill(conn))
+        id_col = plan.id_col
+        score_sql = _SCORE_SQL if plan.match is not None else "0.0"
+        params = list(plan.all_params())
+        if sort == "relevance":
+            keyset = ""
+            if after is not None:
+                keyset = "WHERE score < ? OR (score = ? AND id < ?)"
+                params += [after[1], after[1], after[0]]
+            sql = (
+                f"SELECT id, record_id, score FROM (SELECT {id_col} AS id, r.record_id AS "  # noqa: S608
+                f"record_id, {score_sql} AS score FROM {plan.source} WHERE {plan.where}) "
+                f"{keyset} ORDER BY score DESC, id DESC LIMIT ?"
+            )
+        else:
+            direction, compare = ("DESC", "<") if sort == "time" else ("ASC", ">")
+            keyset = f" AND {id_col} {compare} ?" if after is not None else ""
+            if after is not None:
+                params.append(after[0])
+            sql = (
+                f"SELECT {id_col}, r.record_id, NULL FROM {plan.source} "  # noqa: S608
+                f"WHERE {plan.where}{keyset} ORDER BY {id_col} {direction} LIMIT ?"
+            )
+        params.append(limit + 1)
+        rows: list[tuple[int, str, float | None]] = conn.execute(sql, params).fetchall()
+        page, more = rows[:limit], len(rows) > limit
+        records = self._load_records([rid for _, rid, _ in page])
+        snippets = self._snippets(plan, [rowid for rowid, _, _ in page])
+        hits = []
+        for rowid, rid, score in page:
+            record = records.get(rid)
+            if record is None:
+                raise StoreCorrupted(f"record {rid} has no stored payload")
+            hits.append(
+                Hit(
+                    record,
+                    snippets.get(rowid, ()),
+                    float(score) if sort == "relevance" and score is not None else None,
+                )
+            )
+        next_cursor = None
+        if more and page:
+            last_id, _, last_score = page[-1]
+            next_cursor = _encode_cursor(
+                query,
+                sort,
+                last_id,
+                float(last_score) if sort == "relevance" and last_score is not None else None,
+            )
+        return SearchPage(tuple(hits), next_cursor)
+
+    def _snippets(self, plan: _Plan, rowids: Sequence[int]) -> dict[int, tuple[SnippetPart, ...]]:
+        conn = self._conn
+        out: dict[int, tuple[SnippetPart, ...]] = {}
+        for rowid in rowids:
+            text: str | None = None
+            if plan.match is not None:
+                found = conn.execute(
+                    "SELECT snippet(fts, -1, ?, ?, '…', ?) FROM fts "
+                    "WHERE fts MATCH ? AND rowid = ?",
+                    (HIGHLIGHT_START, HIGHLIGHT_END, _SNIPPET_TOKENS, plan.match, rowid),
+                ).fetchone()
+                text = found[0] if found is not None else None
+            if not text:
+                found = conn.execute(
+                    "SELECT coalesce(body, subject, '') FROM records WHERE id = ?", (rowid,)
+                ).fetchone()
+                plain = found[0] if found is not None else ""
+                if len(plain) > _PLAIN_SNIPPET_CHARS:
+                    plain = plain[:_PLAIN_SNIPPET_CHARS] + "…"
+                out[rowid] = (SnippetPart(plain),) if plain else ()
+            else:
+                out[rowid] = parse_marked(text)
+        return out
+
+    async def count(self, query: Query | str) -> int:
+        parsed = as_query(query)
+
+        def run() -> int:
+            plan = _plan(parsed, _max_spill(self._conn))
+            sql = f"SELECT count(*) FROM {plan.source} WHERE {plan.where}"  # noqa: S608
+            (total,) = self._conn.execute(sql, plan.all_params()).fetchone()
+            return int(total)
+
+        return await self._run(run)
+
+    async def facets(self, query: Query | str, *, top: int = 20) -> Facets:
+        parsed = as_query(query)
+        if not 1 <= top <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"top must be between 1 and {MAX_PAGE_SIZE}")
+        return await self._run(self._facets, parsed, top)
+
+    def _facets(self, query: Query, top: int) -> Facets:
+        conn = self._conn
+        plan = _plan(query, _max_spill(conn))
+        base = f"FROM {plan.source} WHERE {plan.where}"
+        params = plan.all_params()
+        by_action = conn.execute(
+            f"SELECT r.action, count(*) {base} GROUP BY r.action", params
+        ).fetchall()
+        by_domain = conn.execute(
+            f"SELECT r.remote_domain, count(*) AS n {base} GROUP BY r.remote_domain "
+            "ORDER BY n DESC, r.remote_domain LIMIT ?",
+            (*params, top),
+        ).fetchall()
+        # Floor division that is also right before 1970 (SQLite's / truncates toward zero).
+        day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
+        by_day = conn.execute(
+            f"SELECT {day} AS d, count(*) {base} GROUP BY d ORDER BY d", params
+        ).fetchall()
+        severity = {a.value: a.severity for a in Action}
+        return Facets(
+            by_action=tuple(
+                (Action(a), int(n)) for a, n in sorted(by_action, key=lambda r: severity[r[0]])
+            ),
+            by_remote_domain=tuple((d, int(n)) for d, n in by_domain),
+            by_day=tuple((date(1970, 1, 1) + timedelta(days=int(d)), int(n)) for d, n in by_day),
+        )
+
+    # -- the chain --
+
+    async def chain_links(
+        self, start_seq: int = 1, end_seq: int | None = None, *, chain: str = DEFAULT_CHAIN
+    ) -> AsyncIterator[ChainLink]:
+        _check_chain_name(chain)
+        row = await self._run(lambda: _chain_row(self._conn, chain, create=False))
+        if row is None:
+            return
+        first = max(start_seq, 1)
+        last = min(end_seq if end_seq is not None else _SEQ_MASK, _SEQ_MASK)
+        if first > last:
+            return
+        base = row.id << _SEQ_BITS
+        low, high = base + first, base + last
+        while low <= high:
+            batch = await self._run(self._links_page, low, high)
+            for entry, prev_hash, digest, payload in batch:
+                yield ChainLink(entry & _SEQ_MASK, prev_hash, digest, payload)
+            if len(batch) < _CHUNK:
+                return
+            low = batch[-1][0] + 1
+
+    def _links_page(self, low: int, high: int) -> list[tuple[int, bytes, bytes, bytes]]:
+        rows: list[tuple[int, bytes, bytes, bytes]] = self._conn.execute(
+            "SELECT id, prev_hash, hash, payload FROM ledger WHERE id BETWEEN ? AND ? "
+            "ORDER BY id LIMIT ?",
+            (low, high, _CHUNK),
+        ).fetchall()
+        return rows
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        _check_chain_name(checkpoint.chain_name)
+        await self._run(self._add_checkpoint, checkpoint)
+
+    def _add_checkpoint(self, cp: Checkpoint) -> None:
+        conn = self._conn
+        with _transaction(conn):
+            row = _chain_row(conn, cp.chain_name, create=False)
+            if row is not None and 1 <= cp.seq <= row.last_seq:
+                found = conn.execute(
+                    "SELECT hash FROM ledger WHERE id = ?", ((row.id << _SEQ_BITS) | cp.seq,)
+                ).fetchone()
+                if found is not None and found[0] != cp.head:
+                    raise ChainConflict(
+                        cp.chain_name, cp.seq, "checkpoint head differs from the stored hash"
+                    )
+            conn.execute(
+                "INSERT OR IGNORE INTO checkpoints (chain, seq, head, signature) "
+                "VALUES (?, ?, ?, ?)",
+                (cp.chain_name, cp.seq, cp.head, cp.signature),
+            )
+
+    async def checkpoints(self, chain: str | None = None) -> tuple[Checkpoint, ...]:
+        def run() -> tuple[Checkpoint, ...]:
+            sql = "SELECT chain, seq, head, signature FROM checkpoints"
+            args: tuple[Any, ...] = ()
+            if chain is not None:
+                sql += " WHERE chain = ?"
+                args = (chain,)
+            rows = self._conn.execute(sql + " ORDER BY chain, seq, signature", args)
+            return tuple(Checkpoint(*row) for row in rows)
+
+        return await self._run(run)
+
+    # -- verification --
+
+    async def verify(self, *, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
+        """Check the whole store; slow (reads everything), meant for `stanzaguard verify`.
+
+        Checks, per chain: seqs run 1..last_seq with no gap, each link's prev_hash is the
+        hash before it and its hash covers (prev_hash, seq, payload), the last entry is the
+        recorded head, every checkpoint matches the stored hash at its seq, lies within the
+        chain and (with `public_key`) carries a valid signature. Per entry: the payload is a
+        readable spool entry; a RECORD has its records row whose id slot and searchable
+        columns equal those derived from the payload (or, for a repeated RECORD, the row of
+        the first one); its observations, an OBSERVE's observation and a STATUS's status are
+        stored exactly as the payload says. Every records, observations and statuses row
+        must be accounted for by an entry. Finally the FTS5 index must match the records'
+        text and SQLite's own page-level quick_check must pass.
+        """
+        return await self._run(self._verify, public_key)
+
+    def _verify(self, public_key: Ed25519PublicKey | None) -> VerifyReport:
+        checker = _Verifier(self._conn, public_key)
+        return checker.run()
+
+
+def _guard(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except sqlite3.Error as exc:
+        raise _translate(exc) from exc
+
+
+def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connection:
+    try:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so a batch is one transaction
+        # and reads never sit inside a stale implicit one.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise _translate(exc) from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL may lose the last commits on power loss but never corrupts; the spool
+        # is the durable copy and the indexer resumes from last_seq(), which rolls back too.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mb)}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version == 0:
+            with _transaction(conn):
+                # Read again under the write lock: another process may have just created it.
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                (tables,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+                if version == 0 and tables:
+                    raise StoreCorrupted(f"{path} is a SQLite file but not an archive store")
+                if version == 0:
+                    for statement in _split_schema(_SCHEMA):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    version = SCHEMA_VERSION
+        if version != SCHEMA_VERSION:
+            raise StoreCorrupted(f"{path} has schema version {version}; expected {SCHEMA_VERSION}")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _translate(exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    try:
+        # Keeps planner statistics current, as SQLite recommends before closing; the limit
+        # bounds the work on a large file.
+        conn.execute("PRAGMA analysis_limit = 1000")
+        conn.execute("PRAGMA optimize")
+    except sqlite3.Error:
+        pass  # statistics are an optimisation; closing must not fail over them
+    finally:
+        conn.close()
+
+
+def _split_schema(script: str) -> list[str]:
+    """Statements of the schema script (executescript would commit our transaction)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block raises."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        # IMMEDIATE takes the write lock up front, so a batch never fails half-way on BUSY.
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        elif self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+def _chain_row(conn: sqlite3.Connection, chain: str, *, create: bool) -> _ChainRow | None:
+    found = conn.execute(
+        "SELECT id, name, last_seq, head FROM chains WHERE name = ?", (chain,)
+    ).fetchone()
+    if found is None and create:
+        cursor = conn.execute(
+            "INSERT INTO chains (name, last_seq, head) VALUES (?, 0, ?)", (chain, GENESIS)
+        )
+        assert cursor.lastrowid is not None
+        return _ChainRow(cursor.lastrowid, chain, 0, GENESIS)
+    return _ChainRow(*found) if found is not None else None
+
+
+def _max_spill(conn: sqlite3.Connection) -> int:
+    found = conn.execute("SELECT value FROM meta WHERE key = 'max_spill_us'").fetchone()
+    return int(found[0]) if found is not None else 0
+
+
+def _existing_record_ids(conn: sqlite3.Connection, record_ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(record_ids), 500):
+        chunk = record_ids[i : i + 500]
+        marks = ", ".join("?" * len(chunk))
+        found.update(
+            rid
+            for (rid,) in conn.execute(
+                f"SELECT record_id FROM records WHERE record_id IN ({marks})",  # noqa: S608
+                chunk,
+            )
+        )
+    return found
+
+
+def _write_records(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    conn.executemany(_INSERT_RECORD, rows)
+    conn.executemany(
+        "INSERT INTO fts (rowid, body, subject) VALUES (?, ?, ?)",
+        [(row[0], row[2 + _BODY_COL], row[2 + _SUBJECT_COL]) for row in rows],
+    )
+
+
+class _RowidAllocator:
+    """Hands out time-ordered rowids for one batch: `slot * 1024 + next free tie-breaker`."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._top: dict[int, int] = {}  # slot -> highest id taken in it so far
+        self._spilled: dict[int, int] = {}  # slot -> last id its overflow took
+        self._max_spill = self._initial_spill = _max_spill(conn)
+
+    def allocate(self, occurred_us: int) -> int | None:
+        """The next id in the record's own slot, or None when the slot is full."""
+        slot = _slot(occurred_us)
+        low = slot * _TIES
+        top = self._top.get(slot)
+        if top is None:
+            (top,) = self._conn.execute(
+                "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (low, low + _TIES)
+            ).fetchone()
+        rowid = low if top is None else top + 1
+        if rowid >= low + _TIES:
+            return None
+        self._top[slot] = rowid
+        return rowid
+
+    def spill(self, occurred_us: int) -> int:
+        """More than 1024 records in one µs: the first free id after the slot (rare)."""
+        slot = _slot(occurred_us)
+        # Start where this slot's previous overflow ended, so a burst stays linear.
+        start = self._spilled.get(slot, slot * _TIES)
+        (rowid,) = self._conn.execute(
+            "SELECT r.id + 1 FROM records AS r WHERE r.id >= ? AND NOT EXISTS "
+            "(SELECT 1 FROM records AS n WHERE n.id = r.id + 1) ORDER BY r.id LIMIT 1",
+            (start,),
+        ).fetchone()
+        self._spilled[slot] = rowid
+        # The slot it lands in must be read from the table again before its next id.
+        self._top.pop(rowid >> _TIE_BITS, None)
+        self._max_spill = max(self._max_spill, (rowid >> _TIE_BITS) - slot)
+        return int(rowid)
+
+    def save(self) -> None:
+        if self._max_spill != self._initial_spill:
+            self._conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'max_spill_us'", (self._max_spill,)
+            )
+
+
+class _Verifier:
+    """One verification run: walks each chain in seq order in chunks, then the leftovers."""
+
+    def __init__(self, conn: sqlite3.Connection, public_key: Ed25519PublicKey | None) -> None:
+        self._conn = conn
+        self._key = public_key
+        self._problems: list[VerifyProblem] = []
+        self._truncated = False
+        self._entries = 0
+        self._records = 0
+        self._max_spill = _max_spill(conn)
+
+    def _problem(
+        self, problem: str, chain: str | None = None, seq: int | None = None, rid: str | None = None
+    ) -> None:
+        if len(self._problems) >= _MAX_PROBLEMS:
+            self._truncated = True
+            return
+        self._problems.append(VerifyProblem(problem, chain, seq, rid))
+
+    def run(self) -> VerifyReport:
+        conn = self._conn
+        chains = [_ChainRow(*row) for row in conn.execute("SELECT * FROM chains ORDER BY name")]
+        states = [self._chain(row) for row in chains]
+        self._orphans()
+        try:
+            conn.execute("INSERT INTO fts (fts, rank) VALUES ('integrity-check', 1)")
+        except sqlite3.DatabaseError:
+            self._problem("the full-text index does not match the records' text")
+        quick = [msg for (msg,) in conn.execute("PRAGMA quick_check")]
+        if quick != ["ok"]:
+            self._problem(f"SQLite quick_check: {'; '.join(quick[:5])}")
+        problems = sorted(
+            self._problems,
+            key=lambda p: (p.seq is None, p.chain or "", p.seq if p.seq is not None else 0),
+        )
+        return VerifyReport(
+            tuple(states), self._entries, self._records, tuple(problems), self._truncated
+        )
+
+    def _chain(self, chain: _ChainRow) -> ChainState:
+        conn = self._conn
+        base = chain.id << _SEQ_BITS
+        end = base | _SEQ_MASK
+        wanted: dict[int, list[tuple[bytes, bytes]]] = {}
+        for seq, head, signature in conn.execute(
+            "SELECT seq, head, signature FROM checkpoints WHERE chain = ?", (chain.name,)
+        ):
+            wanted.setdefault(seq, []).append((head, signature))
+        hashes: dict[int, bytes] = {}
+        expected, prev, last_seq, last_hash = 1, GENESIS, 0, GENESIS
+        low = base
+        while low <= end:
+            rows = conn.execute(
+                "SELECT id, prev_hash, hash, payload FROM ledger WHERE id BETWEEN ? AND ? "
+                "ORDER BY id LIMIT ?",
+                (low, end, _CHUNK),
+            ).fetchall()
+            high = rows[-1][0] if len(rows) == _CHUNK else end
+            parsed: dict[int, tuple[int, _Parsed | None]] = {}
+            for entry, prev_hash, digest, payload in rows:
+                seq = entry & _SEQ_MASK
+                self._entries += 1
+                if seq != expected:
+                    self._problem(
+                        f"entries {expected}..{seq - 1} are missing", chain.name, expected
+                    )
+                    prev = prev_hash  # resynchronise so one gap is reported once
+                if prev_hash != prev:
+                    self._problem(
+                        "previous-hash does not match the entry before it", chain.name, seq
+                    )
+                if link_hash(prev_hash, seq, payload) != digest:
+                    self._problem("content does not match its hash (edited)", chain.name, seq)
+                if seq in wanted:
+                    hashes[seq] = digest
+                try:
+                    SpoolEntry.from_payload(payload)  # everything get() will need must parse
+                    parsed[entry] = (seq, _parse_payload(payload))
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._problem(f"payload is not a valid spool entry ({exc})", chain.name, seq)
+                    parsed[entry] = (seq, None)
+                prev, expected, last_seq, last_hash = digest, seq + 1, seq, digest
+            self._check_rows(chain.name, low, high, parsed)
+            low = high + 1
+        if last_seq != chain.last_seq or last_hash != chain.head:
+            self._problem(
+                f"the chain ends at seq {last_seq} but the store recorded its head at seq "
+                f"{chain.last_seq} (entries removed from the end?)",
+                chain.name,
+                min(last_seq, chain.last_seq) + 1,
+            )
+        for seq, signed in sorted(wanted.items()):
+            for head, signature in signed:
+                if seq > last_seq:
+                    self._problem(
+                        "a signed checkpoint lies past the end of the stored chain (truncated)",
+                        chain.name,
+                        seq,
+                    )
+                elif seq not in hashes:
+                    self._problem("the entry a checkpoint signs is missing", chain.name, seq)
+                elif hashes[seq] != head:
+                    self._problem("stored hash differs from the signed checkpoint", chain.name, seq)
+                if self._key is not None:
+                    cp = Checkpoint(chain.name, seq, head, signature)
+                    if not cp.verify(self._key):
+                        self._problem("checkpoint signature does not verify", chain.name, seq)
+        return ChainState(chain.name, last_seq, last_hash, sum(map(len, wanted.values())))
+
+    def _check_rows(
+        self, chain: str, low: int, high: int, parsed: dict[int, tuple[int, _Parsed | None]]
+    ) -> None:
+        """Compare the derived rows for ledger ids low..high with what the payloads say."""
+        conn = self._conn
+        records = {
+            row[1]: row
+            for row in conn.execute(
+                f"SELECT id, entry, {', '.join(_COLUMNS)} FROM records "  # noqa: S608
+                "WHERE entry BETWEEN ? AND ?",
+                (low, high),
+            )
+        }
+        observations: dict[int, list[tuple[str, str]]] = {}
+        for entry, rid, text in conn.execute(
+            "SELECT entry, record_id, obs FROM observations WHERE entry BETWEEN ? AND ? "
+            "ORDER BY entry, idx",
+            (low, high),
+        ):
+            observations.setdefault(entry, []).append((rid, text))
+        statuses = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                "SELECT entry, record_id, status, at_us, chain, seq FROM statuses "
+                "WHERE entry BETWEEN ? AND ?",
+                (low, high),
+            )
+        }
+        for entry, (seq, item) in parsed.items():
+            row = records.pop(entry, None)
+            obs_rows = observations.pop(entry, [])
+            status_row = statuses.pop(entry, None)
+            if item is None:
+                continue
+            rid = item.record_id
+            if item.columns is not None:
+                if row is not None:
+                    self._compare_record(chain, seq, row, item.columns)
+                else:
+                    self._check_repeated_record(chain, seq, rid)
+            elif row is not None:
+                self._problem("a records row claims a non-RECORD entry", chain, seq, row[2])
+            if obs_rows != [(rid, text) for text in item.observations]:
+                self._problem("stored observations differ from the entry", chain, seq, rid)
+            expected_status = (rid, *item.status, chain, seq) if item.status is not None else None
+            if status_row != expected_status:
+                self._problem("stored status change differs from the entry", chain, seq, rid)
+        for entry, row in records.items():
+            self._problem(
+                "records row refers to a ledger entry that does not exist",
+                chain,
+                entry & _SEQ_MASK,
+                row[2],
+            )
+        for entry, obs in observations.items():
+            self._problem(
+                "observation refers to a ledger entry that does not exist",
+                chain,
+                entry & _SEQ_MASK,
+                obs[0][0],
+            )
+        for entry, status in statuses.items():
+            self._problem(
+                "status change refers to a ledger entry that does not exist",
+                chain,
+                entry & _SEQ_MASK,
+                status[0],
+            )
+
+    def _compare_record(
+        self, chain: str, seq: int, row: tuple[Any, ...], columns: tuple[Any, ...]
+    ) -> None:
+        self._records += 1
+        stored = row[2:]
+        wrong = [name for name, a, b in zip(_COLUMNS, stored, columns, strict=True) if a != b]
+        if wrong:
+            self._problem(
+                f"searchable fields differ from the chain's payload: {', '.join(wrong)}",
+                chain,
+                seq,
+                columns[0],
+            )
+        spill = (row[0] >> _TIE_BITS) - _slot(columns[_OCCURRED_COL])
+        if not 0 <= spill <= self._max_spill:
+            self._problem("record is filed under the wrong time", chain, seq, columns[0])
+
+    def _check_repeated_record(self, chain: str, seq: int, rid: str) -> None:
+        """A RECORD without its own row must repeat one that has a row."""
+        found = self._conn.execute(
+            "SELECT l.payload FROM records AS r JOIN ledger AS l ON l.id = r.entry "
+            "WHERE r.record_id = ?",
+            (rid,),
+        ).fetchone()
+        if found is None:
+            self._problem("record is missing from the records table", chain, seq, rid)
+            return
+        try:
+            first = _parse_payload(found[0])
+        except ValueError:
+            return  # reported where that entry itself is checked
+        if first.op is not EntryOp.RECORD or first.record_id != rid:
+            self._problem("record row points at an entry for another record", chain, seq, rid)
+
+    def _orphans(self) -> None:
+        """Rows whose entry lies in no known chain (the chunked walk never saw them)."""
+        for table in ("records", "observations", "statuses"):
+            for entry, rid in self._conn.execute(
+                f"SELECT entry, record_id FROM {table} "  # noqa: S608
+                f"WHERE (entry >> {_SEQ_BITS}) NOT IN (SELECT id FROM chains) LIMIT 100"
+            ):
+                self._problem(f"{table} row refers to an unknown chain (entry {entry})", rid=rid)
+
+
+if TYPE_CHECKING:  # mypy proves SqliteStore implements the protocol
+    _conforms: type[ArchiveStore] = SqliteStore

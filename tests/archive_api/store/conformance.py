@@ -1,0 +1,842 @@
+"""The behaviour every `ArchiveStore` backend must show, as one reusable test class.
+
+A backend's test module subclasses `ArchiveStoreConformance` (name it `Test...`) and provides
+a `store_factory` fixture: an async callable returning a fresh, empty, open store. The
+fixture may be parametrised (several configurations of one backend). Stores the factory
+hands out are closed by the suite. Override `settle` if the backend needs a refresh before
+what `apply` wrote becomes searchable.
+
+Nothing here knows SQL or Elasticsearch; tamper tests, which must reach around the store,
+live in each backend's own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from archive_api.store.base import ArchiveStore, SearchPage, SortOrder
+from archive_api.store.chain import GENESIS, ChainLink, CheckpointSigner, link_hash
+from archive_api.store.errors import (
+    ChainConflict,
+    ChainGap,
+    InvalidCursor,
+    InvalidEntry,
+    InvalidRequest,
+    QuerySyntaxError,
+    StoreUnavailable,
+)
+from archive_api.store.query import MAX_QUERY_LENGTH
+from archive_api.store.records import (
+    ArchiveRecord,
+    Attachment,
+    Direction,
+    EntryOp,
+    Observation,
+    ObservationVia,
+    RecordKind,
+    RecordStatus,
+    SpoolEntry,
+)
+from classifier.verdict import Action, Reason, Verdict
+
+StoreFactory = Callable[[], Awaitable[ArchiveStore]]
+
+T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def record(
+    record_id: str,
+    *,
+    at: datetime = T0,
+    sender: str = "alice@corp.example",
+    sender_resource: str = "phone",
+    recipient: str = "bob@partner.example",
+    direction: Direction = Direction.FROM_CLIENT,
+    kind: RecordKind = RecordKind.MESSAGE,
+    stanza_type: str = "chat",
+    body: str | None = "hello",
+    subject: str | None = None,
+    room: str | None = None,
+    action: Action = Action.ALLOW,
+    attachments: tuple[Attachment, ...] = (),
+    encryption: str | None = None,
+    message_id: str | None = None,
+    replaces_id: str | None = None,
+    retracts_id: str | None = None,
+    status: RecordStatus = RecordStatus.DELIVERED,
+) -> ArchiveRecord:
+    """A record with sensible defaults; one live observation by the sender."""
+    sender_full = f"{sender}/{sender_resource}"
+    verdict = Verdict(
+        action,
+        0.9 if action is not Action.ALLOW else 0.0,
+        (Reason("test.rule", f"{action.value} in test", 0.5, action),),
+    )
+    return ArchiveRecord(
+        record_id=record_id,
+        kind=kind,
+        occurred_at=at,
+        direction=direction,
+        sender=sender,
+        sender_full=sender_full,
+        recipient=recipient,
+        recipient_full=f"{recipient}/desktop",
+        stanza_type=stanza_type,
+        room=room,
+        body=body,
+        subject=subject,
+        message_id=message_id or f"id-{record_id}",
+        origin_id=f"origin-{record_id}",
+        attachments=attachments,
+        encryption=encryption,
+        replaces_id=replaces_id,
+        retracts_id=retracts_id,
+        verdict=verdict,
+        status=status,
+        raw=f"<message id='id-{record_id}'/>".encode(),
+        observations=(Observation(at, sender_full, ObservationVia.LIVE, direction),),
+    )
+
+
+def observation(
+    jid: str, at: datetime = T0, via: ObservationVia = ObservationVia.CARBON_SENT
+) -> Observation:
+    return Observation(at, jid, via, Direction.TO_CLIENT)
+
+
+@dataclass
+class ChainWriter:
+    """Writes spool entries into links the way the spool does (seq from 1, hash-chained)."""
+
+    seq: int = 0
+    head: bytes = GENESIS
+    links: list[ChainLink] = field(default_factory=list)
+
+    def add(self, *entries: SpoolEntry) -> list[ChainLink]:
+        out = []
+        for entry in entries:
+            self.seq += 1
+            payload = entry.payload()
+            digest = link_hash(self.head, self.seq, payload)
+            link = ChainLink(self.seq, self.head, digest, payload)
+            self.head = digest
+            out.append(link)
+        self.links.extend(out)
+        return out
+
+    def records(self, *records: ArchiveRecord) -> list[ChainLink]:
+        return self.add(*(rec_entry(r) for r in records))
+
+
+def rec_entry(rec: ArchiveRecord) -> SpoolEntry:
+    return SpoolEntry(EntryOp.RECORD, rec.record_id, record=rec)
+
+
+def observe_entry(record_id: str, obs: Observation) -> SpoolEntry:
+    return SpoolEntry(EntryOp.OBSERVE, record_id, observation=obs)
+
+
+def status_entry(record_id: str, status: RecordStatus, at: datetime | None = T0) -> SpoolEntry:
+    return SpoolEntry(EntryOp.STATUS, record_id, status=status, actor="officer@corp.example", at=at)
+
+
+# --- a corpus that exercises every operator ---------------------------------------------
+
+DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
+
+
+def corpus() -> list[ArchiveRecord]:
+    pdf = Attachment(
+        "https://upload.corp.example/x/report.pdf", "upload", "application/pdf", "report.pdf", 1234
+    )
+    return [
+        record("r01", at=T0, body="Guaranteed return on this deal", message_id="m01"),
+        record(
+            "r02",
+            at=T0 + HOUR,
+            sender="bob@partner.example",
+            recipient="alice@corp.example",
+            direction=Direction.TO_CLIENT,
+            body="lunch tomorrow?",
+            message_id="m02",
+        ),
+        record(
+            "r03",
+            at=T0 + DAY,
+            sender="carol@corp.example",
+            recipient="dave@other.example",
+            body="The café is closed",
+            action=Action.FLAG,
+            attachments=(pdf,),
+        ),
+        record(
+            "r04",
+            at=T0 + 2 * DAY,
+            recipient="desk@conference.corp.example",
+            stanza_type="groupchat",
+            room="desk@conference.corp.example",
+            body="guaranteed returns for everyone",
+            action=Action.QUARANTINE,
+            status=RecordStatus.HELD,
+        ),
+        record(
+            "r05",
+            at=T0 + 3 * DAY,
+            sender="mallory@spam.example",
+            recipient="alice@corp.example",
+            direction=Direction.TO_CLIENT,
+            body="buy cheap pills now",
+            action=Action.REJECT,
+            status=RecordStatus.REJECTED,
+        ),
+        record(
+            "r06",
+            at=T0 + 3 * DAY + timedelta(seconds=1),
+            sender="mallory@spam.example",
+            recipient="bob@corp.example",
+            direction=Direction.TO_CLIENT,
+            body="cheap pills",
+            action=Action.DROP,
+            status=RecordStatus.DROPPED,
+        ),
+        record("r07", at=T0 + 4 * DAY, body=None, encryption="omemo"),
+        record("r08", at=T0 + 5 * DAY, body="Guaranteed return on this deal!!", replaces_id="m01"),
+        record(
+            "r09",
+            at=T0 + 5 * DAY + HOUR,
+            sender="bob@partner.example",
+            recipient="alice@corp.example",
+            direction=Direction.TO_CLIENT,
+            body=None,
+            retracts_id="m02",
+        ),
+        record(
+            "r10",
+            at=T0 + 6 * DAY,
+            kind=RecordKind.SUBSCRIPTION,
+            stanza_type="subscribe",
+            sender="stranger@far.example",
+            recipient="alice@corp.example",
+            direction=Direction.TO_CLIENT,
+            body=None,
+        ),
+        record(
+            "r11",
+            at=T0 + 6 * DAY + HOUR,
+            kind=RecordKind.REPORT,
+            stanza_type="",
+            recipient="corp.example",
+            body=None,
+        ),
+        record(
+            "r12",
+            at=T0 + 7 * DAY,
+            kind=RecordKind.SESSION,
+            stanza_type="start",
+            sender_resource="laptop",
+            recipient="",
+            body=None,
+        ),
+        record(
+            "r13",
+            at=T0 + 8 * DAY,
+            sender="news@corp.example",
+            recipient="alice@corp.example",
+            stanza_type="headline",
+            subject="Market update",
+            body="Stocks up",
+        ),
+        record("r14", at=T0 + 9 * DAY, stanza_type="", body="plain normal message"),
+        record("r15", at=T0 + 10 * DAY, sender_resource="laptop", body="from the laptop"),
+    ]
+
+
+ALL = {f"r{i:02d}" for i in range(1, 16)}
+
+# (query, expected record ids)
+OPERATOR_CASES: list[tuple[str, set[str]]] = [
+    ("", ALL),
+    ("guaranteed", {"r01", "r04", "r08"}),
+    ("GUARANTEED", {"r01", "r04", "r08"}),
+    ('"guaranteed return"', {"r01", "r08"}),
+    ("guarant*", {"r01", "r04", "r08"}),
+    ('"guaranteed ret"*', {"r01", "r04", "r08"}),
+    ("cafe", {"r03"}),
+    ("CAFÉ", {"r03"}),
+    ("guaranteed -returns", {"r01", "r08"}),
+    ("-guaranteed", ALL - {"r01", "r04", "r08"}),
+    ('-"guaranteed return"', ALL - {"r01", "r08"}),
+    ("market", {"r13"}),  # subject is searched too
+    ("cheap pills", {"r05", "r06"}),
+    ("cheap -now", {"r06"}),
+    ("from:alice@corp.example", {"r01", "r04", "r07", "r08", "r11", "r12", "r14", "r15"}),
+    ("from:Alice@CORP.example", {"r01", "r04", "r07", "r08", "r11", "r12", "r14", "r15"}),
+    ("from:alice@corp.example/laptop", {"r12", "r15"}),
+    ("from:*@spam.example", {"r05", "r06"}),
+    ("-from:*@corp.example", {"r02", "r05", "r06", "r09", "r10"}),
+    ("to:*@partner.example", {"r01", "r07", "r08", "r14", "r15"}),
+    ("to:bob@corp.example", {"r06"}),
+    ("with:bob@partner.example", {"r01", "r02", "r07", "r08", "r09", "r14", "r15"}),
+    ("with:*@spam.example", {"r05", "r06"}),
+    ("room:desk@conference.corp.example", {"r04"}),
+    ("room:*@conference.corp.example", {"r04"}),
+    ("-room:desk@conference.corp.example", ALL - {"r04"}),
+    ("after:2026-01-20", {"r08", "r09", "r10", "r11", "r12", "r13", "r14", "r15"}),
+    ("before:2026-01-16", {"r01", "r02"}),
+    ("after:2026-01-16 before:2026-01-17", {"r03"}),
+    ("after:2026-01-16T12:00:00Z", ALL - {"r01", "r02"}),  # inclusive
+    ("before:2026-01-16T12:00:00Z", {"r01", "r02"}),  # exclusive
+    ("before:2026-01-16T12:00:00.000001Z", {"r01", "r02", "r03"}),
+    ("after:2026-01-16T13:00:00+01:00 before:2026-01-16T13:00:00.000001+01:00", {"r03"}),
+    ("-after:2026-01-16", {"r01", "r02"}),
+    ("type:chat", {"r01", "r02", "r03", "r05", "r06", "r07", "r08", "r09", "r15"}),
+    ("type:groupchat", {"r04"}),
+    ("type:normal", {"r14"}),
+    ("type:headline", {"r13"}),
+    ("type:subscription", {"r10"}),
+    ("type:report", {"r11"}),
+    ("type:session", {"r12"}),
+    ("type:file", {"r03"}),
+    ("type:call", set()),
+    ("verdict:allow", ALL - {"r03", "r04", "r05", "r06"}),
+    ("verdict:flag", {"r03"}),
+    ("verdict:quarantine", {"r04"}),
+    ("verdict:reject", {"r05"}),
+    ("verdict:drop", {"r06"}),
+    ("-verdict:allow", {"r03", "r04", "r05", "r06"}),
+    ("has:attachment", {"r03"}),
+    ("has:encrypted", {"r07"}),
+    ("-has:encrypted", ALL - {"r07"}),
+    ("is:edited", {"r01", "r08"}),
+    ("is:retracted", {"r02", "r09"}),
+    ("-is:edited -is:retracted", ALL - {"r01", "r02", "r08", "r09"}),
+    (
+        'from:alice@corp.example to:*@partner.example "guaranteed return" -lunch '
+        "after:2026-01-01 before:2026-02-01 verdict:allow",
+        {"r01", "r08"},
+    ),
+    ("with:alice@corp.example -from:alice@corp.example type:chat", {"r02", "r05", "r09"}),
+    ("!!!", set()),  # no letters or digits: matches nothing
+    ("-!!!", ALL),
+]
+
+HOSTILE_QUERIES = [
+    '"',
+    '""',
+    '" "',
+    "*",
+    "**",
+    "a*",
+    "NEAR(",
+    "NEAR(a b)",
+    '"NEAR(a b, 2)"',
+    "a OR b",
+    "a AND NOT b",
+    "'; DROP TABLE records; --",
+    '"\'; DROP TABLE records; --"',
+    "body:foo",
+    "from:'; DROP TABLE records; --",
+    "from:a'b@corp.example",
+    "from:*@'; DROP TABLE x",
+    "room:%@conference.example",
+    "to:_@corp.example",
+    "from:*@%",
+    "x" * (MAX_QUERY_LENGTH + 1),
+    " ".join(["w"] * 60),
+    "a\x00b",
+    "a\x1bb",
+    "\ud800",
+    "😀 🏳️‍🌈 \u202eevil\u202c",
+    "e\u0301\u0301\u0301",
+    "\u200b\u200b",
+    "ﷺ ﬀ İstanbul ß",
+    "-",
+    "--a",
+    "- a",
+    "-from:",
+    "from:",
+    "after:2026-02-30",
+    "after:9999-12-31T23:59:59-23:59",
+    "before:0001-01-01T00:00:00+23:59",
+    "after:0001-01-01 before:9999-12-31",
+    "type:GROUPCHAT",
+    "verdict:maybe",
+    "has:everything",
+    "is:",
+    ":",
+    "a:b:c",
+    "::",
+    "from:alice@corp.example/",
+    "from:@corp.example",
+    "from:alice@@corp.example",
+    "from:alice@corp..example",
+    "room:desk@conference.example/nick",
+    "\\",
+    "%",
+    "_",
+    "'",
+    "`",
+    'a"b',
+    '"unterminated',
+    '"a"b',
+    '"a"*',
+    '"!!!"*',
+    "\t\n\r",
+    "é" * 500,
+]
+
+
+def ids(page_or_hits: SearchPage | Iterable[ArchiveRecord]) -> list[str]:
+    if isinstance(page_or_hits, SearchPage):
+        return [h.record.record_id for h in page_or_hits.hits]
+    return [r.record_id for r in page_or_hits]
+
+
+async def search_all(
+    store: ArchiveStore, query: str, *, sort: SortOrder = "time", limit: int = 1000
+) -> list[str]:
+    out: list[str] = []
+    cursor = None
+    while True:
+        page = await store.search(query, limit=limit, cursor=cursor, sort=sort)
+        out.extend(ids(page))
+        cursor = page.next_cursor
+        if cursor is None:
+            return out
+
+
+class ArchiveStoreConformance:
+    """Subclass with a `store_factory` fixture; every test here then runs on that backend."""
+
+    async def settle(self, store: ArchiveStore) -> None:
+        """Make applied records visible to search (a refresh, for backends that need one)."""
+
+    @pytest.fixture
+    async def store(self, store_factory: StoreFactory) -> AsyncIterator[ArchiveStore]:
+        opened = await store_factory()
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+    async def ingest(self, store: ArchiveStore, links: Sequence[ChainLink], **kw: str) -> None:
+        await store.apply(links, **kw)
+        await self.settle(store)
+
+    @pytest.fixture
+    async def loaded(self, store: ArchiveStore) -> ArchiveStore:
+        await self.ingest(store, ChainWriter().records(*corpus()))
+        return store
+
+    # -- basics --
+
+    async def test_empty_store(self, store: ArchiveStore) -> None:
+        assert await store.last_seq() == 0
+        assert await store.chains() == ()
+        assert await store.get("nope") is None
+        page = await store.search("")
+        assert page.hits == () and page.next_cursor is None
+        assert await store.count("") == 0
+        assert [link async for link in store.chain_links()] == []
+        report = await store.verify()
+        assert report.ok, report.problems
+
+    async def test_apply_then_get_round_trips_the_record(self, store: ArchiveStore) -> None:
+        rec = corpus()[2]
+        await self.ingest(store, ChainWriter().records(rec))
+        assert await store.get(rec.record_id) == rec
+        assert await store.last_seq() == 1
+        assert await store.chains() == ("spool",)
+
+    async def test_chain_links_give_back_exactly_what_was_applied(
+        self, store: ArchiveStore
+    ) -> None:
+        writer = ChainWriter()
+        links = writer.records(*corpus())
+        await self.ingest(store, links)
+        assert [link async for link in store.chain_links()] == links
+        assert [link async for link in store.chain_links(3, 5)] == links[2:5]
+        assert [link async for link in store.chain_links(14)] == links[13:]
+        assert [link async for link in store.chain_links(chain="other")] == []
+
+    async def test_reapplying_is_a_no_op(self, store: ArchiveStore) -> None:
+        writer = ChainWriter()
+        first = writer.records(*corpus()[:5])
+        await self.ingest(store, first)
+        await self.ingest(store, first)
+        await self.ingest(store, first[2:4])
+        second = writer.records(*corpus()[5:])
+        await self.ingest(store, first[3:] + second)  # overlapping batch: only the new part
+        assert await store.last_seq() == len(corpus())
+        assert await store.count("") == len(corpus())
+        assert (await store.verify()).ok
+
+    async def test_a_different_entry_at_an_applied_seq_is_a_conflict(
+        self, store: ArchiveStore
+    ) -> None:
+        await self.ingest(store, ChainWriter().records(*corpus()[:3]))
+        forked = ChainWriter().records(*corpus()[:1], record("other"), *corpus()[2:3])
+        with pytest.raises(ChainConflict) as caught:
+            await store.apply(forked)
+        assert caught.value.seq == 2
+        assert await store.get("other") is None
+
+    async def test_gap_and_broken_links_are_refused_whole(self, store: ArchiveStore) -> None:
+        writer = ChainWriter()
+        links = writer.records(*corpus()[:6])
+        await self.ingest(store, links[:2])
+        with pytest.raises(ChainGap) as gap:
+            await store.apply(links[3:])
+        assert gap.value.seq == 3
+        with pytest.raises(ChainGap):
+            await store.apply([links[2], links[4]])  # a hole inside the batch
+        bad_prev = replace(links[3], prev_hash=b"\x01" * 32)
+        with pytest.raises(ChainConflict) as conflict:
+            await store.apply([links[2], bad_prev, links[4]])
+        assert conflict.value.seq == 4
+        edited = replace(links[3], payload=links[3].payload.replace(b"everyone", b"no one"))
+        with pytest.raises(ChainConflict):
+            await store.apply([links[2], edited])
+        # Nothing of the refused batches landed: not even links[2], which was fine.
+        assert await store.last_seq() == 2
+        assert await store.get(corpus()[2].record_id) is None
+        await self.ingest(store, links[2:])
+        assert await store.last_seq() == 6
+
+    async def test_an_unreadable_payload_is_refused(self, store: ArchiveStore) -> None:
+        writer = ChainWriter()
+        good = writer.records(corpus()[0])
+        payload = b'{"op":"record","record_id":"x"}'
+        digest = link_hash(writer.head, 2, payload)
+        bad = ChainLink(2, writer.head, digest, payload)
+        with pytest.raises(InvalidEntry) as caught:
+            await store.apply([*good, bad])
+        assert caught.value.seq == 2
+        assert await store.last_seq() == 0
+
+    async def test_bad_arguments(self, store: ArchiveStore) -> None:
+        with pytest.raises(InvalidRequest):
+            await store.search("", limit=0)
+        with pytest.raises(InvalidRequest):
+            await store.search("", sort="random")  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest):
+            await store.apply(ChainWriter().records(record("x")), chain="")
+
+    async def test_closed_store_is_unavailable(self, store_factory: StoreFactory) -> None:
+        store = await store_factory()
+        await store.close()
+        await store.close()  # twice is fine
+        with pytest.raises(StoreUnavailable):
+            await store.get("x")
+
+    # -- observations and status --
+
+    async def test_observations_merge_once(self, store: ArchiveStore) -> None:
+        rec = record("r1")
+        carbon = observation("alice@corp.example/laptop")
+        reflection = observation("bob@partner.example/desktop", via=ObservationVia.MUC_REFLECTION)
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(rec))
+        await self.ingest(
+            store, writer.add(observe_entry("r1", carbon), observe_entry("r1", carbon))
+        )
+        await self.ingest(store, writer.add(observe_entry("r1", reflection)))
+        # The same record again (a retry, a second proxy) adds nothing but observations.
+        await self.ingest(store, writer.records(replace(rec, observations=(carbon,))))
+        got = await store.get("r1")
+        assert got is not None
+        assert got.observations == (*rec.observations, carbon, reflection)
+        assert replace(got, observations=rec.observations) == rec
+        assert await store.count("") == 1
+        assert (await store.verify()).ok
+
+    async def test_status_changes_latest_wins(self, store: ArchiveStore) -> None:
+        rec = record("q1", action=Action.QUARANTINE, status=RecordStatus.HELD)
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(rec))
+        await self.ingest(store, writer.add(status_entry("q1", RecordStatus.RELEASED, T0 + HOUR)))
+        got = await store.get("q1")
+        assert got is not None and got.status is RecordStatus.RELEASED
+        await self.ingest(
+            store, writer.add(status_entry("q1", RecordStatus.CONFIRMED_SPAM, T0 + 2 * HOUR))
+        )
+        got = await store.get("q1")
+        assert got is not None and got.status is RecordStatus.CONFIRMED_SPAM
+        assert (await store.verify()).ok
+
+    async def test_entries_before_their_record_take_effect_when_it_arrives(
+        self, store: ArchiveStore
+    ) -> None:
+        rec = record("x1", status=RecordStatus.HELD)
+        carbon = observation("alice@corp.example/laptop")
+        other = ChainWriter()
+        await self.ingest(
+            store,
+            other.add(
+                observe_entry("x1", carbon), status_entry("x1", RecordStatus.RELEASED, T0 + HOUR)
+            ),
+            chain="proxy-b",
+        )
+        assert await store.get("x1") is None
+        assert await store.count("") == 0
+        await self.ingest(store, ChainWriter().records(rec), chain="proxy-a")
+        got = await store.get("x1")
+        assert got is not None
+        assert got.status is RecordStatus.RELEASED
+        assert set(got.observations) == {*rec.observations, carbon}
+        assert await store.last_seq(chain="proxy-a") == 1
+        assert await store.last_seq(chain="proxy-b") == 2
+        assert await store.chains() == ("proxy-a", "proxy-b")
+        assert (await store.verify()).ok
+
+    async def test_status_precedence_is_by_time_across_chains(self, store: ArchiveStore) -> None:
+        await self.ingest(store, ChainWriter().records(record("s1")), chain="a")
+        late = ChainWriter().add(status_entry("s1", RecordStatus.CONFIRMED_SPAM, T0 + 2 * HOUR))
+        early = ChainWriter().add(status_entry("s1", RecordStatus.RELEASED, T0 + HOUR))
+        await self.ingest(store, late, chain="b")
+        await self.ingest(store, early, chain="c")  # indexed last, happened first
+        got = await store.get("s1")
+        assert got is not None and got.status is RecordStatus.CONFIRMED_SPAM
+
+    # -- search --
+
+    @pytest.mark.parametrize(
+        ("query", "expected"), OPERATOR_CASES, ids=[q or "<empty>" for q, _ in OPERATOR_CASES]
+    )
+    async def test_operator(self, loaded: ArchiveStore, query: str, expected: set[str]) -> None:
+        found = await search_all(loaded, query)
+        assert sorted(found) == sorted(expected)
+        assert len(found) == len(set(found))
+        assert await loaded.count(query) == len(expected)
+
+    async def test_sort_orders(self, loaded: ArchiveStore) -> None:
+        newest_first = [f"r{i:02d}" for i in range(15, 0, -1)]
+        assert await search_all(loaded, "") == newest_first
+        assert await search_all(loaded, "", sort="time_asc") == newest_first[::-1]
+        assert await search_all(loaded, "", sort="relevance") == newest_first
+        ranked = await loaded.search("guaranteed deal", sort="relevance")
+        assert {h.record.record_id for h in ranked.hits} == {"r01", "r08"}
+        assert all(h.score is not None and h.score > 0 for h in ranked.hits)
+        scores = [h.score for h in ranked.hits]
+        assert scores == sorted(scores, reverse=True)  # type: ignore[type-var]
+        assert all(h.score is None for h in (await loaded.search("guaranteed")).hits)
+
+    async def test_snippets_mark_matches(self, loaded: ArchiveStore) -> None:
+        page = await loaded.search('"guaranteed return"', sort="time_asc")
+        first = page.hits[0]
+        assert first.record.record_id == "r01"
+        marked = [p.text for p in first.snippet if p.match]
+        assert [t.lower() for t in marked] == ["guaranteed return"]
+        assert "".join(p.text for p in first.snippet) == "Guaranteed return on this deal"
+        cafe = (await loaded.search("cafe")).hits[0]
+        assert [p.text for p in cafe.snippet if p.match] == ["café"]
+        plain = (await loaded.search("from:*@spam.example")).hits
+        assert {"".join(p.text for p in h.snippet) for h in plain} == {
+            "buy cheap pills now",
+            "cheap pills",
+        }
+        assert not any(p.match for h in plain for p in h.snippet)
+        subject = (await loaded.search("market")).hits[0]
+        assert any(p.match and p.text == "Market" for p in subject.snippet)
+
+    async def test_hits_carry_full_records(self, loaded: ArchiveStore) -> None:
+        expected = {r.record_id: r for r in corpus()}
+        for hit in (await loaded.search("", limit=100)).hits:
+            assert hit.record == expected[hit.record.record_id]
+
+    @pytest.mark.parametrize("sort", ["time", "time_asc", "relevance"])
+    async def test_paging_is_complete_and_stable_under_inserts(
+        self, store: ArchiveStore, sort: SortOrder
+    ) -> None:
+        writer = ChainWriter()
+        originals = [
+            record(
+                f"p{i:03d}",
+                at=T0 + i * timedelta(minutes=7),
+                body=" ".join(["deal"] * (1 + i % 4) + ["filler"] * (i % 5)),
+            )
+            for i in range(40)
+        ]
+        await self.ingest(store, writer.records(*originals))
+        query = "deal"
+        unpaged = await search_all(store, query, sort=sort)
+        assert sorted(unpaged) == sorted(r.record_id for r in originals)
+        seen: list[str] = []
+        page = await store.search(query, limit=6, sort=sort)
+        seen.extend(ids(page))
+        rng = random.Random(7)
+        n = 0
+        while page.next_cursor is not None:
+            # Insert newer, older and in-between records (some with the same text) meanwhile.
+            extra = [
+                record(
+                    f"n{n}-{k}",
+                    at=T0 + timedelta(minutes=rng.randrange(-60, 400)),
+                    body="deal " * rng.randrange(1, 6),
+                )
+                for k in range(3)
+            ]
+            n += 1
+            await self.ingest(store, writer.records(*extra))
+            page = await store.search(query, limit=6, sort=sort, cursor=page.next_cursor)
+            seen.extend(ids(page))
+        assert len(seen) == len(set(seen)), "a record was returned twice"
+        assert {r.record_id for r in originals} <= set(seen), "a record was skipped"
+        if sort != "relevance":
+            first = [rid for rid in seen if rid.startswith("p")]
+            assert first == [rid for rid in unpaged if rid.startswith("p")]
+
+    async def test_cursor_belongs_to_its_query(self, loaded: ArchiveStore) -> None:
+        page = await loaded.search("", limit=2)
+        assert page.next_cursor is not None
+        with pytest.raises(InvalidCursor):
+            await loaded.search("guaranteed", limit=2, cursor=page.next_cursor)
+        with pytest.raises(InvalidCursor):
+            await loaded.search("", limit=2, cursor=page.next_cursor, sort="time_asc")
+        for junk in ("", "garbage", "!!!!", "eyJ4IjoxfQ", "W10", "WzEsIngiLDEsbnVsbF0"):
+            with pytest.raises(InvalidCursor):
+                await loaded.search("", cursor=junk)
+
+    async def test_facets(self, loaded: ArchiveStore) -> None:
+        facets = await loaded.facets("")
+        assert dict(facets.by_action) == {
+            Action.ALLOW: 11,
+            Action.FLAG: 1,
+            Action.QUARANTINE: 1,
+            Action.REJECT: 1,
+            Action.DROP: 1,
+        }
+        assert [a for a, _ in facets.by_action] == list(Action)
+        domains = dict(facets.by_remote_domain)
+        assert domains["partner.example"] == 7
+        assert domains["spam.example"] == 2
+        assert sum(n for _, n in facets.by_day) == 15
+        assert facets.by_day[0] == (T0.date(), 2)
+        assert [d for d, _ in facets.by_day] == sorted(d for d, _ in facets.by_day)
+        narrow = await loaded.facets("cheap")
+        assert dict(narrow.by_action) == {Action.REJECT: 1, Action.DROP: 1}
+        assert narrow.by_remote_domain == (("spam.example", 2),)
+        top1 = await loaded.facets("", top=1)
+        assert top1.by_remote_domain == (("partner.example", 7),)
+
+    async def test_hostile_queries_fail_cleanly_or_search(self, loaded: ArchiveStore) -> None:
+        for query in HOSTILE_QUERIES:
+            try:
+                await loaded.search(query)
+                await loaded.count(query)
+                await loaded.facets(query)
+            except QuerySyntaxError as exc:
+                assert 0 <= exc.position <= len(query)
+        rng = random.Random(1234)
+        alphabet = [
+            '"',
+            "*",
+            "-",
+            ":",
+            "(",
+            ")",
+            "'",
+            ";",
+            " ",
+            "a",
+            "é",
+            "@",
+            "/",
+            "NEAR",
+            "from",
+            "to",
+            "with",
+            "room",
+            "after",
+            "2026-01-01",
+            "type",
+            "chat",
+            "\\",
+            "%",
+            "_",
+            "OR",
+            "AND",
+            "NOT",
+            "^",
+            "+",
+            "{",
+            "}",
+            "\x00",
+            "\u200b",
+            "😀",
+        ]
+        for _ in range(300):
+            query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 20)))
+            with contextlib.suppress(QuerySyntaxError):
+                await loaded.search(query, limit=5)
+        assert await loaded.count("") == 15
+        assert (await loaded.verify()).ok
+
+    async def test_bodies_full_of_syntax_are_just_text(self, store: ArchiveStore) -> None:
+        nasty = [
+            "'; DROP TABLE records; --",
+            'NEAR("a" "b", 3) OR x*',
+            'she said "hi" AND left',
+            "100% _wild_ \\ card",
+            "😀 emoji and \u202eright-to-left\u202c",
+        ]
+        writer = ChainWriter()
+        await self.ingest(
+            store,
+            writer.records(
+                *(record(f"z{i}", at=T0 + i * HOUR, body=b) for i, b in enumerate(nasty))
+            ),
+        )
+        assert await search_all(store, '"DROP TABLE records"') == ["z0"]
+        assert await search_all(store, "near") == ["z1"]
+        assert await search_all(store, '"she said hi"') == ["z2"]
+        assert await search_all(store, "wild") == ["z3"]
+        assert await search_all(store, "emoji") == ["z4"]
+        assert await store.count("") == len(nasty)
+        assert (await store.verify()).ok
+
+    # -- checkpoints and verify --
+
+    async def test_checkpoints_are_kept_and_verified(self, store: ArchiveStore) -> None:
+        signer = CheckpointSigner.generate()
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(*corpus()[:5]))
+        checkpoint = signer.sign("spool", 5, writer.head)
+        await store.add_checkpoint(checkpoint)
+        await store.add_checkpoint(checkpoint)
+        assert await store.checkpoints() == (checkpoint,)
+        assert await store.checkpoints("spool") == (checkpoint,)
+        assert await store.checkpoints("other") == ()
+        report = await store.verify(public_key=signer.public_key)
+        assert report.ok, report.problems
+        assert report.chains[0].last_seq == 5 and report.chains[0].head == writer.head
+        assert report.chains[0].checkpoints == 1
+        assert report.entries_checked == 5 and report.records_checked == 5
+
+        with pytest.raises(ChainConflict):
+            await store.add_checkpoint(signer.sign("spool", 3, b"\x00" * 32))
+
+        # A checkpoint past the end (signed by the spool before indexing caught up) is
+        # accepted; until the chain reaches it, verify says the store is short.
+        ahead = signer.sign("spool", 9, b"\x07" * 32)
+        await store.add_checkpoint(ahead)
+        report = await store.verify(public_key=signer.public_key)
+        assert not report.ok
+        assert report.first_break is not None and report.first_break.seq == 9
+
+    async def test_verify_reports_a_forged_signature(self, store: ArchiveStore) -> None:
+        signer, impostor = CheckpointSigner.generate(), CheckpointSigner.generate()
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(*corpus()[:3]))
+        await store.add_checkpoint(impostor.sign("spool", 3, writer.head))
+        assert (await store.verify()).ok  # without a key only the hashes are checked
+        report = await store.verify(public_key=signer.public_key)
+        assert [(p.chain, p.seq) for p in report.problems] == [("spool", 3)]
+        assert "signature" in report.problems[0].problem
