@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 from xml.parsers import expat
 from xml.sax.saxutils import quoteattr
@@ -50,16 +51,38 @@ class StreamOpen:
     namespaces: dict[str, str]
 
 
-@dataclass(slots=True)
 class Element:
     """One top-level element: a stanza (message, presence, iq) or a nonza."""
 
-    data: bytes
-    namespace: str
-    name: str
-    attrs: dict[str, str]
-    namespaces: dict[str, str]
-    _tree: ET.Element | None = field(default=None, repr=False)
+    __slots__ = ("_attrs", "_flat", "_tree", "data", "name", "namespace", "namespaces")
+
+    def __init__(
+        self,
+        data: bytes,
+        namespace: str,
+        name: str,
+        attrs: dict[str, str] | None,
+        namespaces: dict[str, str],
+        flat: list[str] | None = None,
+    ) -> None:
+        self.data = data
+        self.namespace = namespace
+        self.name = name
+        self.namespaces = namespaces
+        self._attrs = attrs
+        self._flat = flat
+        self._tree: ET.Element | None = None
+
+    def __repr__(self) -> str:
+        return f"Element({self.namespace!r}, {self.name!r}, {self.data[:80]!r})"
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        """The element's own attributes, as written (prefixed names stay prefixed)."""
+        if self._attrs is None:
+            flat = self._flat or []
+            self._attrs = dict(zip(flat[::2], flat[1::2], strict=True))
+        return self._attrs
 
     @property
     def is_stanza(self) -> bool:
@@ -93,33 +116,20 @@ class StreamClose:
 Frame = StreamOpen | Element | Whitespace | StreamClose
 
 
-def _split(name: str) -> tuple[str, str]:
-    namespace, _, local = name.rpartition(" ")
-    return namespace, local
-
-
-def _attributes(raw: dict[str, str]) -> dict[str, str]:
-    # expat reports namespaced attributes as "uri local"; keep plain ones as they are and
-    # give xml:lang its familiar spelling.
-    if not any(" " in key for key in raw):
-        return raw
-    out: dict[str, str] = {}
-    for key, value in raw.items():
-        namespace, local = _split(key)
-        if namespace == XML_NS:
-            out[f"xml:{local}"] = value
-        elif namespace:
-            out[f"{{{namespace}}}{local}"] = value
-        else:
-            out[local] = value
-    return out
-
-
 class Framer:
     """Splits one direction of an XMPP stream into frames.
 
     Call `reset()` whenever the stream restarts (after STARTTLS and after SASL success).
+
+    The per-element work runs in closures over local state: expat calls back for every
+    element of every stanza, and attribute look-ups on `self` there cost more than the
+    parsing itself.
     """
+
+    feed: Callable[[bytes], list[Frame]]
+    """Parse more bytes; return the frames they completed (possibly none)."""
+    namespaces: dict[str, str]
+    """The namespace declarations of the current stream header (prefix "" is the default)."""
 
     def __init__(self, limits: FramingLimits | None = None) -> None:
         self._limits = limits or FramingLimits()
@@ -127,156 +137,175 @@ class Framer:
         self.reset()
 
     def reset(self) -> None:
-        parser = expat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
+        # No namespace processing and attributes as flat lists: both cut expat's cost per
+        # element; names are resolved only for top-level elements, which is all we need.
+        parser = expat.ParserCreate(encoding="UTF-8")
+        parser.ordered_attributes = True
         parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         if hasattr(parser, "SetReparseDeferralEnabled"):
             # Deferral would hold back a complete small stanza until more bytes arrive.
             parser.SetReparseDeferralEnabled(False)
-        parser.StartElementHandler = self._on_start
-        parser.EndElementHandler = self._on_end
-        parser.StartNamespaceDeclHandler = self._on_namespace
-        parser.StartDoctypeDeclHandler = self._refuse_doctype
-        parser.EntityDeclHandler = self._refuse_entity
-        parser.ProcessingInstructionHandler = self._refuse_pi
-        parser.CommentHandler = self._refuse_comment
-        self._parser = parser
-        self._buffer = bytearray()
-        self._base = 0  # absolute offset of _buffer[0] in this parser's input
-        self._consumed = 0  # absolute offset just past the last emitted frame
-        self._fed = 0
-        self._depth = 0
-        self._element_start = -1
-        self._element_name = ""
-        self._element_attrs: dict[str, str] = {}
-        self._pending_namespaces: dict[str, str] = {}
-        self._stream_namespaces: dict[str, str] = {}
-        self._frames: list[Frame] = []
-        self.opened = False
+        limits = self._limits
+        max_depth = limits.max_depth + 1  # the stream element itself is depth 1
+        max_attribute_items = 2 * limits.max_attributes
+        max_pending = limits.max_stanza_bytes
+        buffer = bytearray()
+        frames: list[Frame] = []
+        stream_namespaces: dict[str, str] = {}
+        depth = 0
+        base = 0  # absolute offset of buffer[0] in this parser's input
+        consumed = 0  # absolute offset just past the last emitted frame
+        fed = 0
+        element_start = -1
+        element_flat: list[str] = []
 
-    @property
-    def namespaces(self) -> dict[str, str]:
-        return self._stream_namespaces
+        def tag_end(start: int) -> int:
+            match = _TAG_END.match(buffer, start - base)
+            if match is None:  # pragma: no cover - expat saw a whole tag, so there is a '>'
+                raise FramingError("not-well-formed", "unterminated tag")
+            return match.end() + base
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Parse more bytes; return the frames they completed (possibly none)."""
-        self.bytes_in += len(data)
-        self._buffer += data
-        self._fed += len(data)
-        try:
-            self._parser.Parse(data, False)
-        except expat.ExpatError as exc:
-            raise FramingError("not-well-formed", expat.errors.messages[exc.code]) from None
-        frames = self._frames
-        self._frames = []
-        if self._fed - self._consumed > self._limits.max_stanza_bytes:
-            raise FramingError(
-                "policy-violation",
-                f"stanza larger than {self._limits.max_stanza_bytes} bytes",
-            )
-        # Keep only what the element still being parsed needs.
-        if self._consumed > self._base:
-            del self._buffer[: self._consumed - self._base]
-            self._base = self._consumed
-        return frames
+        def gap(upto: int) -> None:
+            nonlocal consumed
+            if upto > consumed:
+                between = bytes(buffer[consumed - base : upto - base])
+                if between.strip():
+                    raise FramingError("not-well-formed", "text between top-level elements")
+                frames.append(Whitespace(between))
+                consumed = upto
 
-    @property
-    def buffered(self) -> int:
-        """Bytes of an element not yet complete (what a slow client has left hanging)."""
-        return self._fed - self._consumed
+        def resolve(name: str, flat: list[str]) -> tuple[str, str]:
+            if ":" not in name:
+                if "xmlns" in flat:
+                    return flat[flat.index("xmlns") + 1], name
+                namespace = stream_namespaces.get("")
+                if namespace is None:
+                    raise FramingError("not-well-formed", "no default namespace")
+                return namespace, name
+            prefix, _, local = name.partition(":")
+            key = "xmlns:" + prefix
+            if key in flat:
+                return flat[flat.index(key) + 1], local
+            namespace = stream_namespaces.get(prefix)
+            if namespace is None:
+                if prefix == "xml":
+                    return XML_NS, local
+                raise FramingError("not-well-formed", f"undeclared namespace prefix {prefix!r}")
+            return namespace, local
 
-    # expat callbacks -------------------------------------------------------------------
-
-    def _slice(self, start: int, end: int) -> bytes:
-        return bytes(self._buffer[start - self._base : end - self._base])
-
-    def _gap(self, upto: int) -> None:
-        if upto > self._consumed:
-            gap = self._slice(self._consumed, upto)
-            if gap.strip():
-                raise FramingError("not-well-formed", "text between top-level elements")
-            self._frames.append(Whitespace(gap))
-            self._consumed = upto
-
-    def _tag_end(self, start: int) -> int:
-        match = _TAG_END.match(self._buffer, start - self._base)
-        if match is None:  # pragma: no cover - expat saw a whole tag, so there is a '>'
-            raise FramingError("not-well-formed", "unterminated tag")
-        return match.end() + self._base
-
-    def _on_namespace(self, prefix: str | None, uri: str) -> None:
-        self._pending_namespaces[prefix or ""] = uri
-
-    def _on_start(self, name: str, attrs: dict[str, str]) -> None:
-        depth = self._depth
-        self._depth = depth + 1
-        if len(attrs) > self._limits.max_attributes:
-            raise FramingError("policy-violation", "too many attributes")
-        if depth == 0:
-            namespace, local = _split(name)
+        def on_start(name: str, flat: list[str]) -> None:
+            nonlocal depth, consumed, element_start, element_flat, stream_namespaces
+            depth += 1
+            if len(flat) > max_attribute_items:
+                raise FramingError("policy-violation", "too many attributes")
+            if depth > 2:
+                if depth > max_depth:
+                    raise FramingError("policy-violation", f"nesting deeper than {max_depth - 1}")
+                return
+            start = parser.CurrentByteIndex
+            if depth == 2:
+                if start > consumed:
+                    gap(start)
+                element_start = start
+                element_flat = flat
+                return
+            attrs = dict(zip(flat[::2], flat[1::2], strict=True))
+            stream_namespaces = {
+                (key[6:] if key.startswith("xmlns:") else ""): value
+                for key, value in attrs.items()
+                if key == "xmlns" or key.startswith("xmlns:")
+            }
+            self.namespaces = stream_namespaces
+            namespace, local = resolve(name, flat)
             if namespace != STREAM_NS or local != "stream":
                 raise FramingError("invalid-namespace", "not an XMPP stream header")
-            start = self._parser.CurrentByteIndex
-            end = self._tag_end(start)
-            self._stream_namespaces = dict(self._pending_namespaces)
-            self._pending_namespaces.clear()
-            self._frames.append(
-                StreamOpen(
-                    self._slice(self._consumed, end), _attributes(attrs), self._stream_namespaces
-                )
+            end = tag_end(start)
+            plain = {k: v for k, v in attrs.items() if k != "xmlns" and not k.startswith("xmlns:")}
+            frames.append(
+                StreamOpen(bytes(buffer[consumed - base : end - base]), plain, stream_namespaces)
             )
-            self._consumed = end
+            consumed = end
             self.opened = True
-        elif depth == 1:
-            start = self._parser.CurrentByteIndex
-            self._gap(start)
-            self._element_start = start
-            self._element_name = name
-            self._element_attrs = attrs
-            self._pending_namespaces.clear()
-        elif depth > self._limits.max_depth:
-            raise FramingError("policy-violation", f"nesting deeper than {self._limits.max_depth}")
 
-    def _element_end(self, start: int, end_event_index: int) -> int:
-        start_tag_end = self._tag_end(start)
-        if self._buffer[start_tag_end - 2 - self._base] == ord("/"):
-            return start_tag_end  # <x/>: expat reports the end event past the tag
-        return self._buffer.index(b">", end_event_index - self._base) + 1 + self._base
-
-    def _on_end(self, name: str) -> None:
-        self._depth -= 1
-        depth = self._depth
-        if depth == 1:
-            start = self._element_start
-            end = self._element_end(start, self._parser.CurrentByteIndex)
-            namespace, local = _split(name)
-            self._frames.append(
-                Element(
-                    self._slice(start, end),
-                    namespace,
-                    local,
-                    _attributes(self._element_attrs),
-                    self._stream_namespaces,
+        def on_end(name: str) -> None:
+            nonlocal depth, consumed
+            depth -= 1
+            if depth > 1:
+                return
+            index = parser.CurrentByteIndex
+            at = index - base
+            if depth == 1:
+                start = element_start
+                # For <x>…</x> expat reports the end at "</x>"; for <x/> just past the tag.
+                # Only when the bytes before the event end in "/>" can the two be confused.
+                end = -1
+                if buffer[at - 2 : at] == b"/>":
+                    start_tag_end = tag_end(start)
+                    if buffer[start_tag_end - 2 - base] == 0x2F:  # "/"
+                        end = start_tag_end
+                if end < 0:
+                    end = buffer.index(b">", at) + 1 + base
+                namespace, local = resolve(name, element_flat)
+                frames.append(
+                    Element(
+                        bytes(buffer[start - base : end - base]),
+                        namespace,
+                        local,
+                        None,
+                        stream_namespaces,
+                        element_flat,
+                    )
                 )
-            )
-            self._consumed = end
-        elif depth == 0:
-            index = self._parser.CurrentByteIndex
-            self._gap(index)
-            end = self._buffer.index(b">", index - self._base) + 1 + self._base
-            self._frames.append(StreamClose(self._slice(index, end)))
-            self._consumed = end
+                consumed = end
+            else:
+                if index > consumed:
+                    gap(index)
+                end = buffer.index(b">", at) + 1 + base
+                frames.append(StreamClose(bytes(buffer[at : end - base])))
+                consumed = end
 
-    def _refuse_doctype(self, *_: object) -> None:
-        raise FramingError("restricted-xml", "document type declarations are not allowed")
+        def feed(data: bytes) -> list[Frame]:
+            nonlocal fed, base
+            self.bytes_in += len(data)
+            buffer.extend(data)
+            fed += len(data)
+            try:
+                parser.Parse(data, False)
+            except expat.ExpatError as exc:
+                raise FramingError("not-well-formed", expat.errors.messages[exc.code]) from None
+            if fed - consumed > max_pending:
+                raise FramingError("policy-violation", f"stanza larger than {max_pending} bytes")
+            # Keep only what the element still being parsed needs.
+            if consumed > base:
+                del buffer[: consumed - base]
+                base = consumed
+            self.buffered = fed - consumed
+            if not frames:
+                return []
+            done = frames[:]
+            frames.clear()
+            return done
 
-    def _refuse_entity(self, *_: object) -> None:
-        raise FramingError("restricted-xml", "entity declarations are not allowed")
+        parser.StartElementHandler = on_start
+        parser.EndElementHandler = on_end
+        parser.StartDoctypeDeclHandler = _refuse("document type declarations")
+        parser.EntityDeclHandler = _refuse("entity declarations")
+        parser.ProcessingInstructionHandler = _refuse("processing instructions")
+        parser.CommentHandler = _refuse("comments")
+        self._parser = parser
+        self._buffer = buffer
+        self.feed = feed
+        self.namespaces = {}
+        self.buffered = 0
+        """Bytes of an element not yet complete (what a slow client has left hanging)."""
+        self.opened = False
 
-    def _refuse_pi(self, *_: object) -> None:
-        raise FramingError("restricted-xml", "processing instructions are not allowed")
 
-    def _refuse_comment(self, *_: object) -> None:
-        raise FramingError("restricted-xml", "comments are not allowed")
+def _refuse(what: str) -> Callable[..., None]:
+    def refuse(*_: object) -> None:
+        raise FramingError("restricted-xml", f"{what} are not allowed")
+
+    return refuse
 
 
 def stream_error(condition: str, text: str | None = None) -> bytes:
