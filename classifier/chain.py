@@ -6,7 +6,8 @@ Semantics (see DESIGN.md, Verdicts):
 - FLAG and QUARANTINE do not stop the chain: the most severe one seen is kept, and every
   rule's score contribution is summed;
 - after the last rule, optional thresholds on the summed score can raise the action to
-  QUARANTINE or REJECT;
+  QUARANTINE or REJECT; a stanza from a stranger (not in the recipient's roster) is held to
+  the stricter stranger thresholds when the chain has them;
 - a rule that raises (or returns something that is not a `RuleResult`) is counted, logged and
   treated as if it had returned the chain's failure action. The failure action can be FLAG,
   QUARANTINE, REJECT or DROP, never ALLOW: a broken rule must not wave traffic through unseen.
@@ -23,7 +24,7 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -36,6 +37,7 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_FAILURE_ACTION = Action.QUARANTINE
 THRESHOLD_RULE_ID = "score-threshold"
+STRANGER_TEST_ID = "stranger-test"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,8 @@ class RuleChain:
         thresholds: Thresholds | None = None,
         metrics: RuleMetrics | None = None,
         policy_fingerprint: str | None = None,
+        stranger_thresholds: Thresholds | None = None,
+        is_stranger: Callable[[DecisionContext], bool] | None = None,
     ) -> None:
         """Create a chain.
 
@@ -200,6 +204,12 @@ class RuleChain:
                 reloads to keep counters monotonic.
             policy_fingerprint: Stamped on every verdict, so the archive says which policy
                 decided.
+            stranger_thresholds: Score thresholds for stanzas from strangers, used instead
+                of ``thresholds`` when ``is_stranger`` says so.
+            is_stranger: Tells strangers apart (`classifier.trust.TrustResolver.is_stranger`).
+                Asked only when a stranger threshold could change the outcome; if it
+                raises, the stanza is treated as a stranger's (the stricter choice) and the
+                error is counted under ``stranger-test``.
 
         Raises:
             RuleError: if ``failure_action`` is ALLOW or two rules share a rule id.
@@ -217,6 +227,8 @@ class RuleChain:
         self._thresholds = thresholds or Thresholds()
         self._metrics = metrics if metrics is not None else RuleMetrics()
         self._fingerprint = policy_fingerprint
+        self._stranger_thresholds = stranger_thresholds if is_stranger is not None else None
+        self._is_stranger = is_stranger
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -235,8 +247,28 @@ class RuleChain:
         return self._thresholds
 
     @property
+    def stranger_thresholds(self) -> Thresholds | None:
+        return self._stranger_thresholds
+
+    @property
     def metrics(self) -> RuleMetrics:
         return self._metrics
+
+    def _thresholds_for(self, ctx: DecisionContext, score: float) -> tuple[Thresholds, str]:
+        """The thresholds that apply to ``ctx`` and a word for the reason text."""
+        strict = self._stranger_thresholds
+        if strict is None or self._is_stranger is None:
+            return self._thresholds, ""
+        # Only ask when it matters: the stranger test may consult a store.
+        if strict.action_for(score) == self._thresholds.action_for(score):
+            return self._thresholds, ""
+        try:
+            stranger = bool(self._is_stranger(ctx))
+        except Exception as exc:
+            self._metrics.record_error(STRANGER_TEST_ID, exc)
+            _log.warning("the stranger test failed", exc_info=True)
+            stranger = True
+        return (strict, "stranger ") if stranger else (self._thresholds, "")
 
     @property
     def policy_fingerprint(self) -> str | None:
@@ -287,13 +319,14 @@ class RuleChain:
                 return self._verdict(result.action, score, reasons)
             if result.action.severity > action.severity:
                 action = result.action
-        by_score = self._thresholds.action_for(score)
+        thresholds, whose = self._thresholds_for(ctx, score)
+        by_score = thresholds.action_for(score)
         if by_score is not None:
-            threshold = self._thresholds.threshold_of(by_score)
+            threshold = thresholds.threshold_of(by_score)
             reasons.append(
                 Reason(
                     THRESHOLD_RULE_ID,
-                    f"score {score:g} reached the {by_score.value} threshold {threshold:g}",
+                    f"score {score:g} reached the {whose}{by_score.value} threshold {threshold:g}",
                     0.0,
                     by_score,
                 )

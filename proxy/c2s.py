@@ -31,6 +31,7 @@ from proxy.errors import FramingError, StreamClosed, UpstreamError
 from proxy.hook import Decision, DecisionKind, SessionInfo, StanzaHook
 from proxy.sm import DirectionLedger, SmRegistry, SmState
 from proxy.stream import (
+    STREAM_NS,
     Element,
     Frame,
     Framer,
@@ -42,6 +43,8 @@ from proxy.stream import (
 )
 
 log = logging.getLogger(__name__)
+
+CLOSE_GRACE = 2.0  # seconds the server gets to answer a client's </stream:stream>
 
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 SASL2_NS = "urn:xmpp:sasl:2"
@@ -101,6 +104,12 @@ class Leg:
         self.flush()
         if not self.closed:
             await self.writer.drain()
+
+    def abort(self) -> None:
+        """Drop the connection at once: nothing more is sent, not even a closing tag."""
+        self.closed = True
+        self.out.clear()
+        self.writer.transport.abort()
 
     async def close(self) -> None:
         if self.closed:
@@ -170,15 +179,18 @@ class ClientSession:
         self._pending_frames: list[Frame] = []
         self._resuming: SmState | None = None
         self._resume_pending: list[bytes] = []
+        self._enable_pending = False  # the client sent <enable/>, the server has not answered
+        self._client_closed_stream = False  # the client sent </stream:stream>
+        self._connection_lost = False  # the client's TCP connection died without a close
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self) -> None:
         reason = "closed"
         try:
-            if not self.direct_tls:
-                await self._negotiate_tls()
-            await self._open_upstream()
+            # On the STARTTLS port an allowed plaintext session is spliced during negotiation.
+            if self.direct_tls or await self._negotiate_tls():
+                await self._open_upstream()
             await self._relay()
         except StreamClosed as exc:
             reason = exc.condition
@@ -193,6 +205,7 @@ class ClientSession:
             await self._send_client_error(exc.condition, exc.detail)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as exc:
             reason = "connection-timeout" if self._timed_out else "connection-lost"
+            self._connection_lost = not self._timed_out
             log.info(
                 "connection lost",
                 extra={"session": self.info.session_id, "error": type(exc).__name__},
@@ -203,6 +216,12 @@ class ClientSession:
                 "upstream failed", extra={"session": self.info.session_id, "error": str(exc)}
             )
             await self._send_client_error("remote-connection-failed", "")
+        except Exception:
+            # A bug here or in the hook costs this stream only, with an error the client can
+            # see, and is logged with its traceback instead of vanishing with the task.
+            reason = "internal-server-error"
+            log.exception("session failed", extra={"session": self.info.session_id})
+            await self._send_client_error("internal-server-error", "")
         finally:
             metrics.CLOSED.labels(reason).inc()
             await self._shutdown()
@@ -210,9 +229,15 @@ class ClientSession:
     async def _shutdown(self) -> None:
         self._closing = True
         if self.server is not None:
-            if not self.server.closed:
-                self.server.push(b"</stream:stream>")
-            await self.server.close()
+            if self._connection_lost:
+                # The client vanished without closing its stream: the server must see the
+                # same (an abrupt end), or it would end a stream-management session that the
+                # client is about to resume; a </stream:stream> ends it for good.
+                self.server.abort()
+            else:
+                if not self.server.closed and not self._client_closed_stream:
+                    self.server.push(b"</stream:stream>")
+                await self.server.close()
         await self.client.close()
         if self.info.authenticated:
             try:
@@ -289,26 +314,27 @@ class ClientSession:
             raise StreamClosed("host-unknown", "this service does not host that domain")
         self.info.domain = to
 
-    async def _negotiate_tls(self) -> None:
-        await self._read_header()
+    async def _negotiate_tls(self) -> bool:
+        """STARTTLS. True once TLS is up; False when an allowed plaintext session was spliced."""
+        header = await self._read_header()
+        if self.config.allow_plaintext:
+            return not await self._splice_plaintext(header)
         self.client.push(_stream_header(self.info.domain, secrets.token_hex(8)))
         self.client_header_sent = True
-        if self.config.allow_plaintext and self.config.server_tls is None:
-            raise StreamClosed("policy-violation", "no TLS certificate configured")
         self.client.push(
             b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
-            + (b"" if self.config.allow_plaintext else b"<required/>")
-            + b"</starttls></stream:features>"
+            b"<required/></starttls></stream:features>"
         )
         await self.client.drain()
         frames = await self._read_significant()
-        first = frames[0]
+        if not _is_starttls(frames[0]):
+            raise StreamClosed("policy-violation", "TLS is required")
+        await self._start_tls(frames)
+        return True
+
+    async def _start_tls(self, frames: Sequence[Frame]) -> None:
         if len(frames) > 1:
             raise StreamClosed("policy-violation", "data after <starttls/> before TLS")
-        if not (
-            isinstance(first, Element) and first.namespace == TLS_NS and first.name == "starttls"
-        ):
-            raise StreamClosed("policy-violation", "TLS is required")
         if self.config.server_tls is None:
             raise StreamClosed("policy-violation", "TLS is not configured")
         self.client.push(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -318,10 +344,64 @@ class ClientSession:
         self.client_framer.reset()
         self.client_header_sent = False
 
+    async def _splice_plaintext(self, header: StreamOpen) -> bool:
+        """`allow_plaintext`: splice at once; True if the client then stays unencrypted.
+
+        A plaintext client needs the server's features (its SASL mechanisms) on this very
+        stream, so the upstream leg opens now and the client sees the server's features with
+        the proxy's own optional `<starttls/>` in place of the server's. A client that takes
+        it gets TLS from the proxy and, after the handshake, a fresh upstream connection
+        (the server's stream cannot restart on a TLS layer the server never saw).
+        """
+        await self._connect_upstream(header)
+        features = await self._upstream_features()
+        offer = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        self.client.push(
+            _add_feature(rewrite_features(features), offer if self.config.server_tls else b"")
+        )
+        await self.client.drain()
+        frames = await self._read_significant()
+        if not _is_starttls(frames[0]):
+            self._pending_frames = frames
+            return True
+        server = self.server
+        assert server is not None
+        server.push(b"</stream:stream>")
+        await server.close()
+        self.server = self.server_reader = None
+        self.server_framer.reset()
+        await self._start_tls(frames)
+        return False
+
+    async def _upstream_features(self) -> bytes:
+        """Relay the server's stream header to the client; return its features, unsent."""
+        reader = self.server_reader
+        assert reader is not None
+        while True:
+            try:
+                data = await reader.read(self.config.read_size)
+                frames = self.server_framer.feed(data) if data else None
+            except (ConnectionError, OSError) as exc:
+                raise UpstreamError(f"server connection lost: {exc}") from None
+            except FramingError as exc:
+                raise UpstreamError(f"server sent bad XML: {exc}") from None
+            if frames is None:
+                raise UpstreamError("server closed the stream before its features")
+            for frame in frames:
+                if isinstance(frame, StreamOpen):
+                    self.client.push(frame.data)
+                    self.client_header_sent = True
+                elif isinstance(frame, Element):
+                    if frame.namespace == STREAM_NS and frame.name == "features":
+                        return frame.data
+                    raise UpstreamError(f"server sent <{frame.name}/> instead of features")
+
     # -- phase 2: splice ----------------------------------------------------------------
 
     async def _open_upstream(self) -> None:
-        header = await self._read_header()
+        await self._connect_upstream(await self._read_header())
+
+    async def _connect_upstream(self, header: StreamOpen) -> None:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -343,17 +423,21 @@ class ClientSession:
         assert self.server is not None
         to_server = asyncio.create_task(self._pump_from_client())
         to_client = asyncio.create_task(self._pump_from_server())
-        done, pending = await asyncio.wait(
-            {to_server, to_client}, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
+        pumps = (to_server, to_client)
+        try:
+            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            if to_server in done and self._client_closed_stream and not to_client.done():
+                # RFC 6120 §4.4: the client closed its stream; the server answers with what
+                # it still has (XEP-0198's last <a/>) and its own close. Let that through.
+                await asyncio.wait((to_client,), timeout=CLOSE_GRACE)
+        finally:
+            # Also when this session is cancelled (proxy stopping): a pump left running
+            # would outlive the session and fail on the closed connection, unobserved.
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        for task in pumps:
+            if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
 
     async def _pump_from_client(self) -> None:
@@ -370,6 +454,7 @@ class ClientSession:
                     await self._decide(Direction.FROM_CLIENT, batch)
                     batch = []
                 if isinstance(frame, StreamClose):
+                    self._client_closed_stream = True
                     server.push(frame.data)
                     server.flush()
                     return
@@ -553,7 +638,14 @@ class ClientSession:
 
     def _sm_from_client(self, element: Element) -> bytes:
         name, ns, attrs = element.name, element.namespace, element.attrs
-        if name == "a" and self.sm is not None and "h" in attrs:
+        if name == "enable" and self.sm is None:
+            # XEP-0198 §4: the client numbers what it sends, and the server what it receives,
+            # from <enable/> on; the client need not wait for <enabled/> before sending
+            # stanzas (slixmpp sends its presence right after bind). So the client→server
+            # count starts here; the server→client count starts at <enabled/>.
+            self.sm = SmState("")
+            self._enable_pending = True
+        elif name == "a" and self.sm is not None and "h" in attrs:
             h = self.sm.to_client.acknowledge(_parse_h(attrs["h"]))
             return _sm_nonza("a", ns, h=str(h))
         elif name == "resume" and "previd" in attrs and "h" in attrs:
@@ -569,11 +661,17 @@ class ClientSession:
         name, ns, attrs = element.name, element.namespace, element.attrs
         if name == "enabled":
             sm_id = attrs.get("id")
+            counted = self.sm.to_server if self.sm is not None and self._enable_pending else None
+            self._enable_pending = False
             if sm_id:
                 self.sm = self.proxy.sm_registry.create(sm_id)
                 self.info.sm_id = sm_id
             else:
                 self.sm = SmState("")
+            if counted is not None:
+                self.sm.to_server = counted  # counted since the client's <enable/>
+            # Kept with the SM state: a resumption on a new connection has no bind result.
+            self.sm.bound_jid = self.info.bound_jid
         elif name == "a" and self.sm is not None and "h" in attrs:
             h = self.sm.to_server.acknowledge(_parse_h(attrs["h"]))
             return _sm_nonza("a", ns, h=str(h))
@@ -585,17 +683,38 @@ class ClientSession:
                 source_h, _ = state.to_server.restart_at(_parse_h(attrs["h"]))
                 out = _sm_nonza("resumed", ns, previd=attrs.get("previd", ""), h=str(source_h))
                 previous = self.proxy.resumed(self, state.sm_id)
-                if previous is not None and previous.info.bound_jid:
-                    self.info.bound_jid = previous.info.bound_jid
-                    self.proxy.register_bound(self)
                 self.client.push(out)
                 for data in self._resume_pending:
                     self.inject(Direction.TO_CLIENT, data)
                 self._resume_pending = []
+                # The previous connection is usually gone by now (it ended when the client's
+                # TCP connection died), so the JID comes from the SM state, not from it.
+                jid = state.bound_jid or (previous.info.bound_jid if previous else None)
+                if jid:
+                    await self._bound(jid)
                 return b""
         elif name == "failed":
             self._resuming = None
+            if self._enable_pending:  # <enable/> refused: nothing is counted after all
+                self._enable_pending = False
+                self.sm = None
         return element.data
+
+
+def _is_starttls(frame: Frame) -> bool:
+    return isinstance(frame, Element) and frame.namespace == TLS_NS and frame.name == "starttls"
+
+
+def _add_feature(features: bytes, feature: bytes) -> bytes:
+    """Insert `feature` first inside a `<stream:features>` element."""
+    if not feature:
+        return features
+    end = features.index(b">") + 1
+    if features[end - 2 : end] != b"/>":
+        return features[:end] + feature + features[end:]
+    name = re.match(rb"<([^\s/>]+)", features)
+    assert name is not None
+    return features[: end - 2] + b">" + feature + b"</" + name.group(1) + b">"
 
 
 def _parse_h(value: str) -> int:

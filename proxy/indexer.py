@@ -67,8 +67,13 @@ class Indexer:
                 backoff = min(backoff * 2, 30.0)
             if moved == 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), backoff)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that races with
+                # the wake-up (a stanza spooled during shutdown), and stop() then waits forever.
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait((waiter,), timeout=backoff)
+                finally:
+                    waiter.cancel()
 
     async def index_once(self) -> int:
         """Index one batch; return how many entries moved."""

@@ -26,6 +26,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from archive_api.store.records import (
     ArchiveRecord,
+    Attachment,
     Direction,
     EntryOp,
     RecordKind,
@@ -82,6 +83,14 @@ class RosterObserver(Protocol):
     def roster_seen(self, owner: str, event: RosterEvent) -> None: ...
 
 
+class AttachmentSink(Protocol):
+    """Takes attachments of newly archived records for fetching (`proxy.attachments`)."""
+
+    def submit(self, record_id: str, attachment: Attachment) -> bool:
+        """Must never wait: queue or skip."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     local_domains: frozenset[str]
@@ -124,8 +133,15 @@ class Pipeline:
         clock: Clock,
         on_spooled: Callable[[], None] | None = None,
         roster_observer: RosterObserver | None = None,
+        local_domains: Callable[[], frozenset[str]] | None = None,
+        attachments: AttachmentSink | None = None,
     ) -> None:
         self.config = config
+        self.attachments = attachments  # fetches upload-service files of new records
+        # Which domains are local is the policy's to say (its `local_domains`, e.g. the MUC
+        # service, default: the served domains) and changes when the policy is reloaded;
+        # `config.local_domains` (the served domains) is only the fallback.
+        self._local_domains = local_domains
         self.decider = decider
         self.spool = spool
         self.clock = clock
@@ -162,11 +178,24 @@ class Pipeline:
             for plan in plans:
                 for entry in plan.entries:
                     self.recent.add(entry.record_id)
+            # -- attachments: hand the files of newly spooled records to the fetcher --
+            if self.attachments is not None:
+                for plan in plans:
+                    for entry in plan.entries:
+                        if entry.record is not None:
+                            for attachment in entry.record.attachments:
+                                self.attachments.submit(entry.record_id, attachment)
+            # -- end attachments --
             if self.on_spooled is not None:
                 self.on_spooled()
         for plan in plans:
             decisions[plan.index] = plan.decision
         return decisions
+
+    def local_domains(self) -> frozenset[str]:
+        if self._local_domains is not None:
+            return self._local_domains()
+        return self.config.local_domains
 
     async def _spool(self, entries: list[SpoolEntry], plans: list[_Planned]) -> None:
         try:
@@ -305,7 +334,7 @@ class Pipeline:
             sender=event.sender,
             recipient=event.recipient,
             timestamp=now,
-            local_domains=self.config.local_domains,
+            local_domains=self.local_domains(),
             sender_full=event.sender_full or None,
             recipient_full=event.recipient_full or None,
             stanza_type=event.stanza_type,
@@ -338,7 +367,7 @@ class Pipeline:
             sender=sender,
             recipient=event.room,
             timestamp=now,
-            local_domains=self.config.local_domains,
+            local_domains=self.local_domains(),
             room=event.room,
         )
         verdict = self.decider.evaluate(ctx)
@@ -359,7 +388,7 @@ class Pipeline:
             sender=event.sender,
             recipient=event.recipient,
             timestamp=now,
-            local_domains=self.config.local_domains,
+            local_domains=self.local_domains(),
             sender_full=event.sender_full or None,
             recipient_full=event.recipient_full or None,
             stanza_type=event.stanza_type,

@@ -96,6 +96,8 @@ class SmState:
     to_client: DirectionLedger = field(default_factory=DirectionLedger)
     to_server: DirectionLedger = field(default_factory=DirectionLedger)
     last_seen: float = field(default_factory=time.monotonic)
+    # The full JID bound on the stream that enabled SM: a resumed stream has no bind of its own.
+    bound_jid: str | None = None
 
 
 class SmRegistry:

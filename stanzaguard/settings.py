@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -46,7 +47,9 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = Field(
         "production", description="'development' relaxes checks meant for production."
     )
-    domain: list[str] = Field(
+    # NoDecode: the environment gives lists as comma-separated text (docs/configuration.md),
+    # which `_split_domains` splits; without it pydantic-settings insists on JSON there.
+    domain: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="XMPP domains served (the `to` of client streams)."
     )
     upstream: HostPort = Field(
@@ -78,8 +81,20 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1024 * 1024, description="Unindexed spool size at which to fail closed."
     )
     checkpoint_every: int = Field(1000, ge=1, description="Sign the chain head every N entries.")
-    upload_hosts: list[str] = Field(
+    upload_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="HTTP upload (XEP-0363) hosts whose files are fetched."
+    )
+    attachment_max_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="Largest attachment file fetched into the archive."
+    )
+    attachment_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds one attachment download may take in all."
+    )
+    attachment_retries: int = Field(
+        3, ge=0, le=20, description="Retries of a failed attachment download (with backoff)."
+    )
+    attachment_allow_http: bool = Field(
+        False, description="Also fetch plain-http upload URLs (environment=development only)."
     )
     max_stanza_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_depth: int = Field(32, ge=4, le=1024)

@@ -14,7 +14,8 @@ from prometheus_client import start_http_server
 from archive_api.store.sqlite import SqliteStore
 from classifier.clock import Clock
 from classifier.errors import PolicyError
-from classifier.policy import PolicyHolder
+from classifier.policy import ActivePolicy, PolicyHolder
+from proxy.attachments import AttachmentFetcher, FetcherConfig
 from proxy.c2s import C2SProxy, ProxyConfig
 from proxy.hook import StanzaHook
 from proxy.indexer import Indexer
@@ -48,6 +49,10 @@ class DataLayout:
     @property
     def keys(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def attachments(self) -> Path:
+        return self.root / "attachments"
 
     def evidence(self, settings: Settings) -> Path:
         return settings.evidence_dir or self.root / "evidence"
@@ -85,6 +90,23 @@ def build_proxy_config(settings: Settings) -> ProxyConfig:
     )
 
 
+def build_fetcher_config(settings: Settings) -> FetcherConfig | None:
+    """How upload-service attachments are fetched; None when no upload host is configured."""
+    if settings.attachment_allow_http and settings.environment == "production":
+        raise SettingsError("attachment_allow_http: refused outside environment=development")
+    if not settings.upload_hosts:
+        return None
+    return FetcherConfig(
+        directory=DataLayout(settings.data_dir).attachments,
+        upload_hosts=frozenset(settings.upload_hosts),
+        max_bytes=settings.attachment_max_bytes,
+        timeout=settings.attachment_timeout,
+        connect_timeout=min(10.0, settings.attachment_timeout),
+        retries=settings.attachment_retries,
+        allow_http=settings.attachment_allow_http,
+    )
+
+
 async def open_store(settings: Settings) -> SqliteStore:
     layout = DataLayout(settings.data_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -114,9 +136,12 @@ class ArchivingService:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.proxy_config = build_proxy_config(settings)
+        self.fetcher_config = build_fetcher_config(settings)
+        self.attachments: AttachmentFetcher | None = None
         self._hook_override = hook
         self.policy_watcher: PolicyFileWatcher | None = None
         self.bound: list[tuple[str, int]] = []
+        self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -128,6 +153,16 @@ class ArchivingService:
         self.store = await open_store(settings)
         self.spool = await open_spool(settings, self.clock)
         self.indexer = Indexer(self.spool, self.store)
+        # -- attachments: fetch upload-service files of new records in the background --
+        if self.fetcher_config is not None:
+            self.attachments = AttachmentFetcher(
+                self.fetcher_config,
+                spool=self.spool,
+                clock=self.clock,
+                on_spooled=self.indexer.notify,
+            )
+            await self.attachments.start()
+        # -- end attachments --
         self.pipeline = Pipeline(
             PipelineConfig(
                 local_domains=domains,
@@ -138,6 +173,10 @@ class ArchivingService:
             spool=self.spool,
             clock=self.clock,
             on_spooled=self.indexer.notify,
+            # The policy in force says which domains are local (its `local_domains`), not
+            # only the served domains: a MUC service listed there is not federation.
+            local_domains=self._policy_local_domains,
+            attachments=self.attachments,
         )
         if settings.fail_open:
             log.warning("FAIL-OPEN is on: stanzas are delivered even when they cannot be archived")
@@ -156,9 +195,17 @@ class ArchivingService:
             await self.stop()
             raise SettingsError(f"listen: cannot listen: {exc}") from None
 
+    def _policy_local_domains(self) -> frozenset[str]:
+        active = self.policy.current
+        if self._local_cache is None or self._local_cache[0] is not active:
+            self._local_cache = (active, frozenset(active.policy.local_domains))
+        return self._local_cache[1]
+
     async def stop(self) -> None:
         if hasattr(self, "proxy"):
             await self.proxy.stop()
+        if self.attachments is not None:  # before the spool closes: it records results
+            await self.attachments.stop()
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
         if hasattr(self, "indexer"):

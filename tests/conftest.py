@@ -8,9 +8,12 @@ from typing import Any, Protocol
 
 import pytest
 
+from proxy.hook import StanzaHook
+from proxy.sm import SmRegistry
 from tests.support.certs import TlsPair, make_self_signed
 from tests.support.clients import ChatClient
 from tests.support.prosody import DEFAULT_USERS, ProsodyConfig, ProsodyServer, make_prosody
+from tests.support.proxy import RunningProxy, start_proxy
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -108,3 +111,54 @@ async def make_client(prosody: ProsodyServer) -> AsyncIterator[ClientFactory]:
     finally:
         for client in clients:
             await client.disconnect()
+
+
+# -- the inline proxy in front of the ``prosody`` fixture (tests/support/proxy.py) ---------------
+
+
+class ProxyFactory(Protocol):
+    async def __call__(
+        self,
+        hook: StanzaHook | None = None,
+        *,
+        server: ProsodyServer | None = None,
+        sm_registry: SmRegistry | None = None,
+        **config_overrides: Any,
+    ) -> RunningProxy: ...
+
+
+@pytest.fixture
+async def proxy_factory(prosody: ProsodyServer) -> AsyncIterator[ProxyFactory]:
+    """Start in-process ``C2SProxy``s on free loopback ports in front of ``prosody``.
+
+    ``await proxy_factory(hook, auth_timeout=2.0)``: the hook defaults to a fresh
+    ``RecordingHook``; keyword arguments override ``ProxyConfig`` fields; ``server=`` puts the
+    proxy in front of another Prosody. Clients made with ``running.client(...)`` are
+    disconnected and the proxies stopped at teardown.
+    """
+    running: list[RunningProxy] = []
+
+    async def factory(
+        hook: StanzaHook | None = None,
+        *,
+        server: ProsodyServer | None = None,
+        sm_registry: SmRegistry | None = None,
+        **config_overrides: Any,
+    ) -> RunningProxy:
+        started = await start_proxy(
+            server or prosody, hook, sm_registry=sm_registry, **config_overrides
+        )
+        running.append(started)
+        return started
+
+    try:
+        yield factory
+    finally:
+        for started in reversed(running):
+            await started.stop()
+
+
+@pytest.fixture
+async def c2s_proxy(proxy_factory: ProxyFactory) -> RunningProxy:
+    """One proxy with a ``RecordingHook`` (passes everything) in front of ``prosody``."""
+    return await proxy_factory()

@@ -14,8 +14,13 @@ verify itself. What it must guarantee, whatever the backend:
 - The effective status is that of the STATUS entry with the greatest `(at, chain, seq)`
   (entries without `at` first), or the RECORD's own status when there is none; so every
   backend agrees, whatever order chains were indexed in.
+- ATTACHMENT entries record one attempt at fetching an attachment's file (ok or failed);
+  like OBSERVE and STATUS they may arrive before their RECORD. The newest successful one per
+  (record, url), by the same `(at, chain, seq)` order, fills that attachment's `sha256` and
+  `size` (and its `media_type` when the message named none); failed attempts change nothing
+  a reader sees but stay in the chain.
 - The RECORD link's payload is the record's canonical document; `get` returns it with the
-  merged observations and effective status.
+  merged observations, attachment fetches and effective status.
 - Paging cursors are opaque and stable: paging through a result never repeats a record nor
   skips one that existed when the first page was read; records indexed meanwhile may or may
   not appear. For that reason relevance is a function of the query and the document alone
@@ -203,7 +208,8 @@ class ArchiveStore(Protocol):
         Every backend checks at least: each chain is gap-free, every link hashes and links
         to the one before, every checkpoint matches the stored hash at its seq (and its
         signature, when a key is given) and none lies past the end of the chain, and every
-        record's searchable fields and observations match the chain's payloads.
+        record's searchable fields, observations and attachment fetches match the chain's
+        payloads.
         """
         ...
 

@@ -253,6 +253,53 @@ class EntryOp(StrEnum):
     RECORD = "record"  # a new record
     OBSERVE = "observe"  # another observation of an existing record
     STATUS = "status"  # a status change (released, confirmed spam, ...)
+    ATTACHMENT = "attachment"  # the outcome of fetching one of a record's attachments
+
+
+class FetchStatus(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentFetch:
+    """One attempt at fetching an attachment's file (XEP-0363 HTTP upload) into the archive.
+
+    A record is immutable in the hash chain, so what the fetch found is a later entry of its
+    own; readers merge the newest successful fetch into the record's attachment (`sha256`,
+    `size`). A failed attempt carries the error; `attempt` counts from 1 per record and URL.
+    """
+
+    url: str
+    status: FetchStatus
+    attempt: int
+    sha256: str | None = None  # lower-case hex of the stored content (OK only)
+    size: int | None = None  # bytes stored (OK only)
+    media_type: str | None = None  # the Content-Type the upload service answered
+    error: str | None = None  # why it failed (FAILED only)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "status": self.status.value,
+            "attempt": self.attempt,
+            "sha256": self.sha256,
+            "size": self.size,
+            "media_type": self.media_type,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AttachmentFetch:
+        return cls(
+            url=data["url"],
+            status=FetchStatus(data["status"]),
+            attempt=data["attempt"],
+            sha256=data.get("sha256"),
+            size=data.get("size"),
+            media_type=data.get("media_type"),
+            error=data.get("error"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +313,7 @@ class SpoolEntry:
     status: RecordStatus | None = None
     actor: str | None = None
     at: datetime | None = None
+    fetch: AttachmentFetch | None = None  # ATTACHMENT entries only
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"op": self.op.value, "record_id": self.record_id}
@@ -275,6 +323,8 @@ class SpoolEntry:
             data["observation"] = self.observation.to_json()
         if self.status is not None:
             data["status"] = self.status.value
+        if self.fetch is not None:
+            data["fetch"] = self.fetch.to_json()
         if self.actor is not None:
             data["actor"] = self.actor
         if self.at is not None:
@@ -296,6 +346,7 @@ class SpoolEntry:
             status=RecordStatus(data["status"]) if "status" in data else None,
             actor=data.get("actor"),
             at=_parse_dt(data.get("at")),
+            fetch=AttachmentFetch.from_json(data["fetch"]) if "fetch" in data else None,
         )
 
     @classmethod

@@ -18,6 +18,9 @@ Layout and the reasons for it:
   keyed by record_id rather than by the record row, so an OBSERVE or STATUS that arrives
   before its RECORD (another proxy's chain) needs no special case. Duplicate observations
   collapse when a record is read.
+- `attachment_fetches` is the same kind of projection for ATTACHMENT entries (one row per
+  fetch attempt, ok or failed). Reading a record merges the newest successful fetch of each
+  attachment URL into it (sha256, size, and the media type when the message named none).
 - `fts` is an external-content FTS5 table over records(body, subject): the text is stored
   once, snippet() and highlight() still work (they read the content row), and because body
   and subject never change after insert there is nothing to keep in sync with triggers.
@@ -102,8 +105,10 @@ from archive_api.store.query import (
 )
 from archive_api.store.records import (
     ArchiveRecord,
+    Attachment,
     Direction,
     EntryOp,
+    FetchStatus,
     Observation,
     ObservationVia,
     RecordKind,
@@ -115,7 +120,7 @@ from classifier.verdict import Action
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SEQ_BITS: Final = 40
 _SEQ_MASK: Final = (1 << _SEQ_BITS) - 1
@@ -198,6 +203,21 @@ CREATE TABLE statuses (
     seq INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX statuses_record ON statuses (record_id);
+CREATE TABLE attachment_fetches (
+    entry INTEGER PRIMARY KEY,
+    record_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,            -- ok, failed
+    sha256 TEXT,
+    size INTEGER,
+    media_type TEXT,
+    error TEXT,
+    attempt INTEGER NOT NULL,
+    at_us INTEGER,
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL
+) STRICT;
+CREATE INDEX attachment_fetches_record ON attachment_fetches (record_id);
 CREATE TABLE checkpoints (
     chain TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -212,6 +232,27 @@ CREATE VIRTUAL TABLE fts USING fts5 (
 );
 INSERT INTO meta (key, value) VALUES ('max_spill_us', 0);
 """
+
+# Schema upgrades, by the version they start from; each runs in the opening transaction.
+_MIGRATIONS: Final = {
+    1: """
+CREATE TABLE attachment_fetches (
+    entry INTEGER PRIMARY KEY,
+    record_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    sha256 TEXT,
+    size INTEGER,
+    media_type TEXT,
+    error TEXT,
+    attempt INTEGER NOT NULL,
+    at_us INTEGER,
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL
+) STRICT;
+CREATE INDEX attachment_fetches_record ON attachment_fetches (record_id);
+""",
+}
 
 # The columns derived from a record's payload; apply writes them and verify recomputes them
 # from the payload with the same function.
@@ -376,6 +417,42 @@ def _status_row(entry_json: dict[str, Any]) -> tuple[str, int | None]:
     return status, _to_us(datetime.fromisoformat(at)) if at else None
 
 
+_HEX: Final = frozenset("0123456789abcdef")
+_FetchRow = tuple[str, str, str | None, int | None, str | None, str | None, int, int | None]
+
+
+def _fetch_row(entry_json: dict[str, Any]) -> _FetchRow:
+    """(url, status, sha256, size, media_type, error, attempt, at_us) of an ATTACHMENT entry."""
+    fetch = entry_json["fetch"]
+    if not isinstance(fetch, dict):
+        raise ValueError("malformed attachment fetch")
+    url = fetch["url"]
+    if not isinstance(url, str) or not url:
+        raise ValueError("attachment fetch without a url")
+    status = FetchStatus(fetch["status"])
+    attempt, size = fetch["attempt"], fetch.get("size")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise ValueError("attachment fetch attempt must be a positive integer")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise ValueError("attachment size must be a non-negative integer")
+    sha256 = _opt_str(fetch, "sha256")
+    if sha256 is not None and (len(sha256) != 64 or not _HEX.issuperset(sha256)):
+        raise ValueError("attachment sha256 must be 64 lower-case hex digits")
+    if status is FetchStatus.OK and (sha256 is None or size is None):
+        raise ValueError("a successful attachment fetch needs sha256 and size")
+    at = entry_json.get("at")
+    return (
+        url,
+        status.value,
+        sha256,
+        size,
+        _opt_str(fetch, "media_type"),
+        _opt_str(fetch, "error"),
+        attempt,
+        _to_us(datetime.fromisoformat(at)) if at else None,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Parsed:
     """What apply and verify need from one payload."""
@@ -386,6 +463,7 @@ class _Parsed:
     columns: tuple[Any, ...] | None
     observations: tuple[str, ...]
     status: tuple[str, int | None] | None
+    fetch: _FetchRow | None = None
 
 
 def _parse_payload(payload: bytes) -> _Parsed:
@@ -407,6 +485,8 @@ def _parse_payload(payload: bytes) -> _Parsed:
             return _Parsed(op, record_id, rec, columns, observations, None)
         if op is EntryOp.OBSERVE:
             return _Parsed(op, record_id, None, None, (_obs_text(data["observation"]),), None)
+        if op is EntryOp.ATTACHMENT:
+            return _Parsed(op, record_id, None, None, (), None, _fetch_row(data))
         return _Parsed(op, record_id, None, None, (), _status_row(data))
     except (KeyError, TypeError, AttributeError, OverflowError, UnicodeDecodeError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
@@ -706,6 +786,7 @@ class SqliteStore:
         ledger_rows = []
         obs_rows: list[tuple[int, int, str, str]] = []
         status_rows = []
+        fetch_rows = []
         fresh: list[tuple[int, _Parsed]] = []
         for link in links:
             entry = base | link.seq
@@ -720,6 +801,8 @@ class SqliteStore:
             if parsed.status is not None:
                 status, at_us = parsed.status
                 status_rows.append((entry, parsed.record_id, status, at_us, chain, link.seq))
+            if parsed.fetch is not None:
+                fetch_rows.append((entry, parsed.record_id, *parsed.fetch, chain, link.seq))
             if parsed.columns is not None:
                 fresh.append((entry, parsed))
         conn.executemany(
@@ -732,6 +815,12 @@ class SqliteStore:
             "INSERT INTO statuses (entry, record_id, status, at_us, chain, seq) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             status_rows,
+        )
+        conn.executemany(
+            "INSERT INTO attachment_fetches (entry, record_id, url, status, sha256, size, "
+            "media_type, error, attempt, at_us, chain, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            fetch_rows,
         )
         if fresh:
             self._insert_records(conn, fresh)
@@ -801,6 +890,14 @@ class SqliteStore:
             "ORDER BY at_us IS NOT NULL, at_us, chain, seq",
             tuple(record_ids),
         ).fetchall()
+        # The newest successful fetch of each attachment wins, by the same precedence.
+        fetch_rows = conn.execute(
+            f"SELECT record_id, url, sha256, size, media_type FROM attachment_fetches "  # noqa: S608
+            f"WHERE record_id IN ({marks}) AND status = 'ok' "
+            "ORDER BY at_us IS NOT NULL, at_us, chain, seq",
+            tuple(record_ids),
+        ).fetchall()
+        fetched = {(rid, url): (sha, size, media) for rid, url, sha, size, media in fetch_rows}
         try:
             observations: dict[str, list[Observation]] = {}
             for rid, text in obs_rows:
@@ -815,6 +912,7 @@ class SqliteStore:
                     raise ValueError("the stored payload is not a RECORD entry")
                 out[rid] = replace(
                     record,
+                    attachments=_merge_fetches(rid, record.attachments, fetched),
                     observations=tuple(observations.get(rid, ())),
                     status=statuses.get(rid, record.status),
                 )
@@ -1042,16 +1140,39 @@ class SqliteStore:
         chain and (with `public_key`) carries a valid signature. Per entry: the payload is a
         readable spool entry; a RECORD has its records row whose id slot and searchable
         columns equal those derived from the payload (or, for a repeated RECORD, the row of
-        the first one); its observations, an OBSERVE's observation and a STATUS's status are
-        stored exactly as the payload says. Every records, observations and statuses row
-        must be accounted for by an entry. Finally the FTS5 index must match the records'
-        text and SQLite's own page-level quick_check must pass.
+        the first one); its observations, an OBSERVE's observation, a STATUS's status and an
+        ATTACHMENT's fetch result are stored exactly as the payload says. Every records,
+        observations, statuses and attachment_fetches row must be accounted for by an
+        entry. Finally the FTS5 index must match the records' text and SQLite's own
+        page-level quick_check must pass.
         """
         return await self._run(self._verify, public_key)
 
     def _verify(self, public_key: Ed25519PublicKey | None) -> VerifyReport:
         checker = _Verifier(self._conn, public_key)
         return checker.run()
+
+
+def _merge_fetches(
+    record_id: str,
+    attachments: tuple[Attachment, ...],
+    fetched: dict[tuple[str, str], tuple[str, int, str | None]],
+) -> tuple[Attachment, ...]:
+    if not fetched:
+        return attachments
+    merged = []
+    for attachment in attachments:
+        found = fetched.get((record_id, attachment.url))
+        if found is not None:
+            sha256, size, media_type = found
+            attachment = replace(
+                attachment,
+                sha256=sha256,
+                size=size,
+                media_type=attachment.media_type or media_type,
+            )
+        merged.append(attachment)
+    return tuple(merged)
 
 
 def _guard(fn: Callable[..., T], *args: Any) -> T:
@@ -1089,6 +1210,14 @@ def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connecti
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     version = SCHEMA_VERSION
+        if version in _MIGRATIONS:
+            with _transaction(conn):
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                while version in _MIGRATIONS:
+                    for statement in _split_schema(_MIGRATIONS[version]):
+                        conn.execute(statement)
+                    version += 1
+                    conn.execute(f"PRAGMA user_version = {version}")
         if version != SCHEMA_VERSION:
             raise StoreCorrupted(f"{path} has schema version {version}; expected {SCHEMA_VERSION}")
     except sqlite3.Error as exc:
@@ -1361,10 +1490,19 @@ class _Verifier:
                 (low, high),
             )
         }
+        fetches = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                "SELECT entry, record_id, url, status, sha256, size, media_type, error, "
+                "attempt, at_us, chain, seq FROM attachment_fetches WHERE entry BETWEEN ? AND ?",
+                (low, high),
+            )
+        }
         for entry, (seq, item) in parsed.items():
             row = records.pop(entry, None)
             obs_rows = observations.pop(entry, [])
             status_row = statuses.pop(entry, None)
+            fetch_row = fetches.pop(entry, None)
             if item is None:
                 continue
             rid = item.record_id
@@ -1380,6 +1518,9 @@ class _Verifier:
             expected_status = (rid, *item.status, chain, seq) if item.status is not None else None
             if status_row != expected_status:
                 self._problem("stored status change differs from the entry", chain, seq, rid)
+            expected_fetch = (rid, *item.fetch, chain, seq) if item.fetch is not None else None
+            if fetch_row != expected_fetch:
+                self._problem("stored attachment fetch differs from the entry", chain, seq, rid)
         for entry, row in records.items():
             self._problem(
                 "records row refers to a ledger entry that does not exist",
@@ -1400,6 +1541,13 @@ class _Verifier:
                 chain,
                 entry & _SEQ_MASK,
                 status[0],
+            )
+        for entry, fetch in fetches.items():
+            self._problem(
+                "attachment fetch refers to a ledger entry that does not exist",
+                chain,
+                entry & _SEQ_MASK,
+                fetch[0],
             )
 
     def _compare_record(
@@ -1438,7 +1586,7 @@ class _Verifier:
 
     def _orphans(self) -> None:
         """Rows whose entry lies in no known chain (the chunked walk never saw them)."""
-        for table in ("records", "observations", "statuses"):
+        for table in ("records", "observations", "statuses", "attachment_fetches"):
             for entry, rid in self._conn.execute(
                 f"SELECT entry, record_id FROM {table} "  # noqa: S608
                 f"WHERE (entry >> {_SEQ_BITS}) NOT IN (SELECT id FROM chains) LIMIT 100"

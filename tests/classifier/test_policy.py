@@ -127,7 +127,8 @@ ERRORS: list[tuple[str, str | None, str]] = [
         HEAD + "[federaton]\nmode = 'deny'",
         "federaton",
         "unknown top-level key 'federaton' (did you mean 'federation'?); known keys: "
-        "decision, federation, groups, local_domains, version",
+        "barriers, blocklists, decision, duplicates, encryption, federation, groups, "
+        "lexicons, limits, local_domains, model, strangers, version",
     ),
     (HEAD + "rate_limits = {}", "rate_limits", "unknown top-level key 'rate_limits'"),
     (

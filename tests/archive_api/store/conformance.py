@@ -35,13 +35,16 @@ from archive_api.store.query import MAX_QUERY_LENGTH
 from archive_api.store.records import (
     ArchiveRecord,
     Attachment,
+    AttachmentFetch,
     Direction,
     EntryOp,
+    FetchStatus,
     Observation,
     ObservationVia,
     RecordKind,
     RecordStatus,
     SpoolEntry,
+    canonical_json,
 )
 from classifier.verdict import Action, Reason, Verdict
 
@@ -144,6 +147,58 @@ def observe_entry(record_id: str, obs: Observation) -> SpoolEntry:
 
 def status_entry(record_id: str, status: RecordStatus, at: datetime | None = T0) -> SpoolEntry:
     return SpoolEntry(EntryOp.STATUS, record_id, status=status, actor="officer@corp.example", at=at)
+
+
+UPLOAD_URL = "https://upload.corp.example/f/abc/report.pdf"
+SHA_A = "a" * 64
+SHA_B = "0123456789abcdef" * 4
+
+
+def fetch_ok(
+    record_id: str,
+    sha256: str = SHA_A,
+    size: int = 1234,
+    *,
+    url: str = UPLOAD_URL,
+    attempt: int = 1,
+    media_type: str | None = "application/pdf",
+    at: datetime | None = T0,
+) -> SpoolEntry:
+    fetch = AttachmentFetch(url, FetchStatus.OK, attempt, sha256, size, media_type)
+    return SpoolEntry(EntryOp.ATTACHMENT, record_id, at=at, fetch=fetch)
+
+
+def fetch_failed(
+    record_id: str,
+    error: str = "HTTP 503",
+    *,
+    url: str = UPLOAD_URL,
+    attempt: int = 1,
+    at: datetime | None = T0,
+) -> SpoolEntry:
+    fetch = AttachmentFetch(url, FetchStatus.FAILED, attempt, error=error)
+    return SpoolEntry(EntryOp.ATTACHMENT, record_id, at=at, fetch=fetch)
+
+
+def raw_links(*payloads: bytes) -> list[ChainLink]:
+    """Links over payloads as given (for entries the record types cannot express)."""
+    out, head = [], GENESIS
+    for seq, payload in enumerate(payloads, start=1):
+        digest = link_hash(head, seq, payload)
+        out.append(ChainLink(seq, head, digest, payload))
+        head = digest
+    return out
+
+
+def with_upload(record_id: str, *, media_type: str | None = None) -> ArchiveRecord:
+    return record(
+        record_id,
+        body=UPLOAD_URL,
+        attachments=(
+            Attachment(UPLOAD_URL, "upload", media_type=media_type),
+            Attachment("https://elsewhere.example/x.png", "oob"),
+        ),
+    )
 
 
 # --- a corpus that exercises every operator ---------------------------------------------
@@ -604,6 +659,94 @@ class ArchiveStoreConformance:
         await self.ingest(store, early, chain="c")  # indexed last, happened first
         got = await store.get("s1")
         assert got is not None and got.status is RecordStatus.CONFIRMED_SPAM
+
+    # -- attachment fetches --
+
+    async def test_attachment_fetch_fills_sha256_and_size(self, store: ArchiveStore) -> None:
+        rec = with_upload("a1")
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(rec))
+        await self.ingest(store, writer.add(fetch_failed("a1", "timed out", at=T0 + HOUR)))
+        assert await store.get("a1") == rec  # a failure changes nothing a reader sees
+        ok = writer.add(fetch_ok("a1", attempt=2, at=T0 + 2 * HOUR))
+        await self.ingest(store, ok)
+        got = await store.get("a1")
+        assert got is not None
+        upload, other = got.attachments
+        assert (upload.sha256, upload.size, upload.media_type) == (SHA_A, 1234, "application/pdf")
+        assert (upload.url, upload.source) == (UPLOAD_URL, "upload")
+        assert other == rec.attachments[1]  # another URL of the record is untouched
+        assert replace(got, attachments=rec.attachments) == rec
+        (hit,) = (await store.search("has:attachment")).hits
+        assert hit.record == got
+        # Re-applying the batch is a no-op.
+        await self.ingest(store, ok)
+        assert await store.get("a1") == got
+        assert await store.last_seq() == 3
+        report = await store.verify()
+        assert report.ok, report.problems
+        assert report.entries_checked == 3
+
+    async def test_attachment_fetch_keeps_the_stated_media_type(self, store: ArchiveStore) -> None:
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(with_upload("a2", media_type="image/png")))
+        await self.ingest(store, writer.add(fetch_ok("a2", media_type="application/octet-stream")))
+        got = await store.get("a2")
+        assert got is not None and got.attachments[0].media_type == "image/png"
+        assert got.attachments[0].sha256 == SHA_A
+
+    async def test_newest_successful_fetch_wins(self, store: ArchiveStore) -> None:
+        writer = ChainWriter()
+        await self.ingest(store, writer.records(with_upload("a3")))
+        await self.ingest(store, writer.add(fetch_ok("a3", SHA_B, 7, at=T0 + 2 * HOUR)))
+        # Indexed later but happened earlier; then a later failure: neither replaces it.
+        await self.ingest(store, writer.add(fetch_ok("a3", SHA_A, 9, at=T0 + HOUR)))
+        await self.ingest(store, writer.add(fetch_failed("a3", at=T0 + 3 * HOUR)))
+        got = await store.get("a3")
+        assert got is not None and (got.attachments[0].sha256, got.attachments[0].size) == (
+            SHA_B,
+            7,
+        )
+        await self.ingest(store, writer.add(fetch_ok("a3", SHA_A, 9, at=T0 + 4 * HOUR)))
+        got = await store.get("a3")
+        assert got is not None and got.attachments[0].sha256 == SHA_A
+        assert (await store.verify()).ok
+
+    async def test_attachment_fetch_before_its_record(self, store: ArchiveStore) -> None:
+        stray = fetch_ok("a4", url="https://upload.corp.example/not/in/the/record")
+        await self.ingest(store, ChainWriter().add(fetch_ok("a4"), stray), chain="worker")
+        assert await store.get("a4") is None
+        assert await store.count("") == 0
+        await self.ingest(store, ChainWriter().records(with_upload("a4")), chain="proxy")
+        got = await store.get("a4")
+        assert got is not None
+        assert [a.sha256 for a in got.attachments] == [SHA_A, None]
+        assert (await store.verify()).ok
+
+    async def test_malformed_attachment_fetches_are_refused(self, store: ArchiveStore) -> None:
+        def raw_entry(fetch: dict[str, object]) -> bytes:
+            entry = {"op": "attachment", "record_id": "a5", "at": T0.isoformat(), "fetch": fetch}
+            return canonical_json(entry)
+
+        good = fetch_ok("a5").fetch
+        assert good is not None
+        base = good.to_json()
+        bad = [
+            {**base, "sha256": None},  # ok without a digest
+            {**base, "size": None},
+            {**base, "sha256": "A" * 64},  # not lower-case hex
+            {**base, "sha256": "ab"},
+            {**base, "size": -1},
+            {**base, "attempt": 0},
+            {**base, "attempt": True},
+            {**base, "status": "maybe"},
+            {**base, "url": ""},
+            {k: v for k, v in base.items() if k != "url"},
+        ]
+        for fetch in bad:
+            with pytest.raises(InvalidEntry):
+                await self.ingest(store, raw_links(raw_entry(fetch)))
+        assert await store.last_seq() == 0
 
     # -- search --
 

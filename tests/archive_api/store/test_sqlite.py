@@ -18,14 +18,19 @@ from archive_api.store.query import parse_query
 from archive_api.store.records import RecordStatus
 from archive_api.store.sqlite import SqliteStore, _plan
 from tests.archive_api.store.conformance import (
+    SHA_A,
+    SHA_B,
     T0,
     ChainWriter,
     corpus,
+    fetch_failed,
+    fetch_ok,
     observation,
     observe_entry,
     record,
     search_all,
     status_entry,
+    with_upload,
 )
 
 
@@ -120,6 +125,22 @@ async def test_foreign_and_damaged_files_are_refused(tmp_path: Path) -> None:
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(StoreCorrupted, match="schema version 99"):
         await SqliteStore.open(newer)
+
+
+async def test_a_version_1_store_is_upgraded(db_path: Path) -> None:
+    writer = ChainWriter()
+    async with await SqliteStore.open(db_path) as store:
+        await store.apply(writer.records(with_upload("u1")))
+    with raw(db_path) as conn:  # what a store written before attachment fetches looks like
+        conn.execute("DROP TABLE attachment_fetches")
+        conn.execute("PRAGMA user_version = 1")
+    async with await SqliteStore.open(db_path) as store:
+        await store.apply(writer.add(fetch_ok("u1")))
+        got = await store.get("u1")
+        assert got is not None and got.attachments[0].sha256 == SHA_A
+        assert (await store.verify()).ok
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 async def test_unopenable_path_is_unavailable(tmp_path: Path) -> None:
@@ -271,6 +292,40 @@ async def test_forged_rows_are_detected(loaded: SqliteStore, db_path: Path) -> N
         (3, "r03"),
     }
     assert any("unknown chain" in p.problem for p in report.problems)
+
+
+async def test_forged_attachment_fetches_are_detected(store: SqliteStore, db_path: Path) -> None:
+    writer = ChainWriter()
+    await store.apply(writer.records(with_upload("f1"), with_upload("f2")))
+    await store.apply(writer.add(fetch_ok("f1"), fetch_failed("f2"), fetch_ok("f2", SHA_B, 5)))
+    assert (await store.verify()).ok
+    with raw(db_path) as conn:
+        # Swap the stored file's digest, turn a failure into a success, drop a row, add one.
+        conn.execute("UPDATE attachment_fetches SET sha256 = ? WHERE seq = 3", (SHA_B,))
+        conn.execute(
+            "UPDATE attachment_fetches SET status = 'ok', sha256 = ?, size = 1 WHERE seq = 4",
+            (SHA_A,),
+        )
+        conn.execute("DELETE FROM attachment_fetches WHERE seq = 5")
+        conn.execute(
+            "INSERT INTO attachment_fetches VALUES ((1 << 40) | 1, 'f1', 'https://x/', 'ok', "
+            "?, 1, NULL, NULL, 1, NULL, 'spool', 1)",
+            (SHA_A,),
+        )
+        conn.execute(
+            "INSERT INTO attachment_fetches VALUES ((9 << 40) | 1, 'f1', 'https://x/', 'ok', "
+            "?, 1, NULL, NULL, 1, NULL, 'x', 1)",
+            (SHA_A,),
+        )
+    report = await store.verify()
+    assert {(p.seq, p.record_id) for p in report.problems if p.seq} == {
+        (1, "f1"),
+        (3, "f1"),
+        (4, "f2"),
+        (5, "f2"),
+    }
+    assert any("unknown chain" in p.problem for p in report.problems)
+    assert all("attachment" in p.problem or "unknown chain" in p.problem for p in report.problems)
 
 
 async def test_edited_chain_head_is_detected(loaded: SqliteStore, db_path: Path) -> None:

@@ -1,0 +1,336 @@
+"""Issue 3, end to end: every message of a real multi-client conversation is archived once.
+
+A real Prosody, the whole archiving service in front of it, slixmpp clients through the proxy.
+Alice has two resources with carbons on, Bob one, Carol logs in late; they chat, meet in a
+three-occupant room, correct and retract. Afterwards the store must hold each message exactly
+once, with one observation for every place it was delivered: Bob's resource, Alice's second
+resource (carbon), each occupant's reflection, Carol's offline redelivery. Corrections and
+retractions are records of their own, linked to the original, which stays readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from slixmpp.xmlstream import ET
+
+from archive_api.store.records import (
+    ArchiveRecord,
+    Direction,
+    ObservationVia,
+    RecordKind,
+    RecordStatus,
+)
+from classifier.verdict import Action
+from tests.stanzaguard.conftest import (
+    ArchivingFactory,
+    ArchivingProxy,
+    receive,
+    server_archived_bodies,
+    stanza_error,
+)
+from tests.support.clients import ReceivedMessage
+
+ROOM = "desk@conference.localhost"
+TIMEOUT = 10.0
+
+Seen = tuple[str, ObservationVia, Direction]
+
+
+def sightings(record: ArchiveRecord) -> set[Seen]:
+    return {(o.jid, o.via, o.direction) for o in record.observations}
+
+
+def live_from(jid: str) -> Seen:
+    return (jid, ObservationVia.LIVE, Direction.FROM_CLIENT)
+
+
+def to(jid: str, via: ObservationVia = ObservationVia.LIVE) -> Seen:
+    return (jid, via, Direction.TO_CLIENT)
+
+
+async def all_messages(running: ArchivingProxy) -> list[ArchiveRecord]:
+    records: list[ArchiveRecord] = []
+    for query in ("type:chat", "type:groupchat"):
+        page = await running.store.search(query, limit=1000)
+        assert page.next_cursor is None
+        records += [hit.record for hit in page.hits]
+    return records
+
+
+def one(records: list[ArchiveRecord], message_id: str) -> ArchiveRecord:
+    found = [r for r in records if r.message_id == message_id]
+    assert len(found) == 1, f"{message_id}: {len(found)} records: {[r.body for r in found]}"
+    return found[0]
+
+
+async def test_conversation_archived_once_with_every_delivery(archiving: ArchivingProxy) -> None:
+    laptop = archiving.client("alice", resource="laptop", carbons=True, muc=True)
+    phone = archiving.client("alice", resource="phone", carbons=True)
+    bob = archiving.client("bob", resource="desk", muc=True)
+    carol = archiving.client("carol", resource="home", muc=True)
+    await laptop.connect()
+    await phone.connect()
+    await bob.connect()
+    a1, a2, b = laptop.jid, phone.jid, bob.jid
+    assert (a1, a2, b) == ("alice@localhost/laptop", "alice@localhost/phone", "bob@localhost/desk")
+    sent: dict[str, str] = {}  # message id -> body
+
+    # 1. Alice (laptop) to Bob's bare JID: Bob gets it, Alice's phone a sent-carbon.
+    body = "Q3 numbers are in the shared folder"
+    sent[laptop.send_chat("bob@localhost", body)] = body
+    await receive(bob, body)
+    await receive(phone, body, carbon=True)
+
+    # 2. Bob to Alice's laptop: the phone gets a received-carbon.
+    body = "thanks, looking now"
+    sent[bob.send_chat(a1, body)] = body
+    await receive(laptop, body)
+    await receive(phone, body, carbon=True)
+
+    # 3. Bob to Carol while she is offline: Prosody stores it, delivers it when she logs in.
+    body = "call me when you are back"
+    offline_id = bob.send_chat("carol@localhost", body)
+    sent[offline_id] = body
+    for _ in range(200):
+        if any(m.id == offline_id for m in archiving.prosody.offline_messages("carol")):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("Prosody did not store the message for offline Carol")
+    await carol.connect()
+    c = carol.jid
+    redelivered = await receive(carol, body)
+    assert redelivered.delayed, "Carol's copy should be the offline redelivery (with <delay/>)"
+
+    # 4. A three-occupant room; each groupchat message is reflected to every occupant.
+    await laptop.join_room(ROOM, "alice")
+    await bob.join_room(ROOM, "bob")
+    await carol.join_room(ROOM, "carol")
+    groupchat: dict[str, str] = {}
+    for sender, body in (
+        (laptop, "stand-up in five minutes"),
+        (bob, "I will dial in"),
+        (carol, "running late, start without me"),
+    ):
+        groupchat[sender.send_groupchat(ROOM, body)] = body
+        for occupant in (laptop, bob, carol):
+            reflection = await receive(occupant, body)
+            assert reflection.type == "groupchat"
+
+    # 5. A correction (XEP-0308) and a retraction (XEP-0424) of an earlier message.
+    original = "the deal closes on Friday"
+    original_id = laptop.send_chat("bob@localhost", original)
+    sent[original_id] = original
+    await receive(bob, original)
+    await receive(phone, original, carbon=True)
+    corrected = "the deal closes on Monday"
+    replace = ET.Element("{urn:xmpp:message-correct:0}replace", {"id": original_id})
+    correction_id = laptop.send_chat("bob@localhost", corrected, payload=[replace])
+    sent[correction_id] = corrected
+    await receive(bob, corrected)
+    await receive(phone, corrected, carbon=True)
+    retraction_text = "alice retracted a message"
+    retract = ET.Element("{urn:xmpp:message-retract:1}retract", {"id": original_id})
+    fallback = ET.Element("{urn:xmpp:fallback:0}fallback", {"for": "urn:xmpp:message-retract:1"})
+    retraction_id = laptop.send_chat("bob@localhost", retraction_text, payload=[retract, fallback])
+    sent[retraction_id] = retraction_text
+    await receive(bob, retraction_text)
+    await receive(phone, retraction_text, carbon=True)
+
+    # Every copy of every message has been delivered; now index what the proxy spooled.
+    await archiving.drain()
+    records = await all_messages(archiving)
+    bodies = Counter(r.body for r in records)
+    for body in (*sent.values(), *groupchat.values()):
+        assert bodies[body] == 1, f"{body!r} archived {bodies[body]} times"
+    for message_id in (*sent, *groupchat):
+        record = one(records, message_id)
+        assert record.kind is RecordKind.MESSAGE
+        # What `search` returned is what `get` returns.
+        assert await archiving.store.get(record.record_id) == record
+
+    # Chat: the sender's copy, the recipient's, and the carbon to Alice's other resource.
+    ids = list(sent)
+    assert sightings(one(records, ids[0])) == {
+        live_from(a1),
+        to(b),
+        to(a2, ObservationVia.CARBON_SENT),
+    }
+    assert sightings(one(records, ids[1])) == {
+        live_from(b),
+        to(a1),
+        to(a2, ObservationVia.CARBON_RECEIVED),
+    }
+    # Offline redelivery is an observation of the record made when Bob sent it.
+    offline = one(records, offline_id)
+    assert offline.direction is Direction.FROM_CLIENT
+    assert offline.sender_full == b
+    assert sightings(offline) == {live_from(b), to(c, ObservationVia.OFFLINE)}
+
+    # Groupchat: the sender's copy plus one reflection per occupant (the sender included).
+    occupants = (a1, b, c)
+    for (message_id, body), sender in zip(groupchat.items(), occupants, strict=True):
+        record = one(records, message_id)
+        assert (record.room, record.stanza_type, record.body) == (ROOM, "groupchat", body)
+        assert sightings(record) == {
+            live_from(sender),
+            *(to(occupant, ObservationVia.MUC_REFLECTION) for occupant in occupants),
+        }
+
+    # Corrections and retractions: new records linked to the original, which stays readable.
+    delivered = {live_from(a1), to(b), to(a2, ObservationVia.CARBON_SENT)}
+    first = one(records, original_id)
+    correction = one(records, correction_id)
+    retraction = one(records, retraction_id)
+    assert len({first.record_id, correction.record_id, retraction.record_id}) == 3
+    assert (first.body, first.replaces_id, first.retracts_id) == (original, None, None)
+    assert (correction.body, correction.replaces_id) == (corrected, original_id)
+    assert retraction.retracts_id == original_id
+    for record in (first, correction, retraction):
+        assert sightings(record) == delivered
+    kept = await archiving.store.get(first.record_id)
+    assert kept is not None and kept.body == original
+    edited = await archiving.store.search("is:edited", limit=100)
+    assert {h.record.record_id for h in edited.hits} == {first.record_id, correction.record_id}
+    retracted = await archiving.store.search("is:retracted", limit=100)
+    assert {h.record.record_id for h in retracted.hits} == {
+        first.record_id,
+        retraction.record_id,
+    }
+    assert await archiving.store.count('"the deal closes"') == 2
+
+    # Nothing else slipped in as a duplicate: one record per message id.
+    per_id = Counter(r.message_id for r in records if r.message_id in (*sent, *groupchat))
+    assert set(per_id.values()) == {1}
+    assert len(per_id) == len(sent) + len(groupchat)
+    # And the archive proves itself whole.
+    report = await archiving.store.verify()
+    assert report.ok, report.problems
+
+
+# -- policy: a refused message is bounced, archived as rejected, and never reaches the server --
+
+DENY_EVIL = """
+version = 1
+local_domains = ["localhost", "conference.localhost"]
+
+[federation]
+mode = "deny"
+domains = ["evil.example"]
+"""
+
+DENY_OTHER = DENY_EVIL.replace('"evil.example"', '"other.example"')
+
+# Alice's group may talk to partner.example only; everyone else keeps the default (allow all).
+TRADERS_ALLOW_LIST = """
+version = 1
+local_domains = ["localhost", "conference.localhost"]
+
+[groups.traders]
+members = ["alice@localhost"]
+
+[federation.groups.traders]
+mode = "allow"
+domains = ["partner.example"]
+"""
+
+SERVER_NOT_FOUND = "remote-server-not-found"
+
+
+async def wait_for_reloads(running: ArchivingProxy, count: int) -> None:
+    watcher = running.service.policy_watcher
+    assert watcher is not None
+    for _ in range(400):
+        if watcher.reloads >= count:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(
+        f"policy not reloaded (reloads={watcher.reloads}, errors={watcher.errors})"
+    )
+
+
+def errors(messages: list[ReceivedMessage]) -> list[str]:
+    return [m.xml for m in messages if m.type == "error"]
+
+
+async def test_denied_domain_is_bounced_archived_and_never_reaches_the_server(
+    archiving_factory: ArchivingFactory,
+) -> None:
+    running = await archiving_factory(policy=DENY_EVIL)
+    prosody = running.prosody
+    alice = running.client("alice", resource="laptop")
+    bob = running.client("bob", resource="desk")
+    await alice.connect()
+    await bob.connect()
+
+    body = "cheap watches, reply now"
+    message_id = alice.send_chat("mallory@evil.example", body)
+    bounce = await alice.next_message(TIMEOUT, where=lambda m: m.type == "error")
+    assert bounce.id == message_id
+    assert bounce.from_ == "mallory@evil.example"
+    error_type, condition, text = stanza_error(bounce)
+    assert (error_type, condition) == ("modify", "policy-violation")
+    assert "federation with evil.example is not allowed" in text
+    assert "deny-list entry 'evil.example'" in text
+    # Had the proxy forwarded it, Prosody (which has no s2s) would answer with
+    # remote-server-not-found and log the failed connection (the control below shows both).
+    # Local traffic keeps flowing meanwhile.
+    alice.send_chat("bob@localhost", "lunch?")
+    await receive(bob, "lunch?")
+    assert errors(await alice.drain(quiet_for=1.0)) == []
+    assert "evil.example" not in prosody.log_text()
+    assert "lunch?" in server_archived_bodies(prosody, "alice")
+    assert body not in server_archived_bodies(prosody, "alice")
+
+    await running.drain()
+    page = await running.store.search("to:mallory@evil.example", limit=10)
+    assert [h.record.message_id for h in page.hits] == [message_id]
+    rejected = page.hits[0].record
+    assert rejected.body == body
+    assert rejected.verdict.action is Action.REJECT
+    assert rejected.status is RecordStatus.REJECTED
+    assert [r.rule_id for r in rejected.verdict.reasons] == ["federation"]
+    assert sightings(rejected) == {live_from(alice.jid)}
+    assert await running.store.count("verdict:reject") == 1
+
+    # A new policy file is in force without a restart: evil.example is no longer denied,
+    # so the next message goes to Prosody, which cannot reach evil.example and says so.
+    assert running.policy_path is not None
+    running.policy_path.write_text(DENY_OTHER)
+    await wait_for_reloads(running, 1)
+    alice.send_chat("mallory@evil.example", "second try")
+    failed = await alice.next_message(TIMEOUT, where=lambda m: m.type == "error")
+    assert stanza_error(failed)[1] == SERVER_NOT_FOUND
+    for _ in range(200):
+        if "evil.example" in prosody.log_text():
+            break
+        await asyncio.sleep(0.05)
+    assert "failed outgoing connection to evil.example" in prosody.log_text()
+    assert "second try" in server_archived_bodies(prosody, "alice")
+
+    # A per-group allow-list: Alice may only reach partner.example now; the room on the
+    # local MUC service (listed in local_domains) is not federation and keeps working.
+    running.policy_path.write_text(TRADERS_ALLOW_LIST)
+    await wait_for_reloads(running, 2)
+    alice.send_chat("mallory@evil.example", "third try")
+    refused = await alice.next_message(TIMEOUT, where=lambda m: m.type == "error")
+    _, condition, text = stanza_error(refused)
+    assert condition == "policy-violation"
+    assert "for group traders (not on the allow-list)" in text
+    room_alice = running.client("alice", resource="room", muc=True)
+    await room_alice.connect()
+    await room_alice.join_room(ROOM, "alice")
+    room_alice.send_groupchat(ROOM, "allow-list day")
+    got = await room_alice.next_message(TIMEOUT, where=lambda m: m.body == "allow-list day")
+    assert got.type == "groupchat", f"the room message was refused: {got}"
+
+    await running.drain()
+    verdicts = {
+        h.record.body: (h.record.verdict.action, h.record.status)
+        for h in (await running.store.search("from:alice@localhost", limit=100)).hits
+    }
+    assert verdicts["second try"] == (Action.ALLOW, RecordStatus.DELIVERED)
+    assert verdicts["third try"] == (Action.REJECT, RecordStatus.REJECTED)
+    assert verdicts["allow-list day"] == (Action.ALLOW, RecordStatus.DELIVERED)
