@@ -656,6 +656,9 @@ def main() -> int:
                         help="before each round, wait until other processes use fewer cores")
     parser.add_argument("--quiet-timeout", type=float, default=120.0,
                         help="longest wait for a quiet machine per round (0 = do not wait)")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="scheduling priority for this run and everything it starts "
+                        "(e.g. -5 on a shared machine; negative needs root)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -663,6 +666,9 @@ def main() -> int:
     if args.quick:
         args.count, args.repeats, args.warmup, args.latency_slices = 2_000, 1, 500, 1
         args.latency_count, args.connections, args.quiet_timeout = 1_000, 100, 0
+
+    if args.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # Prosody and the proxy inherit it
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * args.connections + 256
@@ -699,6 +705,8 @@ def main() -> int:
         return rc
     info = machine() | {"prosody": str(res.get("prosody_version"))}
     print("\nmachine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    if args.nice:
+        print(f"priority: nice {args.nice} for the harness, Prosody and the proxy")
     print(f"proxy: {args.proxy} ({res.get('proxy_argv')})"
           + (f", asyncio TLS read buffer {args.ssl_buffer_kib} KiB" if args.ssl_buffer_kib else "")
           + f"; code: {res.get('git')}")

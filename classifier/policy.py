@@ -372,7 +372,10 @@ def _choice(value: object, path: str, choices: Iterable[str], note: str = "") ->
     text = _string(value, path)
     if text not in choices:
         quoted = [f"'{c}'" for c in choices]
-        allowed = " or ".join(quoted) if len(quoted) == 2 else "one of " + ", ".join(quoted)
+        if len(quoted) <= 2:
+            allowed = " or ".join(quoted)
+        else:
+            allowed = "one of " + ", ".join(quoted)
         raise _fail(path, f"must be {allowed}, got {_preview(text)}{note}")
     return text
 
@@ -562,7 +565,7 @@ def _directions(table: Mapping[str, object], path: str) -> tuple[Direction, ...]
     if not names:
         raise _fail(key, "must list 'inbound', 'outbound' or both")
     found = {
-        Direction(_choice(name, f"{key}[{i}]", (d.value for d in Direction)))
+        Direction(_choice(name, f"{key}[{i}]", ("inbound", "outbound")))
         for i, name in enumerate(names)
     }
     return tuple(sorted(found))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -370,3 +371,49 @@ def test_federation_only_chain_never_raises(ctx: DecisionContext) -> None:
     assert (verdict.action is Action.REJECT) == bool(
         [d for d in ctx.remote_domains if d != "partner.example"]
     )
+
+
+class TestStrangerThresholds:
+    def chain(self, is_stranger: Any) -> RuleChain:
+        return RuleChain(
+            [fixed("score", score=3.0)],
+            thresholds=Thresholds(5.0, 10.0),
+            stranger_thresholds=Thresholds(2.0, 4.0),
+            is_stranger=is_stranger,
+        )
+
+    def test_strangers_get_the_strict_thresholds(self) -> None:
+        verdict = self.chain(lambda ctx: True).evaluate(make_ctx())
+        assert verdict.action is Action.QUARANTINE
+        assert verdict.reasons[-1].detail == "score 3 reached the stranger quarantine threshold 2"
+        assert self.chain(lambda ctx: False).evaluate(make_ctx()).action is Action.ALLOW
+
+    def test_asked_only_when_it_matters(self) -> None:
+        calls: list[DecisionContext] = []
+
+        def spy(ctx: DecisionContext) -> bool:
+            calls.append(ctx)
+            return True
+
+        chain = RuleChain(
+            [fixed("score", score=0.5)],
+            thresholds=Thresholds(5.0),
+            stranger_thresholds=Thresholds(2.0),
+            is_stranger=spy,
+        )
+        chain.evaluate(make_ctx())
+        assert calls == []
+
+    def test_a_failing_test_means_stranger(self) -> None:
+        def broken(ctx: DecisionContext) -> bool:
+            raise ConnectionError("trust store unreachable")
+
+        chain = self.chain(broken)
+        assert chain.evaluate(make_ctx()).action is Action.QUARANTINE
+        stats = chain.metrics.snapshot().rules["stranger-test"]
+        assert stats.errors_by_type == {"ConnectionError": 1}
+
+    def test_without_a_test_no_stranger_thresholds(self) -> None:
+        chain = RuleChain([fixed("score", score=3.0)], stranger_thresholds=Thresholds(2.0))
+        assert chain.stranger_thresholds is None
+        assert chain.evaluate(make_ctx()).action is Action.ALLOW

@@ -167,13 +167,17 @@ class TestResolver:
     def test_outbound_asks_the_senders_roster(self) -> None:
         store = store_with(RosterItem("partner@remote.example", Subscription.BOTH))
         resolver = TrustResolver(store)
-        out = make_ctx(
-            direction=Direction.OUTBOUND, sender=BOB, recipient="partner@remote.example"
-        )
+        out = make_ctx(direction=Direction.OUTBOUND, sender=BOB, recipient="partner@remote.example")
         assert resolver.known(out) is True
         assert owner_and_contact(out) == (BOB, "partner@remote.example")
         # The remote recipient's roster is never visible, whatever the context says.
-        assert resolver.known(make_ctx(direction=Direction.OUTBOUND, sender=BOB)) is False
+        other = make_ctx(
+            direction=Direction.OUTBOUND,
+            sender=BOB,
+            recipient="other@remote.example",
+            sender_in_recipient_roster=True,
+        )
+        assert resolver.known(other) is False
 
     def test_self_is_known(self) -> None:
         assert TrustResolver().known(make_ctx(sender=BOB, recipient="Bob@corp.example")) is True

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from slixmpp import JID
+from slixmpp.stanza import Presence
 from slixmpp.xmlstream import ET
 
 from archive_api.store.records import (
@@ -67,7 +69,7 @@ def one(records: list[ArchiveRecord], message_id: str) -> ArchiveRecord:
 
 async def test_conversation_archived_once_with_every_delivery(archiving: ArchivingProxy) -> None:
     laptop = archiving.client("alice", resource="laptop", carbons=True, muc=True)
-    phone = archiving.client("alice", resource="phone", carbons=True)
+    phone = archiving.client("alice", resource="phone", carbons=True, plugins=["xep_0313"])
     bob = archiving.client("bob", resource="desk", muc=True)
     carol = archiving.client("carol", resource="home", muc=True)
     await laptop.connect()
@@ -88,6 +90,8 @@ async def test_conversation_archived_once_with_every_delivery(archiving: Archivi
     sent[bob.send_chat(a1, body)] = body
     await receive(laptop, body)
     await receive(phone, body, carbon=True)
+
+    ids = list(sent)
 
     # 3. Bob to Carol while she is offline: Prosody stores it, delivers it when she logs in.
     body = "call me when you are back"
@@ -139,6 +143,12 @@ async def test_conversation_archived_once_with_every_delivery(archiving: Archivi
     await receive(bob, retraction_text)
     await receive(phone, retraction_text, carbon=True)
 
+    # 6. Alice's phone replays her conversation with Bob from the server's archive (MAM).
+    replay = await phone.xmpp.plugin["xep_0313"].retrieve(with_jid=JID("bob@localhost"))
+    replayed = [r["mam_result"]["forwarded"]["stanza"]["id"] for r in replay["mam"]["results"]]
+    with_bob = [ids[0], ids[1], original_id, correction_id, retraction_id]
+    assert sorted(replayed) == sorted(with_bob)
+
     # Every copy of every message has been delivered; now index what the proxy spooled.
     await archiving.drain()
     records = await all_messages(archiving)
@@ -151,17 +161,19 @@ async def test_conversation_archived_once_with_every_delivery(archiving: Archivi
         # What `search` returned is what `get` returns.
         assert await archiving.store.get(record.record_id) == record
 
-    # Chat: the sender's copy, the recipient's, and the carbon to Alice's other resource.
-    ids = list(sent)
+    # Chat: the sender's copy, the recipient's, the carbon to Alice's other resource, and the
+    # MAM replay to that resource.
     assert sightings(one(records, ids[0])) == {
         live_from(a1),
         to(b),
         to(a2, ObservationVia.CARBON_SENT),
+        to(a2, ObservationVia.MAM),
     }
     assert sightings(one(records, ids[1])) == {
         live_from(b),
         to(a1),
         to(a2, ObservationVia.CARBON_RECEIVED),
+        to(a2, ObservationVia.MAM),
     }
     # Offline redelivery is an observation of the record made when Bob sent it.
     offline = one(records, offline_id)
@@ -171,16 +183,21 @@ async def test_conversation_archived_once_with_every_delivery(archiving: Archivi
 
     # Groupchat: the sender's copy plus one reflection per occupant (the sender included).
     occupants = (a1, b, c)
-    for (message_id, body), sender in zip(groupchat.items(), occupants, strict=True):
+    for (message_id, body), author in zip(groupchat.items(), occupants, strict=True):
         record = one(records, message_id)
         assert (record.room, record.stanza_type, record.body) == (ROOM, "groupchat", body)
         assert sightings(record) == {
-            live_from(sender),
+            live_from(author),
             *(to(occupant, ObservationVia.MUC_REFLECTION) for occupant in occupants),
         }
 
     # Corrections and retractions: new records linked to the original, which stays readable.
-    delivered = {live_from(a1), to(b), to(a2, ObservationVia.CARBON_SENT)}
+    delivered = {
+        live_from(a1),
+        to(b),
+        to(a2, ObservationVia.CARBON_SENT),
+        to(a2, ObservationVia.MAM),
+    }
     first = one(records, original_id)
     correction = one(records, correction_id)
     retraction = one(records, retraction_id)
@@ -218,10 +235,10 @@ local_domains = ["localhost", "conference.localhost"]
 
 [federation]
 mode = "deny"
-domains = ["evil.example"]
+domains = ["evil.example", "*.evil.example"]
 """
 
-DENY_OTHER = DENY_EVIL.replace('"evil.example"', '"other.example"')
+DENY_OTHER = DENY_EVIL.replace('"evil.example", "*.evil.example"', '"other.example"')
 
 # Alice's group may talk to partner.example only; everyone else keeps the default (allow all).
 TRADERS_ALLOW_LIST = """
@@ -260,10 +277,12 @@ async def test_denied_domain_is_bounced_archived_and_never_reaches_the_server(
 ) -> None:
     running = await archiving_factory(policy=DENY_EVIL)
     prosody = running.prosody
-    alice = running.client("alice", resource="laptop")
+    alice = running.client("alice", resource="laptop", muc=True)
     bob = running.client("bob", resource="desk")
     await alice.connect()
     await bob.connect()
+    assert running.service.policy_watcher is not None
+    assert running.service.policy_watcher.reloads == 0
 
     body = "cheap watches, reply now"
     message_id = alice.send_chat("mallory@evil.example", body)
@@ -277,6 +296,21 @@ async def test_denied_domain_is_bounced_archived_and_never_reaches_the_server(
     # Had the proxy forwarded it, Prosody (which has no s2s) would answer with
     # remote-server-not-found and log the failed connection (the control below shows both).
     # Local traffic keeps flowing meanwhile.
+    # Joining a room on a denied MUC service is refused the same way.
+    refused_join: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_presence(presence: Presence) -> None:
+        if presence["type"] == "error" and not refused_join.done():
+            refused_join.set_result(str(presence))
+
+    alice.xmpp.add_event_handler("presence", on_presence)
+    alice.send_raw(
+        "<presence to='lounge@conference.evil.example/alice'>"
+        "<x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    )
+    join_error = await asyncio.wait_for(refused_join, TIMEOUT)
+    assert "policy-violation" in join_error
+    assert "federation with conference.evil.example is not allowed" in join_error
     alice.send_chat("bob@localhost", "lunch?")
     await receive(bob, "lunch?")
     assert errors(await alice.drain(quiet_for=1.0)) == []

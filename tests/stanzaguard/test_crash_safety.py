@@ -25,6 +25,7 @@ import pytest
 
 from archive_api.store.records import ArchiveRecord, Direction, ObservationVia
 from archive_api.store.sqlite import SqliteStore
+from stanzaguard import operations
 from tests.conftest import ProsodyFactory
 from tests.stanzaguard.conftest import ArchivingFactory, StanzaguardRun, receive, run_cli
 from tests.support.prosody import ProsodyConfig, ProsodyServer
@@ -89,7 +90,7 @@ async def collect(
 
 async def collect_quietly(receiver: RawXmppClient, quiet_for: float) -> list[str]:
     """Ids of the messages that arrive until none has for ``quiet_for`` seconds."""
-    ids = []
+    ids: list[str] = []
     while True:
         try:
             element = await receiver.next_element(timeout=quiet_for)
@@ -188,16 +189,16 @@ async def test_kill_9_mid_burst_loses_nothing_delivered_and_duplicates_nothing(
     # observation each, made by a process that never saw the original.
     assert len(set(later)) == len(later)
     assert not set(later) & set(got)
-    vias = Counter()
+    vias: Counter[ObservationVia] = Counter()
     for message_id in later:
         assert message_id in by_id, f"{message_id} delivered after the restart but not archived"
-        seen = {
+        via = {
             o.via
             for o in by_id[message_id].observations
             if (o.jid, o.direction) == ("bob@localhost/rx2", Direction.TO_CLIENT)
         }
-        assert len(seen) == 1, (message_id, by_id[message_id].observations)
-        vias.update(seen)
+        assert len(via) == 1, (message_id, by_id[message_id].observations)
+        vias.update(via)
     assert set(vias) <= {ObservationVia.OFFLINE, ObservationVia.LIVE}
     # Nothing the sender never sent, nothing past what it sent.
     assert set(by_id) <= {*sent, "after-restart"}
@@ -287,21 +288,23 @@ async def archive_dir(archiving_factory: ArchivingFactory, tmp_path: Path) -> Pa
         sender.send_chat(recipient.bare_jid, body)
         await receive(recipient, body)
     await running.stop()
+    # The untouched archive verifies (in-process here; the tests below go through the CLI).
+    outcome = await operations.verify(operations.Paths(running.data_dir))
+    assert outcome.ok, (outcome.store.problems, outcome.spool_problems)
+    assert outcome.spool_entries_checked == outcome.store.entries_checked > 8
     return running.data_dir
 
 
-def search_json(data_dir: Path, query: str) -> list[str]:
-    result = run_cli("search", "--data-dir", str(data_dir), "--json", "--limit", "1000", query)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.splitlines()
+async def search(data_dir: Path, query: str) -> list[ArchiveRecord]:
+    page = await operations.search(operations.Paths(data_dir), query, limit=1000)
+    assert page.next_cursor is None
+    return [hit.record for hit in page.hits]
 
 
 @pytest.mark.parametrize("tampering", list(TAMPERINGS))
 async def test_verify_names_the_seq_of_a_tampered_entry(
     archive_dir: Path, tmp_path: Path, tampering: str
 ) -> None:
-    before = run_cli("verify", "--data-dir", str(archive_dir))
-    assert before.returncode == 0, before.stdout + before.stderr
     copy = tmp_path / f"copy-{tampering}"
     shutil.copytree(archive_dir, copy)
     with contextlib.closing(sqlite3.connect(copy / "archive.sqlite3")) as conn, conn:
@@ -316,14 +319,14 @@ async def test_verify_names_the_seq_of_a_tampered_entry(
 async def test_reindex_replace_rebuilds_a_store_that_verifies_and_searches_the_same(
     archive_dir: Path,
 ) -> None:
-    queries = ("quarterly", "type:session")
-    expected = {query: search_json(archive_dir, query) for query in queries}
+    queries = ("quarterly", "type:session", "from:bob@localhost", '"part 3"')
+    expected = {query: await search(archive_dir, query) for query in queries}
     assert len(expected["quarterly"]) == 8
     assert len(expected["type:session"]) == 4  # two logins, two logouts
     # Break the store first (search shows the edited text): the rebuild comes from the spool.
     with contextlib.closing(sqlite3.connect(archive_dir / "archive.sqlite3")) as conn, conn:
         edit_payload_body(conn)
-    assert search_json(archive_dir, "quarterly") != expected["quarterly"]
+    assert await search(archive_dir, "quarterly") != expected["quarterly"]
 
     rebuilt = run_cli("reindex", "--data-dir", str(archive_dir), "--replace")
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
@@ -331,4 +334,9 @@ async def test_reindex_replace_rebuilds_a_store_that_verifies_and_searches_the_s
     verified = run_cli("verify", "--data-dir", str(archive_dir))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     for query in queries:
-        assert search_json(archive_dir, query) == expected[query], query
+        assert await search(archive_dir, query) == expected[query], query
+    # And the command-line search answers from the rebuilt store.
+    found = run_cli("search", "--data-dir", str(archive_dir), "--json", '"part 3"')
+    assert found.returncode == 0, found.stdout + found.stderr
+    (line,) = found.stdout.splitlines()
+    assert json.loads(line)["body"] == "quarterly figures, part 3"
