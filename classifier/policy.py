@@ -372,10 +372,7 @@ def _choice(value: object, path: str, choices: Iterable[str], note: str = "") ->
     text = _string(value, path)
     if text not in choices:
         quoted = [f"'{c}'" for c in choices]
-        if len(quoted) <= 2:
-            allowed = " or ".join(quoted)
-        else:
-            allowed = "one of " + ", ".join(quoted)
+        allowed = " or ".join(quoted) if len(quoted) <= 2 else "one of " + ", ".join(quoted)
         raise _fail(path, f"must be {allowed}, got {_preview(text)}{note}")
     return text
 

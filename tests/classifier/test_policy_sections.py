@@ -475,10 +475,12 @@ class TestHolder:
     def test_replace_model(self) -> None:
         holder = PolicyHolder(parse_policy(HEAD + "[model]\n"))
         assert holder.model is None
-        assert holder.current.chain.rule_ids == ("federation",)
+        before = holder.current
+        assert before.chain.rule_ids == ("federation",)
         previous = holder.replace_model(lambda text: 0.99)
-        assert previous.chain.rule_ids == ("federation",)
-        assert holder.current.chain.rule_ids == ("federation", "text-model")
+        assert previous is before
+        after = holder.current
+        assert after.chain.rule_ids == ("federation", "text-model")
         assert holder.evaluate(ctx()).action is Action.QUARANTINE
         holder.replace_model(None)
         assert holder.evaluate(ctx()).action is Action.ALLOW
