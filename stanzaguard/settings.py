@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     fail_open: bool = Field(
         False, description="Deliver unarchived when the spool is down (unregulated use only)."
     )
+    spool_segment_bytes: int = Field(
+        64 * 1024**2, ge=4096, description="Spool segment size; full segments are sealed."
+    )
     spool_max_bytes: int = Field(
         8 * 1024**3, ge=1024 * 1024, description="Unindexed spool size at which to fail closed."
     )

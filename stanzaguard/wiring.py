@@ -122,6 +122,7 @@ async def open_spool(settings: Settings, clock: Clock) -> Spool:
         signer=signer,
         checkpoint_every=settings.checkpoint_every,
         max_spool_bytes=settings.spool_max_bytes,
+        segment_max_bytes=settings.spool_segment_bytes,
         keep_evidence=settings.keep_evidence,
         evidence_dir=layout.evidence(settings),
     )
