@@ -419,7 +419,33 @@ class BlockList:
 
     def match_domain(self, domain: str) -> ListHit | None:
         """The entry of the domains list covering ``domain``, preferring an exact one."""
-        name = normalise_domain(domain)
+        return self._match_domain(normalise_domain(domain))
+
+    def match_jid(self, jid: str) -> ListHit | None:
+        """The entry of the JID list or of the SHA-256 list matching the bare ``jid``."""
+        bare = normalise_bare(jid)
+        if bare.localpart is None:
+            return None
+        hit = self._match_bare(str(bare))
+        if hit is None and self.has(ListKind.JID_SHA256):
+            hit = self._match_hashes(jid_hashes(jid))
+        return hit
+
+    def match_url(self, url: str) -> ListHit | None:
+        """The URL-host entry covering the host of ``url`` (the host or a parent domain)."""
+        host = url_host(url)
+        return None if host is None else self._match_host(host)
+
+    def has(self, kind: ListKind) -> bool:
+        """Whether the list of ``kind`` has any entry (lets callers skip costly lookups)."""
+        if kind is ListKind.DOMAINS:
+            return bool(self._entries[kind] or self._domain_suffixes)
+        return bool(self._entries[kind])
+
+    # The matchers below take normalised values, so a rule consulting several lists
+    # normalises (and hashes) each value once.
+
+    def _match_domain(self, name: str) -> ListHit | None:
         with self._lock:
             hit = self._hit(ListKind.DOMAINS, name, self._entries[ListKind.DOMAINS].get(name))
             if hit is not None or not self._domain_suffixes:
@@ -433,29 +459,20 @@ class BlockList:
                 start = name.find(".", start + 1)
         return None
 
-    def match_jid(self, jid: str) -> ListHit | None:
-        """The entry of the JID list or of the SHA-256 list matching the bare ``jid``."""
-        bare = normalise_bare(jid)
-        if bare.localpart is None:
-            return None
-        key = str(bare)
+    def _match_bare(self, bare: str) -> ListHit | None:
         with self._lock:
-            hit = self._hit(ListKind.JIDS, key, self._entries[ListKind.JIDS].get(key))
-            if hit is not None or not self._entries[ListKind.JID_SHA256]:
-                return hit
-        for digest in jid_hashes(jid):
-            with self._lock:
-                sources = self._entries[ListKind.JID_SHA256].get(digest)
-                hit = self._hit(ListKind.JID_SHA256, digest, sources)
-            if hit is not None:
-                return hit
+            return self._hit(ListKind.JIDS, bare, self._entries[ListKind.JIDS].get(bare))
+
+    def _match_hashes(self, digests: Iterable[str]) -> ListHit | None:
+        table = self._entries[ListKind.JID_SHA256]
+        with self._lock:
+            for digest in digests:
+                hit = self._hit(ListKind.JID_SHA256, digest, table.get(digest))
+                if hit is not None:
+                    return hit
         return None
 
-    def match_url(self, url: str) -> ListHit | None:
-        """The URL-host entry covering the host of ``url`` (the host or a parent domain)."""
-        host = url_host(url)
-        if host is None:
-            return None
+    def _match_host(self, host: str) -> ListHit | None:
         table = self._entries[ListKind.URL_HOSTS]
         with self._lock:
             if not table:
@@ -559,19 +576,29 @@ class BlocklistRule:
             parties = [ctx.recipient, ctx.room]
         remote = [p for p in dict.fromkeys(parties) if p is not None and ctx.is_remote(p)]
         if remote and not (self._exempt and self._trust.known(ctx) is True):
+            hashed = any(b.has(ListKind.JID_SHA256) for b in self._lists)
             for party in remote:
+                bare = normalise_bare(party)
+                digests = jid_hashes(party) if hashed and bare.localpart is not None else ()
                 for blocklist in self._lists:
-                    by_domain = blocklist.match_domain(normalise_bare(party).domain)
+                    by_domain = blocklist._match_domain(bare.domain)
                     if by_domain is not None:
-                        hits.append((by_domain, normalise_bare(party).domain))
-                    by_jid = blocklist.match_jid(party)
+                        hits.append((by_domain, bare.domain))
+                    if bare.localpart is None:
+                        continue
+                    by_jid = blocklist._match_bare(str(bare))
+                    if by_jid is None and digests:
+                        by_jid = blocklist._match_hashes(digests)
                     if by_jid is not None:
-                        hits.append((by_jid, str(normalise_bare(party))))
-        for url in ctx.urls:
-            for blocklist in self._lists:
-                by_host = blocklist.match_url(url)
-                if by_host is not None:
-                    hits.append((by_host, url_host(url) or by_host.entry))
+                        hits.append((by_jid, str(bare)))
+        if ctx.urls and any(b.has(ListKind.URL_HOSTS) for b in self._lists):
+            for host in dict.fromkeys(url_host(url) for url in ctx.urls):
+                if host is None:
+                    continue
+                for blocklist in self._lists:
+                    by_host = blocklist._match_host(host)
+                    if by_host is not None:
+                        hits.append((by_host, host))
         return hits
 
     def evaluate(self, ctx: DecisionContext) -> RuleResult | None:

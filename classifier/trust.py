@@ -256,6 +256,10 @@ class TrustResolver:
     What the edge put in ``ctx.sender_in_recipient_roster`` wins (it saw this very stanza's
     circumstances); otherwise the store is asked. Never raises for hostile input: a failing
     store is the chain's business (the rule fails, and the chain applies its failure action).
+
+    The answer for the most recent context is remembered (by identity), so the several rules
+    judging one stanza ask the store once and all see the same answer, even if a roster
+    push lands meanwhile. Contexts are built per stanza, so a new stanza asks again.
     """
 
     def __init__(self, store: TrustStore | None = None, *, unknown_is_stranger: bool = False):
@@ -269,6 +273,9 @@ class TrustResolver:
         """
         self._store = store
         self._unknown_is_stranger = unknown_is_stranger
+        # (context, answer); replaced as a whole, so readers on other threads see either the
+        # old pair or the new one.
+        self._last: tuple[DecisionContext, bool | None] | None = None
 
     @property
     def store(self) -> TrustStore | None:
@@ -286,6 +293,14 @@ class TrustResolver:
         """
         if ctx.direction is Direction.INBOUND and ctx.sender_in_recipient_roster is not None:
             return ctx.sender_in_recipient_roster
+        last = self._last
+        if last is not None and last[0] is ctx:
+            return last[1]
+        answer = self._ask(ctx)
+        self._last = (ctx, answer)
+        return answer
+
+    def _ask(self, ctx: DecisionContext) -> bool | None:
         owner, contact = owner_and_contact(ctx)
         if bare_key(owner) == bare_key(contact):
             return True  # notes to self, carbons of one's own messages
