@@ -27,8 +27,11 @@ policy decided a verdict is recorded by `policy_fingerprint`. Every key is check
 keys, at any level, are errors that list the known ones, so a typo never silently disables a
 rule. Parsing is pure; reading the file and watching it for changes is the edge's job.
 
-To add a section later (information barriers, e2ee, lexicons, stranger thresholds, rate
-limits): add a frozen dataclass, a ``_parse_<section>`` function, its key in
+The anti-SPIM and compliance sections (``[strangers]``, ``[blocklists]``, ``[[barriers]]``,
+``[encryption]``, ``[limits]``, ``[duplicates]``, ``[[lexicons]]``, ``[model]``) are optional;
+an absent one adds no rule and no key to the canonical form. docs/policy.md lists every key.
+
+To add a section: add a frozen dataclass, a ``_parse_<section>`` function, its key in
 ``_TOP_LEVEL_KEYS``, its canonical form in `policy_to_dict`, and its rules in `build_chain`.
 """
 

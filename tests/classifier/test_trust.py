@@ -193,6 +193,16 @@ class TestResolver:
         assert resolver.is_stranger(make_ctx(direction=Direction.OUTBOUND)) is False
         assert resolver.is_stranger(make_ctx(kind=StanzaKind.MUC_JOIN)) is False
 
+    def test_one_answer_per_stanza(self) -> None:
+        store = store_with()
+        resolver = TrustResolver(store)
+        first = make_ctx()
+        assert resolver.known(first) is False
+        store.update_roster(BOB, RosterItem("mallory@remote.example", Subscription.BOTH))
+        # The rules judging the same stanza keep seeing one answer; the next stanza asks.
+        assert resolver.known(first) is False
+        assert resolver.known(make_ctx()) is True
+
     def test_unknown_relationship(self) -> None:
         assert TrustResolver().is_stranger(make_ctx()) is False
         assert TrustResolver(unknown_is_stranger=True).is_stranger(make_ctx()) is True
