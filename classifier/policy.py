@@ -28,7 +28,8 @@ keys, at any level, are errors that list the known ones, so a typo never silentl
 rule. Parsing is pure; reading the file and watching it for changes is the edge's job.
 
 The anti-SPIM and compliance sections (``[strangers]``, ``[blocklists]``, ``[[barriers]]``,
-``[encryption]``, ``[limits]``, ``[duplicates]``, ``[[lexicons]]``, ``[model]``) are optional;
+``[encryption]``, ``[limits]``, ``[duplicates]``, ``[[lexicons]]``, ``[model]``,
+``[reputation]``) are optional;
 an absent one adds no rule and no key to the canonical form. docs/policy.md lists every key.
 
 To add a section: add a frozen dataclass, a ``_parse_<section>`` function, its key in
@@ -46,7 +47,7 @@ import threading
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from classifier.barriers import Barrier, BarrierRule
@@ -64,6 +65,7 @@ from classifier.limits import (
     RateLimitRule,
 )
 from classifier.patterns import UserGroup, parse_domain_pattern, parse_member_pattern
+from classifier.reputation import ReputationLedger, ReputationRule
 from classifier.rules import DomainList, FederationMode, FederationRule, Rule
 from classifier.scoring import ModelRule, ModelThresholds, TextScorer
 from classifier.trust import StrangerRule, TrustResolver, TrustStore
@@ -83,6 +85,7 @@ MAX_LIMIT = 10_000_000
 MAX_WINDOW_SECONDS = 7 * 24 * 3600.0
 MAX_REASON_CHARS = 500
 MAX_MODEL_WEIGHT = 1e6
+MAX_HALF_LIFE_HOURS = 365 * 24.0
 DEFAULT_STRANGERS_QUARANTINE_AT = 0.7
 
 
@@ -239,6 +242,17 @@ class ModelPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ReputationPolicy:
+    """How spam reports against a sender count (thresholds in weighted reports; None: off)."""
+
+    points: float = 1.0
+    half_life_hours: float = 72.0
+    flag_at: float | None = 1.0
+    quarantine_at: float | None = 3.0
+    directions: tuple[Direction, ...] = (Direction.INBOUND, Direction.OUTBOUND)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """A validated policy. Build it with `parse_policy` or `policy_from_dict`.
 
@@ -259,6 +273,7 @@ class Policy:
         duplicates: Duplicate-body burst detection.
         lexicons: Review lexicons, sorted by name.
         model: Use of the text model (which the edge passes to `build_chain`).
+        reputation: Use of the reports against senders (the edge passes the ledger).
     """
 
     version: int
@@ -274,6 +289,7 @@ class Policy:
     duplicates: DuplicatesPolicy | None = None
     lexicons: tuple[LexiconPolicy, ...] = ()
     model: ModelPolicy | None = None
+    reputation: ReputationPolicy | None = None
 
     def group(self, name: str) -> GroupPolicy | None:
         """The group called ``name``, if defined."""
@@ -911,6 +927,52 @@ def _parse_model(value: object) -> ModelPolicy:
     )
 
 
+def _parse_reputation(value: object) -> ReputationPolicy:
+    path = "reputation"
+    table = _table(value, path)
+    _check_keys(
+        table, path, ("points", "half_life_hours", "flag_at", "quarantine_at", "directions")
+    )
+    defaults = ReputationPolicy()
+    points = defaults.points
+    if "points" in table:
+        points = _number(table["points"], _sub(path, "points"))
+        if abs(points) > MAX_MODEL_WEIGHT:
+            raise _fail(_sub(path, "points"), f"must be within ±{MAX_MODEL_WEIGHT:g}")
+    half_life = defaults.half_life_hours
+    if "half_life_hours" in table:
+        half_life = _number(table["half_life_hours"], _sub(path, "half_life_hours"))
+        if not 0.0 < half_life <= MAX_HALF_LIFE_HOURS:
+            raise _fail(
+                _sub(path, "half_life_hours"),
+                f"must be above 0 and at most {MAX_HALF_LIFE_HOURS:g}, got {_preview(half_life)}",
+            )
+    found: dict[str, float | None] = {}
+    for key in ("flag_at", "quarantine_at"):
+        if key not in table:
+            found[key] = getattr(defaults, key)
+            continue
+        raw = table[key]
+        if raw is False:
+            found[key] = None
+            continue
+        if raw is True:
+            raise _fail(_sub(path, key), "must be a positive number, or false to switch it off")
+        number = _number(raw, _sub(path, key))
+        if number <= 0.0:
+            raise _fail(_sub(path, key), f"must be above 0, got {_preview(raw)}")
+        found[key] = number
+    flag, quarantine = found["flag_at"], found["quarantine_at"]
+    if flag is not None and quarantine is not None and flag > quarantine:
+        raise _fail(
+            _sub(path, "flag_at"), f"({flag:g}) must not exceed quarantine_at ({quarantine:g})"
+        )
+    directions = defaults.directions
+    if "directions" in table:
+        directions = _directions(table, path)
+    return ReputationPolicy(points, half_life, flag, quarantine, directions)
+
+
 # The known top-level keys; a new section adds its name here and a parser below.
 _TOP_LEVEL_KEYS = (
     "version",
@@ -926,6 +988,7 @@ _TOP_LEVEL_KEYS = (
     "duplicates",
     "lexicons",
     "model",
+    "reputation",
 )
 
 
@@ -973,6 +1036,7 @@ def policy_from_dict(data: Mapping[str, object]) -> Policy:
         duplicates=_parse_duplicates(table["duplicates"]) if "duplicates" in table else None,
         lexicons=_parse_lexicons(table.get("lexicons", [])),
         model=_parse_model(table["model"]) if "model" in table else None,
+        reputation=_parse_reputation(table["reputation"]) if "reputation" in table else None,
     )
 
 
@@ -1069,6 +1133,15 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
         ]
     if policy.model is not None:
         data["model"] = _model_to_dict(policy.model)
+    if policy.reputation is not None:
+        r = policy.reputation
+        data["reputation"] = {
+            "points": r.points,
+            "half_life_hours": r.half_life_hours,
+            "flag_at": False if r.flag_at is None else r.flag_at,
+            "quarantine_at": False if r.quarantine_at is None else r.quarantine_at,
+            "directions": [d.value for d in r.directions],
+        }
     return data
 
 
@@ -1140,13 +1213,14 @@ def build_chain(
     trust: TrustStore | None = None,
     counters: CounterStore | None = None,
     blocklists: BlockList | None = None,
+    reputation: ReputationLedger | None = None,
 ) -> RuleChain:
     """Turn a policy into the rule chain that enforces it.
 
     The rules run cheapest first (DESIGN.md, Verdicts): stranger test, block lists,
     federation, information barriers, encryption, rate and fan-out limits, duplicate
-    bodies, lexicons, the text model; then the score thresholds (the strangers' own for
-    strangers). A section that is absent adds no rule.
+    bodies, the sender's reputation (reports), lexicons, the text model; then the score
+    thresholds (the strangers' own for strangers). A section that is absent adds no rule.
 
     The stateful parts belong to the edge and outlive reloads, so it passes them in (and
     `PolicyHolder` keeps passing the same ones):
@@ -1163,6 +1237,8 @@ def build_chain(
         blocklists: The live block list (RTBLs, list files), consulted besides the
             policy's own entries; the block-list rule exists if this is given or the policy
             has a ``[blocklists]`` section.
+        reputation: Reports against senders; the reputation rule exists if this is given
+            (with the defaults of ``[reputation]`` when the policy has no such section).
 
     Raises:
         RuleError: if a rule refuses its configuration (a validated policy never causes
@@ -1267,6 +1343,18 @@ def build_chain(
                 exempt_contacts=dup.exempt_contacts,
             )
         )
+    if reputation is not None:
+        rep = policy.reputation or ReputationPolicy()
+        rules.append(
+            ReputationRule(
+                reputation,
+                points=rep.points,
+                half_life=timedelta(hours=rep.half_life_hours),
+                flag_at=rep.flag_at,
+                quarantine_at=rep.quarantine_at,
+                directions=rep.directions,
+            )
+        )
     rules.extend(LexiconRule(Lexicon.of(lex.name, lex.terms)) for lex in policy.lexicons)
     if model is not None:
         model_policy = policy.model or ModelPolicy()
@@ -1330,6 +1418,7 @@ class PolicyHolder:
         trust: TrustStore | None = None,
         counters: CounterStore | None = None,
         blocklists: BlockList | None = None,
+        reputation: ReputationLedger | None = None,
     ) -> None:
         """Create the holder; see `build_chain` for the stateful parts.
 
@@ -1340,6 +1429,7 @@ class PolicyHolder:
         self._trust = trust
         self._counters = counters if counters is not None else InMemoryCounterStore()
         self._blocklists = blocklists
+        self._reputation = reputation
         self._swap_lock = threading.Lock()
         self._active = self._activate(policy)
 
@@ -1351,6 +1441,7 @@ class PolicyHolder:
             trust=self._trust,
             counters=self._counters,
             blocklists=self._blocklists,
+            reputation=self._reputation,
         )
         fingerprint = chain.policy_fingerprint
         assert fingerprint is not None  # build_chain always stamps one
@@ -1379,6 +1470,10 @@ class PolicyHolder:
     @property
     def model(self) -> TextScorer | None:
         return self._model
+
+    @property
+    def reputation(self) -> ReputationLedger | None:
+        return self._reputation
 
     def replace(self, policy: Policy) -> ActivePolicy:
         """Make ``policy`` current; return the one it replaced."""

@@ -11,6 +11,14 @@ It is the proxy's `StanzaHook`. For each batch of stanzas that arrived together 
 5. only then the decisions are returned: nothing is forwarded before it is durable. If the
    spool cannot be written the batch fails closed (the sender gets `<wait/>`
    `resource-constraint`), unless fail-open is configured.
+
+What the pipeline learns on the way (for the classifier and the review tools):
+- roster results and pushes go to the `RosterObserver` (`proxy.trust` feeds a `TrustStore`);
+- with a `TrustStore`, every incoming stanza's context says whether the recipient knows the
+  sender, and every message a local user sends makes the recipient their correspondent;
+- a spam report (XEP-0377), once durable, goes to the `ReportObserver` with the archived
+  records it reports, found by the XEP-0359 stanza-ids it names or, failing that, as the
+  newest message from the reported JID to the reporter that crossed this proxy.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from archive_api.store.records import (
 from classifier.clock import Clock
 from classifier.context import DecisionContext, StanzaKind
 from classifier.context import Direction as DecisionDirection
+from classifier.trust import TrustStore
 from classifier.verdict import Action, Reason, Verdict
 from proxy.errors import SpoolUnavailable
 from proxy.hook import PASS, Decision, DecisionKind, SessionInfo
@@ -83,6 +92,35 @@ class RosterObserver(Protocol):
     def roster_seen(self, owner: str, event: RosterEvent) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ReportNotice:
+    """One reported JID of a spam report that is now durably archived.
+
+    Attributes:
+        report_record_id: The REPORT record.
+        reporter: Bare JID of the local user who reported.
+        reported: Bare JID of the reported sender.
+        reason: "spam", "abuse", or the reason as sent (None if none).
+        text: The reporter's own words, if any.
+        at: When the proxy saw the report.
+        record_ids: Archived messages the report is about (may be empty).
+    """
+
+    report_record_id: str
+    reporter: str
+    reported: str
+    reason: str | None
+    text: str | None
+    at: datetime
+    record_ids: tuple[str, ...] = ()
+
+
+class ReportObserver(Protocol):
+    def reports_seen(self, notices: Sequence[ReportNotice]) -> None:
+        """Called after the reports are in the spool; must not wait (queue any I/O)."""
+        ...
+
+
 class AttachmentSink(Protocol):
     """Takes attachments of newly archived records for fetching (`proxy.attachments`)."""
 
@@ -105,6 +143,7 @@ class _Planned:
     entries: list[SpoolEntry] = field(default_factory=list)
     decision: Decision = PASS
     fail_closed: Decision | None = None  # what to do instead when the spool is down
+    reports: list[ReportNotice] = field(default_factory=list)
 
 
 class RecentIds:
@@ -123,6 +162,43 @@ class RecentIds:
             self._ids.popitem(last=False)
 
 
+class RecentMessages:
+    """A bounded memory of which record a message delivered to a local user became.
+
+    Keys: ``("sid", archive JID, stanza-id)`` for each XEP-0359 stanza-id the message
+    carried, and ``("last", recipient, sender)`` for the newest message between the two.
+    Spam reports name what they report this way.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._capacity = capacity
+
+    def note(self, event: MessageEvent, record_id: str) -> None:
+        for ref in event.stanza_ids:
+            self._put(("sid", ref.by.lower(), ref.id), record_id)
+        self._put(("last", event.recipient.lower(), event.sender.lower()), record_id)
+
+    def _put(self, key: tuple[str, str, str], record_id: str) -> None:
+        self._keys[key] = record_id
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._capacity:
+            self._keys.popitem(last=False)
+
+    def find(self, owner: str, sender: str, stanza_ids: Sequence[tuple[str, str]]) -> list[str]:
+        """Records for ``(stanza id, by)`` pairs; else the newest from sender to owner."""
+        found: list[str] = []
+        for ident, by in stanza_ids:
+            record_id = self._keys.get(("sid", by.lower(), ident))
+            if record_id is not None and record_id not in found:
+                found.append(record_id)
+        if not found:
+            last = self._keys.get(("last", owner.lower(), sender.lower()))
+            if last is not None:
+                found.append(last)
+        return found
+
+
 class Pipeline:
     def __init__(
         self,
@@ -135,6 +211,8 @@ class Pipeline:
         roster_observer: RosterObserver | None = None,
         local_domains: Callable[[], frozenset[str]] | None = None,
         attachments: AttachmentSink | None = None,
+        trust: TrustStore | None = None,
+        report_observer: ReportObserver | None = None,
     ) -> None:
         self.config = config
         self.attachments = attachments  # fetches upload-service files of new records
@@ -148,6 +226,11 @@ class Pipeline:
         self.on_spooled = on_spooled
         self.roster_observer = roster_observer
         self.recent = RecentIds(config.recent_ids)
+        # Who knows whom (rosters, correspondents): asked for every incoming stanza's
+        # context, told about every message a local user sends.
+        self.trust = trust
+        self.report_observer = report_observer
+        self.delivered = RecentMessages(config.recent_ids)
 
     # -- StanzaHook ---------------------------------------------------------------------
 
@@ -188,6 +271,13 @@ class Pipeline:
             # -- end attachments --
             if self.on_spooled is not None:
                 self.on_spooled()
+            # -- reports: durable now, so the learning side may count them --
+            notices = [n for plan in plans if plan.entries for n in plan.reports]
+            if notices and self.report_observer is not None:
+                try:
+                    self.report_observer.reports_seen(notices)
+                except Exception:
+                    log.exception("report observer failed")
         for plan in plans:
             decisions[plan.index] = plan.decision
         return decisions
@@ -264,10 +354,12 @@ class Pipeline:
         if isinstance(event, ReportEvent):
             observation = observation_of(event, session.bound_jid, now)
             records = to_records(event, Verdict(Action.ALLOW), RecordStatus.DELIVERED, observation)
+            fresh = [r for r in records if r.record_id not in self.recent]
             return _Planned(
                 index,
                 [SpoolEntry(EntryOp.RECORD, r.record_id, r) for r in records],
                 fail_closed=_fail_closed(element, session, Direction.FROM_CLIENT),
+                reports=[self._report_notice(event, record, now) for record in fresh],
             )
         if isinstance(event, RosterEvent):
             if self.roster_observer is not None:
@@ -288,6 +380,8 @@ class Pipeline:
         record_id = dedupe_key(event)
         observation = observation_of(event, session.bound_jid, now)
         fail_closed = _fail_closed(element, session, event.leg)
+        if event.direction == Direction.TO_CLIENT and event.stanza_type != "groupchat":
+            self.delivered.note(event, record_id)
         if record_id in self.recent:
             # A copy of a record already decided: one more observation, never a new decision.
             entry = SpoolEntry(EntryOp.OBSERVE, record_id, observation=observation)
@@ -297,10 +391,13 @@ class Pipeline:
             # waited offline, or a forged delay) is still scored so reviewers see it.
             verdict = self._history_verdict(event, now)
             (record,) = to_records(event, verdict, RecordStatus.DELIVERED, observation)
+            self._note_correspondent(event, now)
             return _Planned(
                 index, [SpoolEntry(EntryOp.RECORD, record_id, record)], PASS, fail_closed
             )
         verdict = self.decider.evaluate(self._context(event, now))
+        if verdict.action.delivers:
+            self._note_correspondent(event, now)
         status = _STATUS_OF_ACTION[verdict.action]
         (record,) = to_records(event, verdict, status, observation)
         entry = SpoolEntry(EntryOp.RECORD, record_id, record)
@@ -338,6 +435,7 @@ class Pipeline:
             sender_full=event.sender_full or None,
             recipient_full=event.recipient_full or None,
             stanza_type=event.stanza_type,
+            sender_in_recipient_roster=self._knows(event.leg, event.recipient, event.sender, now),
         )
         verdict = self.decider.evaluate(ctx)
         observation = observation_of(event, session.bound_jid, now)
@@ -382,6 +480,9 @@ class Pipeline:
         urls = tuple(_URL.findall(body)) if body else ()
         urls += tuple(a.url for a in event.attachments if a.url not in urls)
         kind = StanzaKind.MUC_INVITE if event.invitation is not None else StanzaKind.MESSAGE
+        known = None
+        if event.stanza_type != "groupchat" and event.room is None:
+            known = self._knows(event.leg, event.recipient, event.sender, now)
         return DecisionContext(
             kind=kind,
             direction=_decision_direction(event.leg),
@@ -396,6 +497,47 @@ class Pipeline:
             urls=urls,
             encryption=event.encryption,
             room=event.room,
+            sender_in_recipient_roster=known,
+        )
+
+    # -- trust and reports ----------------------------------------------------------------
+
+    def _knows(self, leg: Direction, recipient: str, sender: str, now: datetime) -> bool | None:
+        """For a stanza arriving for a local user: does the recipient know the sender?"""
+        if self.trust is None or leg != Direction.TO_CLIENT or not recipient or not sender:
+            return None
+        if recipient.rpartition("@")[2].lower() not in self.local_domains():
+            return None
+        try:
+            return self.trust.knows(recipient, sender, now)
+        except Exception:
+            log.exception("trust store failed; the relationship counts as unknown")
+            return None
+
+    def _note_correspondent(self, event: MessageEvent, now: datetime) -> None:
+        """A local user wrote to someone: that someone is now their correspondent."""
+        if self.trust is None or event.direction != Direction.FROM_CLIENT:
+            return
+        if event.stanza_type == "groupchat" or event.room is not None or not event.recipient:
+            return
+        try:
+            self.trust.note_correspondent(event.sender, event.recipient, now)
+        except Exception:
+            log.exception("trust store refused a correspondent")
+
+    def _report_notice(
+        self, event: ReportEvent, record: ArchiveRecord, now: datetime
+    ) -> ReportNotice:
+        reported = (record.reported_jid or record.recipient).split("/", 1)[0]
+        ids = [(ref.id, ref.by) for ref in record.stanza_ids]
+        return ReportNotice(
+            report_record_id=record.record_id,
+            reporter=event.reporter,
+            reported=reported,
+            reason=record.report_reason,
+            text=record.report_text,
+            at=now,
+            record_ids=tuple(self.delivered.find(event.reporter, reported, ids)),
         )
 
 

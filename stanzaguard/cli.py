@@ -6,7 +6,7 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -247,6 +247,132 @@ def reindex(
                 old.rename(old.with_name(old.name + ".old"))
         target.rename(paths.store)
         typer.echo(f"replaced {paths.store} (previous kept as .old)")
+
+
+# -- quarantine review and labels (applied by the running service: stanzaguard/quarantine.py) --
+
+quarantine_app = typer.Typer(
+    help="Review quarantined messages: list them, release them, confirm them as spam.",
+    no_args_is_help=True,
+)
+app.add_typer(quarantine_app, name="quarantine")
+
+ActorOption = Annotated[
+    str, typer.Option("--actor", help="Who decides (recorded in the audit trail).")
+]
+WaitOption = Annotated[
+    float,
+    typer.Option("--wait", min=0.0, help="Seconds to wait for the running service to apply it."),
+]
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also released and confirmed-spam messages.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record a line.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Most records to show.")] = 500,
+) -> None:
+    """List held (quarantined) messages, oldest first, with their record ids."""
+    from archive_api.store.errors import StoreError
+    from stanzaguard import operations
+    from stanzaguard.quarantine import held_records
+
+    async def fetch() -> list[Any]:
+        store = await operations.open_existing_store(operations.Paths(data_dir))
+        try:
+            return await held_records(store, limit=limit, include_decided=show_all)
+        finally:
+            await store.close()
+
+    try:
+        records = asyncio.run(fetch())
+    except (StanzaGuardError, StoreError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        for r in records:
+            record = r.to_json()
+            record.pop("raw", None)
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    table = Table("record id", "time (UTC)", "from", "to", "status", "why", "text")
+    for r in records:
+        why = "; ".join(x.detail for x in r.verdict.reasons if x.action == r.verdict.action)
+        table.add_row(
+            r.record_id,
+            r.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.sender_full or r.sender,
+            r.recipient,
+            r.status.value,
+            why,
+            (r.body or "")[:80],
+        )
+    Console(width=200).print(table)
+    Console(stderr=True).print(f"{len(records)} message(s)")
+
+
+def _submit(kind: str, record_id: str, actor: str, data_dir: Path, wait: float) -> None:
+    from stanzaguard.quarantine import RequestKind, RequestQueue, ReviewPaths
+
+    queue = RequestQueue(ReviewPaths.of(data_dir))
+    try:
+        request = queue.submit(RequestKind(kind), record_id, actor)
+    except (StanzaGuardError, OSError) as exc:
+        raise _fail(exc) from None
+    outcome = queue.wait(request.request_id, wait)
+    if outcome is None:
+        typer.echo(
+            f"request {request.request_id} queued: the running service applies it within a "
+            "second (or when it starts, if it is not running)"
+        )
+        raise typer.Exit(3)
+    typer.echo(f"{record_id}: {outcome.detail}")
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    record_id: Annotated[str, typer.Argument(help="The held message's record id.")],
+    actor: ActorOption,
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    wait: WaitOption = 10.0,
+) -> None:
+    """Release a held message: audited, then delivered (now, or at the recipient's login).
+
+    Exits 0 when applied, 1 when refused, 3 when queued but not applied within --wait.
+    """
+    _submit("release", record_id, actor, data_dir, wait)
+
+
+@quarantine_app.command("confirm-spam")
+def quarantine_confirm_spam(
+    record_id: Annotated[str, typer.Argument(help="The held message's record id.")],
+    actor: ActorOption,
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    wait: WaitOption = 10.0,
+) -> None:
+    """Confirm a held message as spam: audited; it is never delivered.
+
+    Exits 0 when applied, 1 when refused, 3 when queued but not applied within --wait.
+    """
+    _submit("confirm-spam", record_id, actor, data_dir, wait)
+
+
+@app.command()
+def label(
+    record_id: Annotated[str, typer.Argument(help="An archived message's record id.")],
+    verdict: Annotated[str, typer.Argument(help="spam or ham.")],
+    actor: ActorOption,
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    wait: WaitOption = 10.0,
+) -> None:
+    """Label an archived message spam or ham: a training example (and reputation, for spam)."""
+    if verdict not in ("spam", "ham"):
+        raise _fail(StanzaGuardError("the label must be 'spam' or 'ham'"))
+    _submit(f"label-{verdict}", record_id, actor, data_dir, wait)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from archive_api.store.sqlite import SqliteStore
 from classifier.clock import Clock
 from classifier.errors import PolicyError
 from classifier.policy import ActivePolicy, PolicyHolder
+from classifier.reputation import ReputationLedger
+from classifier.trust import InMemoryTrustStore
 from proxy.attachments import AttachmentFetcher, FetcherConfig
 from proxy.c2s import C2SProxy, ProxyConfig
 from proxy.hook import StanzaHook
@@ -23,9 +25,12 @@ from proxy.pipeline import Pipeline, PipelineConfig
 from proxy.policy_source import PolicyFileWatcher, load_policy
 from proxy.spool import Spool
 from proxy.stream import FramingLimits
+from proxy.trust import RosterObservers, TrustRosterObserver
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError
 from stanzaguard.keys import load_or_create_signer
+from stanzaguard.learning import Learning
+from stanzaguard.quarantine import DeliveryHook, QuarantineService
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.tls import server_context, upstream_context
 
@@ -53,6 +58,10 @@ class DataLayout:
     @property
     def attachments(self) -> Path:
         return self.root / "attachments"
+
+    @property
+    def examples(self) -> Path:
+        return self.root / "learning" / "examples.jsonl"
 
     def evidence(self, settings: Settings) -> Path:
         return settings.evidence_dir or self.root / "evidence"
@@ -143,12 +152,21 @@ class ArchivingService:
         self.policy_watcher: PolicyFileWatcher | None = None
         self.bound: list[tuple[str, int]] = []
         self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
+        # Learned state the policy's rules consult; it outlives policy reloads.
+        self.trust = InMemoryTrustStore()
+        self.reputation = ReputationLedger()
+        self.learning: Learning | None = None
+        self.quarantine: QuarantineService | None = None
 
     async def start(self) -> None:
         settings = self.settings
         domains = frozenset(settings.domain)
         try:
-            self.policy = PolicyHolder(load_policy(settings.policy, domains))
+            self.policy = PolicyHolder(
+                load_policy(settings.policy, domains),
+                trust=self.trust,
+                reputation=self.reputation,
+            )
         except PolicyError as exc:
             raise SettingsError(f"policy: {exc}") from None
         self.store = await open_store(settings)
@@ -164,6 +182,27 @@ class ArchivingService:
             )
             await self.attachments.start()
         # -- end attachments --
+        # -- review and learning: reports become examples and reputation; held messages are
+        # released (officers, the mailbox in DATA/review, the recipient adding the sender) --
+        self.learning = Learning(
+            DataLayout(settings.data_dir).examples,
+            reputation=self.reputation,
+            store=self.store,
+            indexer=self.indexer,
+            clock=self.clock,
+        )
+        self.learning.start()
+        self.quarantine = QuarantineService(
+            settings.data_dir,
+            spool=self.spool,
+            store=self.store,
+            indexer=self.indexer,
+            clock=self.clock,
+            domains=sorted(domains),
+            learning=self.learning,
+            on_spooled=self.indexer.notify,
+        )
+        # -- end review and learning --
         self.pipeline = Pipeline(
             PipelineConfig(
                 local_domains=domains,
@@ -178,6 +217,11 @@ class ArchivingService:
             # only the served domains: a MUC service listed there is not federation.
             local_domains=self._policy_local_domains,
             attachments=self.attachments,
+            trust=self.trust,
+            roster_observer=RosterObservers(
+                TrustRosterObserver(self.trust).roster_seen, self.quarantine.roster_seen
+            ),
+            report_observer=self.learning,
         )
         if settings.fail_open:
             log.warning("FAIL-OPEN is on: stanzas are delivered even when they cannot be archived")
@@ -185,7 +229,10 @@ class ArchivingService:
         if settings.policy is not None:
             self.policy_watcher = PolicyFileWatcher(settings.policy, self.policy, domains)
             self.policy_watcher.start()
-        self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.pipeline)
+        self.hook = DeliveryHook(self.pipeline, self.quarantine)
+        self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.hook)
+        self.quarantine.attach(self.proxy)
+        await self.quarantine.start()
         listen = split_host_port(settings.listen) if settings.listen else None
         listen_tls = split_host_port(settings.listen_tls) if settings.listen_tls else None
         if self.proxy_config.server_tls is None:
@@ -203,12 +250,16 @@ class ArchivingService:
         return self._local_cache[1]
 
     async def stop(self) -> None:
+        if self.quarantine is not None:  # first: its tasks write into sessions and the spool
+            await self.quarantine.stop()
         if hasattr(self, "proxy"):
             await self.proxy.stop()
         if self.attachments is not None:  # before the spool closes: it records results
             await self.attachments.stop()
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
+        if self.learning is not None:  # before the store closes: it reads reported messages
+            await self.learning.stop()
         if hasattr(self, "indexer"):
             await self.indexer.stop()
             with contextlib.suppress(Exception):

@@ -128,7 +128,7 @@ ERRORS: list[tuple[str, str | None, str]] = [
         "federaton",
         "unknown top-level key 'federaton' (did you mean 'federation'?); known keys: "
         "barriers, blocklists, decision, duplicates, encryption, federation, groups, "
-        "lexicons, limits, local_domains, model, strangers, version",
+        "lexicons, limits, local_domains, model, reputation, strangers, version",
     ),
     (HEAD + "rate_limits = {}", "rate_limits", "unknown top-level key 'rate_limits'"),
     (

@@ -1,0 +1,601 @@
+"""The text model: hashed word and character n-grams, TF-IDF, a linear model, Platt scaling.
+
+Pure: no file or network I/O, and nothing but numpy and the standard library at scoring time
+(scikit-learn is a training dependency only, see ``classifier.train``).
+
+Features. A text is cut to `FeatureConfig.max_chars` characters and split on whitespace. Each
+whitespace-separated word (lowercased on its own) yields three kinds of features, each kind in
+its own *block*:
+
+- ``char``: the character n-grams (``char_ngrams``, default 1-5) of the word padded with one
+  space on each side (scikit-learn's ``char_wb``); 1-grams skip the two padding spaces.
+- ``word``: its tokens (``\\w+`` runs and single punctuation characters). Token n-grams
+  (``word_ngrams``, default 1-2) run across the whole text, joined with one space.
+- ``shape``: ``digits:N`` per run of N digits (N capped at 8), ``caps`` for a word of two or
+  more characters in capitals, ``url`` and ``money`` for words that look like a link or carry
+  a currency sign; plus two per-text features bucketing its length and word count.
+
+Every feature string is hashed (CRC-32 with a per-block seed, then a multiplicative mix) to a
+bucket in ``[0, 2**bits)`` of its block and a sign. Features are grouped per (bucket, sign)
+and counted; a group's value is ``sign * (1 + log count) * idf[bucket]``, where ``idf`` is the
+smoothed inverse document frequency ``log((1 + n) / (1 + df)) + 1`` of the training data.
+Buckets never seen in training have no idf: they are dropped before normalisation, exactly as
+a fitted ``TfidfVectorizer`` ignores words outside its vocabulary. (Keeping them shrank every
+unfamiliar message's score toward "ham" and cost about two points of spam caught.) Each block
+is l2-normalised over its groups and scaled by its block weight. Groups that share a bucket
+add up, so the model sees one value per bucket: ``decision = intercept + weights . x``, and
+``P(spam) = 1 / (1 + exp(-(slope * decision + offset)))``.
+
+Scoring is exact (the same floating-point operations as the training vectoriser's sparse
+matrix fed to scikit-learn, up to the order of additions) and fast: the features of each
+distinct word are computed once and kept in a bounded per-model cache, so scoring a message
+is a few dictionary look-ups plus about twenty numpy operations on a few hundred integers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from classifier.errors import ClassifierError
+
+FORMAT_NAME: Final = "stanzaguard-text-model"
+FORMAT_VERSION: Final = 1
+HASH_NAME: Final = "crc32-fib-v1"
+
+#: Bounds a model must respect to be accepted: generous for real models, small enough that
+#: a hostile file cannot make the loader allocate gigabytes.
+MAX_BITS: Final = 24
+MIN_BITS: Final = 8
+MAX_MAX_CHARS: Final = 1_000_000
+MAX_NGRAM: Final = 8
+MAX_FEATURES: Final = 4_000_000
+
+INT64 = npt.NDArray[np.int64]
+FLOAT64 = npt.NDArray[np.float64]
+
+# \w runs and single punctuation characters: "win £100!" -> ["win", "£", "100", "!"].
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_DIGITS = re.compile(r"\d+")
+_URL = re.compile(r"www\.|https?:|://|\.(?:com|net|org|info|biz|co\.uk|ly)\b")
+_CURRENCY = frozenset("£$€¥₹")
+
+# Odd 32-bit constant (2**32 / golden ratio): multiplying by it spreads every bit of the
+# CRC into the top bits, which become the bucket.
+_FIB32: Final = 0x9E3779B1
+_MASK32: Final = 0xFFFFFFFF
+# Caches are cleared wholesale when full: cheaper per call than LRU bookkeeping, and a
+# refill costs only the first sighting of each word again.
+_WORD_CACHE_MAX: Final = 200_000
+_NGRAM_CACHE_MAX: Final = 200_000
+# Words longer than this are not cached (hostile input must not fill memory).
+_CACHEABLE_WORD_CHARS: Final = 64
+
+
+class ModelError(ClassifierError, ValueError):
+    """A model's arrays or metadata are not valid."""
+
+
+class Block(IntEnum):
+    """The feature blocks; each has its own hash seed, bucket range and normalisation."""
+
+    WORD = 0
+    CHAR = 1
+    SHAPE = 2
+
+
+_SEEDS: Final = {Block.WORD: 0x5747_0001, Block.CHAR: 0x5747_0002, Block.SHAPE: 0x5747_0003}
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureConfig:
+    """How text becomes features; stored in the model's metadata and checked on load.
+
+    Attributes:
+        bits: Buckets per block are ``2**bits``.
+        word_ngrams: Smallest and largest token n-gram.
+        char_ngrams: Smallest and largest character n-gram (within padded words).
+        block_weights: Scale of the word, char and shape blocks after normalisation.
+        sublinear_tf: ``1 + log(count)`` instead of the raw count.
+        max_chars: Only this many leading characters of a text are looked at.
+    """
+
+    bits: int = 20
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] = (1, 5)
+    block_weights: tuple[float, float, float] = (1.0, 1.0, 0.5)
+    sublinear_tf: bool = True
+    max_chars: int = 20_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ModelError(f"features.bits must be an integer in [{MIN_BITS}, {MAX_BITS}]")
+        for name, (low, high) in (("word_ngrams", self.word_ngrams), ("char_ngrams", self.char_ngrams)):
+            if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= MAX_NGRAM):
+                raise ModelError(f"features.{name} must be [low, high] with 1 <= low <= high <= {MAX_NGRAM}")
+        if len(self.block_weights) != len(Block) or not all(
+            isinstance(w, float) and math.isfinite(w) and 0.0 <= w <= 1e3 for w in self.block_weights
+        ):
+            raise ModelError(f"features.block_weights must be {len(Block)} numbers in [0, 1000]")
+        if not isinstance(self.max_chars, int) or not 1 <= self.max_chars <= MAX_MAX_CHARS:
+            raise ModelError(f"features.max_chars must be an integer in [1, {MAX_MAX_CHARS}]")
+        if not isinstance(self.sublinear_tf, bool):
+            raise ModelError("features.sublinear_tf must be true or false")
+
+    @property
+    def n_buckets(self) -> int:
+        """Buckets over all blocks."""
+        return len(Block) << self.bits
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hash"] = HASH_NAME
+        data["word_ngrams"] = list(self.word_ngrams)
+        data["char_ngrams"] = list(self.char_ngrams)
+        data["block_weights"] = list(self.block_weights)
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> FeatureConfig:
+        if not isinstance(data, Mapping):
+            raise ModelError("metadata 'features' must be an object")
+        if data.get("hash") != HASH_NAME:
+            raise ModelError(f"unsupported feature hash {data.get('hash')!r}; expected {HASH_NAME!r}")
+        known = {"bits", "word_ngrams", "char_ngrams", "block_weights", "sublinear_tf", "max_chars"}
+        unknown = set(data) - known - {"hash"}
+        if unknown:
+            raise ModelError(f"unknown feature settings: {', '.join(sorted(unknown))}")
+        missing = known - set(data)
+        if missing:
+            raise ModelError(f"missing feature settings: {', '.join(sorted(missing))}")
+        try:
+            return cls(
+                bits=_json_int(data["bits"], "bits"),
+                word_ngrams=_pair(data["word_ngrams"], "word_ngrams"),
+                char_ngrams=_pair(data["char_ngrams"], "char_ngrams"),
+                block_weights=_weights(data["block_weights"]),
+                sublinear_tf=data["sublinear_tf"],
+                max_chars=_json_int(data["max_chars"], "max_chars"),
+            )
+        except TypeError as exc:
+            raise ModelError(f"invalid feature settings: {exc}") from None
+
+
+def _json_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelError(f"features.{name} must be an integer")
+    return value
+
+
+def _pair(value: object, name: str) -> tuple[int, int]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ModelError(f"features.{name} must be a list of two integers")
+    return (_json_int(value[0], name), _json_int(value[1], name))
+
+
+def _weights(value: object) -> tuple[float, float, float]:
+    if not isinstance(value, list | tuple) or len(value) != len(Block):
+        raise ModelError(f"features.block_weights must be a list of {len(Block)} numbers")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise ModelError("features.block_weights must hold numbers")
+        out.append(float(item))
+    return (out[0], out[1], out[2])
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Probability thresholds chosen during training (see ``classifier.train``).
+
+    ``block``: the operating point for stopping a message (kept blocked ham at the target rate
+    on held-out data); ``flag``: a looser point for queueing messages for review.
+    """
+
+    block: float
+    flag: float
+
+    def __post_init__(self) -> None:
+        for name in ("block", "flag"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, float) or not 0.0 <= value <= 1.0:
+                raise ModelError(f"thresholds.{name} must be a number in [0, 1]")
+        if self.flag > self.block:
+            raise ModelError("thresholds.flag must not exceed thresholds.block")
+
+    def to_json(self) -> dict[str, float]:
+        return {"block": self.block, "flag": self.flag}
+
+    @classmethod
+    def from_json(cls, data: object) -> Thresholds:
+        if not isinstance(data, Mapping) or set(data) != {"block", "flag"}:
+            raise ModelError("metadata 'thresholds' must be an object with 'block' and 'flag'")
+        values = []
+        for name in ("block", "flag"):
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ModelError(f"thresholds.{name} must be a number in [0, 1]")
+            values.append(float(value))
+        return cls(block=values[0], flag=values[1])
+
+
+# --- hashing ------------------------------------------------------------------------------
+
+
+class Featurizer:
+    """Turns text into hashed feature codes, ``bucket * 2 + sign_bit`` (global buckets).
+
+    This is the one definition of the features: training builds its matrix from
+    `occurrences`, and `TextModel` reuses `word_codes` and `ngram_code` for its cached path.
+    """
+
+    def __init__(self, config: FeatureConfig) -> None:
+        self.config = config
+        bits = config.bits
+        self._bucket_shift = 32 - bits
+        self._sign_shift = 31 - bits
+        self._bucket_mask = (1 << bits) - 1
+        self._bases = {block: int(block) << bits for block in Block}
+        self._word_n = config.word_ngrams
+        self._char_n = config.char_ngrams
+        # The per-text shape features come from a small closed set: hash them once.
+        self._length_codes = [self.ngram_code(Block.SHAPE, f"chars:{i}") for i in range(9)]
+        self._count_codes = [self.ngram_code(Block.SHAPE, f"words:{i}") for i in range(9)]
+
+    def ngram_code(self, block: Block, feature: str) -> int:
+        """The code of one feature string in ``block``."""
+        # surrogatepass: a lone surrogate (valid in a Python str, not in UTF-8) must hash,
+        # not raise.
+        crc = zlib.crc32(feature.encode("utf-8", "surrogatepass"), _SEEDS[block])
+        mixed = (crc * _FIB32) & _MASK32
+        bucket = self._bases[block] | (mixed >> self._bucket_shift)
+        return (bucket << 1) | ((mixed >> self._sign_shift) & 1)
+
+    def word_codes(self, word: str) -> tuple[list[int], list[str]]:
+        """Codes of one whitespace-separated word's own features, and its tokens.
+
+        The token n-grams that span words are not included (see `text_codes`).
+        """
+        lower = word.lower()
+        code = self.ngram_code
+        codes: list[int] = []
+        low, high = self._char_n
+        padded = f" {lower} "
+        size = len(padded)
+        for n in range(low, high + 1):
+            if n == 1:
+                # The padding spaces are not features of their own.
+                codes.extend(code(Block.CHAR, ch) for ch in lower)
+            else:
+                codes.extend(code(Block.CHAR, padded[i : i + n]) for i in range(size - n + 1))
+        tokens = _TOKEN.findall(lower)
+        if self._word_n[0] == 1:
+            codes.extend(code(Block.WORD, token) for token in tokens)
+        codes.extend(code(Block.SHAPE, f"digits:{min(len(run), 8)}") for run in _DIGITS.findall(lower))
+        if len(word) >= 2 and word.isupper():
+            codes.append(code(Block.SHAPE, "caps"))
+        if _URL.search(lower):
+            codes.append(code(Block.SHAPE, "url"))
+        if not _CURRENCY.isdisjoint(lower):
+            codes.append(code(Block.SHAPE, "money"))
+        return codes, tokens
+
+    def text_shape_codes(self, n_chars: int, n_words: int) -> tuple[int, int]:
+        """The two per-text shape features: length in 20s of characters, words in 4s."""
+        return self._length_codes[min(n_chars // 20, 8)], self._count_codes[min(n_words // 4, 8)]
+
+    def token_ngrams(self, tokens: Sequence[str]) -> Iterable[str]:
+        """The token n-grams of length 2 and more (unigrams come with `word_codes`)."""
+        low, high = self._word_n
+        for n in range(max(low, 2), high + 1):
+            for i in range(len(tokens) - n + 1):
+                yield " ".join(tokens[i : i + n])
+
+    def occurrences(self, text: str) -> INT64:
+        """Every feature occurrence of ``text`` as a code, for building the training matrix."""
+        text = text[: self.config.max_chars]
+        words = text.split()
+        codes: list[int] = []
+        tokens: list[str] = []
+        for word in words:
+            word_codes, word_tokens = self.word_codes(word)
+            codes.extend(word_codes)
+            tokens.extend(word_tokens)
+        codes.extend(self.ngram_code(Block.WORD, gram) for gram in self.token_ngrams(tokens))
+        codes.extend(self.text_shape_codes(len(text), len(words)))
+        return np.array(codes, dtype=np.int64)
+
+
+def idf_from_df(df: npt.NDArray[np.integer[Any]], n_docs: int) -> FLOAT64:
+    """Smoothed inverse document frequency, as ``TfidfTransformer(smooth_idf=True)``."""
+    return np.log((1.0 + n_docs) / (1.0 + df.astype(np.float64))) + 1.0
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Word:
+    codes: INT64  # compact codes (slot * 2 + sign bit) of the word's features in seen buckets
+    tokens: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class TextModel:
+    """A trained text model: ``model.score(text)`` (or ``model(text)``) is P(spam).
+
+    Attributes:
+        features: How text becomes features.
+        buckets: Sorted global bucket numbers seen in training (uint32).
+        df: Document frequency of each seen bucket in the training data (uint32).
+        weights: Linear weight of each seen bucket (float32, as shipped).
+        intercept: The linear model's intercept.
+        calibration: ``(slope, offset)`` of the logistic map from decision value to P(spam).
+        n_docs: Number of training documents (for the idf).
+        thresholds: Operating points chosen in training.
+        info: Everything else the metadata says (created, training data, metrics, ...).
+    """
+
+    features: FeatureConfig
+    buckets: npt.NDArray[np.uint32]
+    df: npt.NDArray[np.uint32]
+    weights: npt.NDArray[np.float32]
+    intercept: float
+    calibration: tuple[float, float]
+    n_docs: int
+    thresholds: Thresholds
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        self._featurizer = Featurizer(self.features)
+        idf = idf_from_df(self.df, self.n_docs)
+        w = self.weights.astype(np.float64)
+        n = self.buckets.size
+        # Indexed by compact code (slot * 2 + sign bit), so scoring needs no sign arithmetic.
+        self._idf_by_code = np.repeat(idf, 2)
+        signed = np.empty(2 * n, dtype=np.float64)
+        signed[0::2] = idf * w
+        signed[1::2] = -(idf * w)
+        self._idfw_by_code = signed
+        blocks = (self.buckets.astype(np.int64) >> self.features.bits).astype(np.intp)
+        self._block_by_code = np.repeat(blocks, 2)
+        self._block_weights = self.features.block_weights
+        self._slope, self._offset = self.calibration
+        self._words: dict[str, _Word] = {}
+        self._ngrams: dict[str, int] = {}
+        self._empty = np.empty(0, dtype=np.int64)
+        lengths = [self._compact(c) for c in self._featurizer._length_codes]
+        counts = [self._compact(c) for c in self._featurizer._count_codes]
+        self._length_compact = lengths
+        self._count_compact = counts
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def __call__(self, text: str) -> float:
+        return self.score(text)
+
+    def score(self, text: str) -> float:
+        """P(spam) of ``text``; never raises for any ``str``."""
+        return self._probability(self.decision(text))
+
+    def decision(self, text: str) -> float:
+        """The linear model's decision value (``intercept + weights . x``)."""
+        text = text[: self.features.max_chars]
+        words = text.split()
+        cache = self._words
+        parts: list[INT64] = []
+        tokens: list[str] = []
+        for word in words:
+            entry = cache.get(word)
+            if entry is None:
+                entry = self._word_entry(word)
+            parts.append(entry.codes)
+            tokens.extend(entry.tokens)
+        extra: list[int] = []
+        if self.features.word_ngrams[1] >= 2 and len(tokens) >= 2:
+            ngram_cache = self._ngrams
+            for gram in self._featurizer.token_ngrams(tokens):
+                compact = ngram_cache.get(gram)
+                if compact is None:
+                    compact = self._compact(self._featurizer.ngram_code(Block.WORD, gram))
+                    if len(ngram_cache) >= _NGRAM_CACHE_MAX:
+                        ngram_cache.clear()
+                    ngram_cache[gram] = compact
+                if compact >= 0:
+                    extra.append(compact)
+        length = self._length_compact[min(len(text) // 20, 8)]
+        if length >= 0:
+            extra.append(length)
+        count = self._count_compact[min(len(words) // 4, 8)]
+        if count >= 0:
+            extra.append(count)
+        parts.append(np.array(extra, dtype=np.int64))
+        codes = np.concatenate(parts)
+        return self._decision_from_codes(codes)
+
+    def _decision_from_codes(self, codes: INT64) -> float:
+        if codes.size == 0:
+            return self.intercept
+        codes.sort()
+        # Run lengths of equal codes: the count of each (bucket, sign) group.
+        ends = np.flatnonzero(codes[1:] != codes[:-1])
+        ends = np.append(ends, codes.size - 1)
+        unique = codes[ends]
+        counts = np.diff(ends, prepend=-1)
+        if self.features.sublinear_tf:
+            tf = np.log(counts)
+            tf += 1.0
+        else:
+            tf = counts.astype(np.float64)
+        value = tf * self._idf_by_code[unique]
+        blocks = self._block_by_code[unique]
+        dots = np.bincount(blocks, value * self._idfw_by_code[unique] / self._idf_by_code[unique], minlength=3)
+        norms = np.bincount(blocks, value * value, minlength=3)
+        total = self.intercept
+        for dot, norm2, scale in zip(dots.tolist(), norms.tolist(), self._block_weights, strict=True):
+            if norm2 > 0.0:
+                total += scale * dot / math.sqrt(norm2)
+        return total
+
+    def _probability(self, decision: float) -> float:
+        t = self._slope * decision + self._offset
+        # Two branches so that exp never overflows, whatever the decision value.
+        if t >= 0:
+            return 1.0 / (1.0 + math.exp(-t))
+        e = math.exp(t)
+        return e / (1.0 + e)
+
+    def _compact(self, code: int) -> int:
+        """Global code -> compact code (slot * 2 + sign bit), or -1 for an unseen bucket."""
+        bucket = code >> 1
+        slot = int(np.searchsorted(self.buckets, bucket))
+        if slot < self.buckets.size and int(self.buckets[slot]) == bucket:
+            return (slot << 1) | (code & 1)
+        return -1
+
+    def _word_entry(self, word: str) -> _Word:
+        raw, tokens = self._featurizer.word_codes(word)
+        if raw:
+            codes = np.array(raw, dtype=np.int64)
+            buckets = codes >> 1
+            slots = np.searchsorted(self.buckets, buckets)
+            slots = np.minimum(slots, max(self.buckets.size - 1, 0))
+            seen = self.buckets[slots] == buckets if self.buckets.size else np.zeros(codes.size, dtype=bool)
+            compact = (slots[seen].astype(np.int64) << 1) | (codes[seen] & 1)
+        else:
+            compact = self._empty
+        entry = _Word(compact, tuple(tokens))
+        if len(word) <= _CACHEABLE_WORD_CHARS:
+            if len(self._words) >= _WORD_CACHE_MAX:
+                self._words.clear()
+            self._words[word] = entry
+        return entry
+
+    # -- serialisation ------------------------------------------------------------------
+
+    def to_arrays(self) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+        """The model as plain numeric arrays plus JSON-ready metadata (never pickled)."""
+        arrays: dict[str, npt.NDArray[Any]] = {
+            "buckets": self.buckets,
+            "df": self.df,
+            "weights": self.weights,
+            "intercept": np.array([self.intercept], dtype=np.float64),
+            "calibration": np.array(self.calibration, dtype=np.float64),
+            "n_docs": np.array([self.n_docs], dtype=np.int64),
+        }
+        metadata: dict[str, Any] = dict(self.info)
+        metadata.update(
+            {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "features": self.features.to_json(),
+                "thresholds": self.thresholds.to_json(),
+                "nonzero_buckets": int(self.buckets.size),
+            }
+        )
+        return arrays, metadata
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, npt.NDArray[Any]], metadata: Mapping[str, Any]) -> TextModel:
+        """Rebuild a model from `to_arrays` output; `ModelError` says what is wrong."""
+        if not isinstance(metadata, Mapping):
+            raise ModelError("metadata must be a JSON object")
+        if metadata.get("format") != FORMAT_NAME:
+            raise ModelError(f"metadata 'format' must be {FORMAT_NAME!r}")
+        version = metadata.get("version")
+        if version != FORMAT_VERSION:
+            raise ModelError(f"unsupported model version {version!r}; this build reads {FORMAT_VERSION}")
+        features = FeatureConfig.from_json(metadata.get("features"))
+        thresholds = Thresholds.from_json(metadata.get("thresholds"))
+        expected = {"buckets", "df", "weights", "intercept", "calibration", "n_docs"}
+        names = set(arrays)
+        if names != expected:
+            missing = ", ".join(sorted(expected - names)) or "none"
+            extra = ", ".join(sorted(names - expected)) or "none"
+            raise ModelError(f"model arrays: missing {missing}; unexpected {extra}")
+        intercept = _scalar(arrays["intercept"], np.float64, "intercept")
+        n_docs = _scalar(arrays["n_docs"], np.int64, "n_docs")
+        calibration = arrays["calibration"]
+        _check_array(calibration, np.float64, "calibration")
+        if calibration.shape != (2,):
+            raise ModelError(f"array 'calibration' must have shape (2,), got {calibration.shape}")
+        info = {
+            k: v
+            for k, v in metadata.items()
+            if k not in {"format", "version", "features", "thresholds", "nonzero_buckets"}
+        }
+        return cls(
+            features=features,
+            buckets=_vector(arrays["buckets"], np.uint32, "buckets"),
+            df=_vector(arrays["df"], np.uint32, "df"),
+            weights=_vector(arrays["weights"], np.float32, "weights"),
+            intercept=float(intercept),
+            calibration=(float(calibration[0]), float(calibration[1])),
+            n_docs=int(n_docs),
+            thresholds=thresholds,
+            info=info,
+        )
+
+
+def _check_array(array: object, dtype: type[np.generic], name: str) -> None:
+    if not isinstance(array, np.ndarray):
+        raise ModelError(f"array {name!r} is not a numpy array")
+    if array.dtype != np.dtype(dtype):
+        raise ModelError(f"array {name!r} must be {np.dtype(dtype).name}, got {array.dtype}")
+
+
+def _vector(array: npt.NDArray[Any], dtype: type[np.generic], name: str) -> npt.NDArray[Any]:
+    _check_array(array, dtype, name)
+    if array.ndim != 1:
+        raise ModelError(f"array {name!r} must be one-dimensional, got shape {array.shape}")
+    if array.size > MAX_FEATURES:
+        raise ModelError(f"array {name!r} has {array.size} entries; at most {MAX_FEATURES}")
+    return np.ascontiguousarray(array)
+
+
+def _scalar(array: npt.NDArray[Any], dtype: type[np.generic], name: str) -> np.generic:
+    _check_array(array, dtype, name)
+    if array.shape != (1,):
+        raise ModelError(f"array {name!r} must have shape (1,), got {array.shape}")
+    value: np.generic = array[0]
+    return value
+
+
+def _validate(model: TextModel) -> None:
+    """Checks every invariant scoring relies on, so a bad model fails at load, not per call."""
+    if not isinstance(model.features, FeatureConfig):
+        raise ModelError("features must be a FeatureConfig")
+    if not isinstance(model.thresholds, Thresholds):
+        raise ModelError("thresholds must be Thresholds")
+    buckets = _vector(model.buckets, np.uint32, "buckets")
+    df = _vector(model.df, np.uint32, "df")
+    weights = _vector(model.weights, np.float32, "weights")
+    if not (buckets.size == df.size == weights.size):
+        raise ModelError(
+            f"arrays 'buckets', 'df' and 'weights' must be the same length, got "
+            f"{buckets.size}, {df.size} and {weights.size}"
+        )
+    if buckets.size and int(buckets[-1]) >= model.features.n_buckets:
+        raise ModelError(f"array 'buckets' holds a bucket beyond {model.features.n_buckets - 1}")
+    if buckets.size > 1 and not bool(np.all(buckets[1:] > buckets[:-1])):
+        raise ModelError("array 'buckets' must be strictly increasing")
+    if isinstance(model.n_docs, bool) or not isinstance(model.n_docs, int) or model.n_docs < 1:
+        raise ModelError("n_docs must be a positive integer")
+    if df.size and (int(df.min()) < 1 or int(df.max()) > model.n_docs):
+        raise ModelError("array 'df' must hold document counts in [1, n_docs]")
+    if not bool(np.all(np.isfinite(weights))) or (weights.size and float(np.abs(weights).max()) > 1e6):
+        raise ModelError("array 'weights' must hold finite numbers within ±1e6")
+    numbers = (model.intercept, *model.calibration)
+    if len(model.calibration) != 2 or not all(
+        isinstance(x, float) and math.isfinite(x) and abs(x) <= 1e6 for x in numbers
+    ):
+        raise ModelError("intercept and calibration must be finite numbers within ±1e6")

@@ -1,0 +1,855 @@
+"""Quarantine review: release held messages, confirm spam, deliver what was released.
+
+A QUARANTINE verdict archives the message with status ``held`` and delivers nothing. From
+there, each of these appends an audited STATUS entry (status, actor, time) to the spool:
+
+- an officer *releases* it (`release`): status ``released``; the held stanza is delivered to
+  the recipient's live sessions through the proxy, each copy addressed to that session's
+  full JID and stamped with a XEP-0203 ``<delay from='DOMAIN' stamp='ORIGINAL TIME'/>``.
+  A recipient with no live session gets it at their next login, when their client sends its
+  initial presence (where servers deliver offline messages too); until then it waits in
+  ``DATA/review/pending-deliveries.json``. Every copy delivered is also recorded as an
+  observation (via ``release``) of the record;
+- the recipient *adds the sender* (a roster push for that JID with subscription ``to`` or
+  ``both``, or ``ask='subscribe'``): every message held from that sender to that recipient
+  is released the same way, with actor ``roster:RECIPIENT``;
+- an officer *confirms spam* (`confirm_spam`): status ``confirmed-spam``; never delivered.
+
+Officers' verdicts are also labelled examples and count for the sender's reputation
+(`stanzaguard.learning`).
+
+The CLI runs in another process than the service and cannot reach the service's sessions,
+so every officer action goes through a durable mailbox in ``DATA/review/``: the command
+writes a request file into ``requests/`` (atomically: temporary file, fsync, rename), the
+running service looks every second, applies each request in order and writes its outcome
+to ``done/REQUEST_ID.json`` before removing the request. A request made while the service is
+stopped is applied when it starts. Applying a request twice (a crash between the STATUS
+entry and the outcome file) is harmless: the second attempt finds the record released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from xml.sax.saxutils import quoteattr
+
+from archive_api.store.base import ArchiveStore
+from archive_api.store.query import JidKind, JidPattern, Party, PartyTerm, Query, VerdictTerm
+from archive_api.store.records import (
+    ArchiveRecord,
+    Direction,
+    EntryOp,
+    Observation,
+    ObservationVia,
+    RecordKind,
+    RecordStatus,
+    SpoolEntry,
+)
+from classifier.clock import Clock
+from classifier.verdict import Action
+from proxy.errors import SpoolUnavailable
+from proxy.hook import Decision, SessionInfo, StanzaHook
+from proxy.indexer import Indexer
+from proxy.pipeline import SpoolWriter
+from proxy.stanza import RosterEvent
+from proxy.stream import Element
+from proxy.trust import adds_contact
+from stanzaguard.errors import StanzaGuardError
+from stanzaguard.learning import Label, Learning
+
+if TYPE_CHECKING:
+    from proxy.c2s import C2SProxy, ClientSession
+
+log = logging.getLogger(__name__)
+
+DELAY_NS = "urn:xmpp:delay"
+MAX_ACTOR_CHARS = 200
+ROSTER_ACTOR_PREFIX = "roster:"
+_PAGE = 500
+
+# Inside a start tag '>' can only appear within a quoted attribute value.
+_START_TAG = re.compile(rb"""<message\b(?:[^'">]|"[^"]*"|'[^']*')*>""")
+_TO_ATTR = re.compile(rb"""\sto\s*=\s*(?:"[^"]*"|'[^']*')""")
+_END_TAG = re.compile(rb"</(?:[A-Za-z_][\w.-]*:)?message\s*>\s*$")
+
+
+class RequestKind(StrEnum):
+    RELEASE = "release"
+    CONFIRM_SPAM = "confirm-spam"
+    LABEL_SPAM = "label-spam"
+    LABEL_HAM = "label-ham"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One officer action waiting for the service."""
+
+    request_id: str
+    kind: RequestKind
+    record_id: str
+    actor: str
+    requested_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "kind": self.kind.value,
+            "record_id": self.record_id,
+            "actor": self.actor,
+            "requested_at": self.requested_at.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Request:
+        return cls(
+            request_id=str(data["request_id"]),
+            kind=RequestKind(data["kind"]),
+            record_id=str(data["record_id"]),
+            actor=str(data["actor"]),
+            requested_at=datetime.fromisoformat(data["requested_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a request (or of a direct call).
+
+    ``ok`` is False when the request was refused (unknown record, not held...); ``status`` is
+    the record's status afterwards; ``delivered_to`` the full JIDs a released copy went to
+    now (empty when it waits for the recipient's next login).
+    """
+
+    ok: bool
+    detail: str
+    record_id: str
+    status: RecordStatus | None = None
+    delivered_to: tuple[str, ...] = ()
+    pending: bool = False
+    request_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "detail": self.detail,
+            "record_id": self.record_id,
+            "status": self.status.value if self.status is not None else None,
+            "delivered_to": list(self.delivered_to),
+            "pending": self.pending,
+            "request_id": self.request_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Outcome:
+        status = data.get("status")
+        return cls(
+            ok=bool(data["ok"]),
+            detail=str(data.get("detail", "")),
+            record_id=str(data.get("record_id", "")),
+            status=RecordStatus(status) if status else None,
+            delivered_to=tuple(data.get("delivered_to", ())),
+            pending=bool(data.get("pending", False)),
+            request_id=data.get("request_id"),
+        )
+
+
+def check_actor(actor: str) -> str:
+    actor = actor.strip()
+    if not actor:
+        raise StanzaGuardError("--actor: say who you are (it goes into the audit trail)")
+    if len(actor) > MAX_ACTOR_CHARS or any(ord(ch) < 32 for ch in actor):
+        raise StanzaGuardError(f"--actor: at most {MAX_ACTOR_CHARS} printable characters")
+    return actor
+
+
+# --- durable files -------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _dump(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, indent=1).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewPaths:
+    """Where review state lives: ``DATA/review``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, data_dir: Path) -> ReviewPaths:
+        return cls(data_dir / "review")
+
+    @property
+    def requests(self) -> Path:
+        return self.root / "requests"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done"
+
+    @property
+    def pending_deliveries(self) -> Path:
+        return self.root / "pending-deliveries.json"
+
+
+class RequestQueue:
+    """The mailbox between officers' commands and the running service."""
+
+    def __init__(self, paths: ReviewPaths) -> None:
+        self.paths = paths
+
+    def submit(self, kind: RequestKind, record_id: str, actor: str) -> Request:
+        record_id = record_id.strip()
+        if not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", record_id):
+            raise StanzaGuardError(f"not a record id: {record_id[:60]!r}")
+        request = Request(
+            request_id=secrets.token_hex(8),
+            kind=kind,
+            record_id=record_id,
+            actor=check_actor(actor),
+            requested_at=datetime.now(UTC),
+        )
+        stamp = time.time_ns()
+        name = f"{stamp:020d}-{request.request_id}.json"
+        _write_atomic(self.paths.requests / name, _dump(request.to_json()))
+        return request
+
+    def pending(self) -> list[tuple[Path, Request | None]]:
+        """Waiting requests in the order they were made (None: an unreadable file)."""
+        try:
+            names = sorted(
+                n
+                for n in os.listdir(self.paths.requests)
+                if n.endswith(".json") and not n.startswith(".")
+            )
+        except FileNotFoundError:
+            return []
+        out: list[tuple[Path, Request | None]] = []
+        for name in names:
+            path = self.paths.requests / name
+            try:
+                out.append((path, Request.from_json(json.loads(path.read_bytes()))))
+            except FileNotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError, OSError):
+                out.append((path, None))
+        return out
+
+    def finish(self, path: Path, outcome: Outcome) -> None:
+        if outcome.request_id is not None:
+            _write_atomic(self.paths.done / f"{outcome.request_id}.json", _dump(outcome.to_json()))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def outcome(self, request_id: str) -> Outcome | None:
+        try:
+            return Outcome.from_json(
+                json.loads((self.paths.done / f"{request_id}.json").read_bytes())
+            )
+        except FileNotFoundError:
+            return None
+
+    def wait(self, request_id: str, timeout: float, interval: float = 0.2) -> Outcome | None:
+        """The outcome once the service has applied the request (None: not within timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.outcome(request_id)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(interval)
+
+
+@dataclass(slots=True)
+class _Pending:
+    record_id: str
+    target: str  # bare JID whose next session gets it
+    direction: Direction  # TO_CLIENT: into the client leg; FROM_CLIENT: to the server
+
+
+class PendingDeliveries:
+    """Released messages waiting for their recipient's next login (a small JSON file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._items: list[_Pending] = []
+        self._targets: set[str] = set()
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            data = []
+        self._items = [
+            _Pending(str(d["record_id"]), str(d["target"]), Direction(d["direction"])) for d in data
+        ]
+        self._targets = {p.target for p in self._items}
+
+    def _save(self) -> None:
+        _write_atomic(
+            self.path,
+            _dump(
+                [
+                    {"record_id": p.record_id, "target": p.target, "direction": p.direction.value}
+                    for p in self._items
+                ]
+            ),
+        )
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def has(self, target: str | None) -> bool:
+        return target is not None and target.lower() in self._targets
+
+    def add(self, record_id: str, target: str, direction: Direction) -> None:
+        target = target.lower()
+        if any(p.record_id == record_id and p.target == target for p in self._items):
+            return
+        self._items.append(_Pending(record_id, target, direction))
+        self._targets.add(target)
+        self._save()
+
+    def of(self, target: str) -> list[_Pending]:
+        target = target.lower()
+        return [p for p in self._items if p.target == target]
+
+    def remove(self, done: Iterable[_Pending]) -> None:
+        gone = {(p.record_id, p.target) for p in done}
+        if not gone:
+            return
+        self._items = [p for p in self._items if (p.record_id, p.target) not in gone]
+        self._targets = {p.target for p in self._items}
+        self._save()
+
+
+# --- the released stanza ---------------------------------------------------------------------
+
+
+def delay_stamp(at: datetime) -> str:
+    """XEP-0082 date-time in UTC with milliseconds, as XEP-0203 delays carry it."""
+    at = at.astimezone(UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def released_stanza(raw: bytes, *, to: str | None, domain: str, stamp: datetime) -> bytes:
+    """The held stanza's original bytes, readdressed to ``to`` (when given) and delayed.
+
+    Only the start tag's ``to`` changes and one ``<delay/>`` is added before the end tag;
+    everything else (id, from, body, other payloads) stays byte for byte.
+
+    Raises:
+        StanzaGuardError: if ``raw`` is not a message stanza with an end tag.
+    """
+    data = raw.strip()
+    start = _START_TAG.match(data)
+    end = _END_TAG.search(data)
+    if start is None or end is None or start.end() > end.start():
+        raise StanzaGuardError("the held stanza is not a message this proxy can release")
+    head = data[: start.end()]
+    if to is not None:
+        new_to = b" to=" + quoteattr(to).encode()
+        if _TO_ATTR.search(head):
+            head = _TO_ATTR.sub(lambda _: new_to, head, count=1)
+        else:
+            head = head[:-1] + new_to + b">"
+    delay = (
+        f"<delay xmlns='{DELAY_NS}' from={quoteattr(domain)} "
+        f"stamp='{delay_stamp(stamp)}'>Released from quarantine</delay>"
+    ).encode()
+    return head + data[start.end() : end.start()] + delay + data[end.start() :]
+
+
+# --- the service -------------------------------------------------------------------------------
+
+
+class QuarantineService:
+    """Status changes of held records and the delivery of released ones."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        spool: SpoolWriter,
+        store: ArchiveStore,
+        indexer: Indexer | None,
+        clock: Clock,
+        domains: Sequence[str],
+        learning: Learning | None = None,
+        on_spooled: Callable[[], None] | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.paths = ReviewPaths.of(data_dir)
+        self.requests = RequestQueue(self.paths)
+        self.pending = PendingDeliveries(self.paths.pending_deliveries)
+        self.spool = spool
+        self.store = store
+        self.indexer = indexer
+        self.clock = clock
+        self.domains = tuple(sorted(domains))
+        self.learning = learning
+        self.on_spooled = on_spooled
+        self.poll_interval = poll_interval
+        self.proxy: C2SProxy | None = None
+        self._lock = asyncio.Lock()
+        # Statuses set by this process, ahead of the store (the indexer runs behind).
+        self._decided: dict[str, RecordStatus] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- lifecycle --
+
+    def attach(self, proxy: C2SProxy) -> None:
+        self.proxy = proxy
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.pending.load)
+        self._poller = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        """Wait for the background work started so far (auto-releases, deliveries)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- records --
+
+    async def _record(self, record_id: str) -> ArchiveRecord | None:
+        record = await self.store.get(record_id)
+        if record is None and self.indexer is not None:
+            await self.indexer.drain()
+            record = await self.store.get(record_id)
+        return record
+
+    def _status(self, record: ArchiveRecord) -> RecordStatus:
+        return self._decided.get(record.record_id, record.status)
+
+    async def _append(self, entries: Sequence[SpoolEntry]) -> None:
+        await self.spool.append([entry.payload() for entry in entries])
+        if self.on_spooled is not None:
+            self.on_spooled()
+
+    # -- officer actions --
+
+    async def release(self, record_id: str, actor: str, *, label: bool = True) -> Outcome:
+        """Release a held message: audited STATUS entry, then delivery (now or at login)."""
+        actor = check_actor(actor)
+        async with self._lock:
+            record = await self._record(record_id)
+            refused = self._refuse(record, record_id, "release")
+            if refused is not None:
+                return refused
+            assert record is not None
+            if self._status(record) == RecordStatus.RELEASED:
+                return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
+            outcome = await self._release(record, actor)
+        if label and self.learning is not None:
+            await self.learning.officer_label(record, Label.HAM, actor)
+        return outcome
+
+    async def confirm_spam(self, record_id: str, actor: str) -> Outcome:
+        """Confirm a held message as spam: audited STATUS entry; it is never delivered."""
+        actor = check_actor(actor)
+        async with self._lock:
+            record = await self._record(record_id)
+            refused = self._refuse(record, record_id, "confirm as spam")
+            if refused is not None:
+                return refused
+            assert record is not None
+            status = self._status(record)
+            if status == RecordStatus.CONFIRMED_SPAM:
+                return Outcome(True, "already confirmed spam", record_id, status)
+            if status != RecordStatus.HELD:
+                return Outcome(False, f"the message is {status.value}, not held", record_id, status)
+            now = self.clock.now()
+            await self._append(
+                [
+                    SpoolEntry(
+                        EntryOp.STATUS,
+                        record_id,
+                        status=RecordStatus.CONFIRMED_SPAM,
+                        actor=actor,
+                        at=now,
+                    )
+                ]
+            )
+            self._decided[record_id] = RecordStatus.CONFIRMED_SPAM
+        if self.learning is not None:
+            await self.learning.officer_label(record, Label.SPAM, actor)
+        log.info("quarantine: confirmed spam", extra={"record": record_id, "actor": actor})
+        return Outcome(True, "confirmed spam; it will never be delivered", record_id, status)
+
+    async def label(self, record_id: str, label: Label, actor: str) -> Outcome:
+        """An officer labels any archived message spam or ham (a training example)."""
+        actor = check_actor(actor)
+        if self.learning is None:
+            return Outcome(False, "learning is not enabled", record_id)
+        record = await self._record(record_id)
+        if record is None or record.kind is not RecordKind.MESSAGE:
+            return Outcome(False, "no such message in the archive", record_id)
+        await self.learning.officer_label(record, label, actor)
+        return Outcome(True, f"labelled {label.value}", record_id, self._status(record))
+
+    def _refuse(self, record: ArchiveRecord | None, record_id: str, what: str) -> Outcome | None:
+        if record is None:
+            return Outcome(False, "no such record in the archive", record_id)
+        status = self._status(record)
+        if record.kind is not RecordKind.MESSAGE or record.verdict.action is not Action.QUARANTINE:
+            return Outcome(False, f"cannot {what}: the message was not quarantined", record_id)
+        if status == RecordStatus.CONFIRMED_SPAM and what == "release":
+            return Outcome(
+                False, "confirmed spam is never delivered", record_id, RecordStatus.CONFIRMED_SPAM
+            )
+        if status not in (RecordStatus.HELD, RecordStatus.RELEASED, RecordStatus.CONFIRMED_SPAM):
+            return Outcome(False, f"the message is {status.value}, not held", record_id, status)
+        return None
+
+    async def _release(self, record: ArchiveRecord, actor: str) -> Outcome:
+        now = self.clock.now()
+        record_id = record.record_id
+        target, direction = _delivery_target(record)
+        sessions = self._sessions(target, direction)
+        entries = [
+            SpoolEntry(
+                EntryOp.STATUS, record_id, status=RecordStatus.RELEASED, actor=actor, at=now
+            ),
+            *_observations(record_id, sessions, now),
+        ]
+        await self._append(entries)
+        self._decided[record_id] = RecordStatus.RELEASED
+        log.info("quarantine: released", extra={"record": record_id, "actor": actor})
+        if not sessions:
+            await asyncio.to_thread(self.pending.add, record_id, target, direction)
+            return Outcome(
+                True,
+                f"released; {target} has no live session: delivered at their next login",
+                record_id,
+                RecordStatus.RELEASED,
+                pending=True,
+            )
+        delivered = self._inject(record, sessions, direction)
+        return Outcome(
+            True,
+            f"released and delivered to {len(delivered)} session(s)",
+            record_id,
+            RecordStatus.RELEASED,
+            delivered_to=tuple(delivered),
+        )
+
+    # -- delivery --
+
+    def _sessions(self, target: str, direction: Direction) -> list[ClientSession]:
+        if self.proxy is None or not target:
+            return []
+        sessions = [
+            s
+            for s in self.proxy.sessions_of(target)
+            if s.info.bound_jid and not s.client.closed and s.server is not None
+        ]
+        sessions.sort(key=lambda s: s.info.bound_jid or "")
+        if direction == Direction.FROM_CLIENT:
+            return sessions[:1]  # an outgoing message goes to the server once
+        return sessions
+
+    def _inject(
+        self, record: ArchiveRecord, sessions: Sequence[ClientSession], direction: Direction
+    ) -> list[str]:
+        delivered: list[str] = []
+        domain = self._domain_for(record)
+        for session in sessions:
+            to = session.info.bound_jid if direction == Direction.TO_CLIENT else None
+            try:
+                data = released_stanza(record.raw, to=to, domain=domain, stamp=record.occurred_at)
+            except StanzaGuardError:
+                log.error("quarantine: held stanza unreadable", extra={"record": record.record_id})
+                return delivered
+            session.inject(direction, data)
+            session.flush_all()
+            delivered.append(session.info.bound_jid or "")
+        return delivered
+
+    def _domain_for(self, record: ArchiveRecord) -> str:
+        local = record.recipient if record.direction == Direction.TO_CLIENT else record.sender
+        domain = local.rpartition("@")[2]
+        if domain in self.domains or not self.domains:
+            return domain
+        return self.domains[0]
+
+    def session_ready(self, info: SessionInfo) -> None:
+        """The client sent its initial presence: deliver what was released for it."""
+        if self.pending.has(info.bare_jid):
+            self._spawn(self._deliver_pending(info))
+
+    async def _deliver_pending(self, info: SessionInfo) -> None:
+        bare = info.bare_jid
+        if bare is None or self.proxy is None:
+            return
+        session = next((s for s in self.proxy.sessions_of(bare) if s.info is info), None)
+        if session is None:
+            return
+        async with self._lock:
+            waiting = self.pending.of(bare)
+            done: list[_Pending] = []
+            for item in waiting:
+                record = await self._record(item.record_id)
+                if record is None or self._status(record) != RecordStatus.RELEASED:
+                    done.append(item)  # gone or no longer releasable: nothing to deliver
+                    continue
+                now = self.clock.now()
+                try:
+                    await self._append(_observations(item.record_id, [session], now))
+                except SpoolUnavailable:
+                    log.error("quarantine: spool unavailable; delivery postponed")
+                    break
+                self._inject(record, [session], item.direction)
+                done.append(item)
+            await asyncio.to_thread(self.pending.remove, done)
+
+    # -- the recipient adds the sender --
+
+    def roster_seen(self, owner: str, event: RosterEvent) -> None:
+        """A roster push adding a contact releases what was held from that contact."""
+        if not event.is_push:
+            return
+        for entry in event.items:
+            if adds_contact(entry):
+                self._spawn(self.release_from(owner, entry.jid))
+
+    async def release_from(self, owner: str, contact: str) -> list[Outcome]:
+        """Release every message held from ``contact`` to ``owner`` (actor ``roster:OWNER``)."""
+        if self.indexer is not None:
+            await self.indexer.drain()
+        held = await self.held(sender=contact, recipient=owner)
+        outcomes = []
+        for record in held:
+            try:
+                outcomes.append(
+                    await self.release(
+                        record.record_id, ROSTER_ACTOR_PREFIX + owner.lower(), label=False
+                    )
+                )
+            except SpoolUnavailable:
+                log.error("quarantine: spool unavailable; automatic release postponed")
+                break
+        return outcomes
+
+    async def held(
+        self, *, sender: str | None = None, recipient: str | None = None, limit: int = 10_000
+    ) -> list[ArchiveRecord]:
+        """Held messages (oldest first), optionally from one sender and/or to one recipient."""
+        records = await held_records(self.store, sender=sender, recipient=recipient, limit=limit)
+        return [r for r in records if self._status(r) == RecordStatus.HELD]
+
+    # -- the mailbox --
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.process_requests()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("quarantine: processing requests failed; retrying")
+            await asyncio.sleep(self.poll_interval)
+
+    async def process_requests(self) -> int:
+        """Apply every waiting request; return how many were finished."""
+        waiting = await asyncio.to_thread(self.requests.pending)
+        if not waiting:
+            return 0
+        if self.indexer is not None:
+            await self.indexer.drain()
+        finished = 0
+        for path, request in waiting:
+            if request is None:
+                log.error("quarantine: unreadable request %s; removed", path.name)
+                await asyncio.to_thread(self.requests.finish, path, Outcome(False, "", ""))
+                continue
+            try:
+                outcome = await self.apply(request)
+            except SpoolUnavailable:
+                log.error("quarantine: spool unavailable; requests wait")
+                break
+            except StanzaGuardError as exc:
+                outcome = Outcome(False, str(exc), request.record_id)
+            outcome = Outcome(
+                outcome.ok,
+                outcome.detail,
+                outcome.record_id,
+                outcome.status,
+                outcome.delivered_to,
+                outcome.pending,
+                request.request_id,
+            )
+            await asyncio.to_thread(self.requests.finish, path, outcome)
+            finished += 1
+        return finished
+
+    async def apply(self, request: Request) -> Outcome:
+        match request.kind:
+            case RequestKind.RELEASE:
+                return await self.release(request.record_id, request.actor)
+            case RequestKind.CONFIRM_SPAM:
+                return await self.confirm_spam(request.record_id, request.actor)
+            case RequestKind.LABEL_SPAM:
+                return await self.label(request.record_id, Label.SPAM, request.actor)
+            case RequestKind.LABEL_HAM:
+                return await self.label(request.record_id, Label.HAM, request.actor)
+
+
+def _delivery_target(record: ArchiveRecord) -> tuple[str, Direction]:
+    """Whose session delivers a released message, and into which leg.
+
+    A message that arrived for a local user goes into that user's client leg; one a local
+    user sent (held on the way out) goes to the server through one of the sender's sessions.
+    """
+    if record.direction == Direction.FROM_CLIENT:
+        return record.sender, Direction.FROM_CLIENT
+    return record.recipient, Direction.TO_CLIENT
+
+
+def _observations(
+    record_id: str, sessions: Sequence[ClientSession], now: datetime
+) -> list[SpoolEntry]:
+    return [
+        SpoolEntry(
+            EntryOp.OBSERVE,
+            record_id,
+            observation=Observation(
+                at=now,
+                jid=s.info.bound_jid or "",
+                via=ObservationVia.RELEASE,
+                direction=Direction.TO_CLIENT,
+            ),
+        )
+        for s in sessions
+    ]
+
+
+async def held_records(
+    store: ArchiveStore,
+    *,
+    sender: str | None = None,
+    recipient: str | None = None,
+    limit: int = 10_000,
+    include_decided: bool = False,
+) -> list[ArchiveRecord]:
+    """Quarantined messages in the archive, oldest first (held ones unless asked for all)."""
+    terms: list[PartyTerm | VerdictTerm] = [VerdictTerm(Action.QUARANTINE)]
+    if sender is not None:
+        terms.append(PartyTerm(Party.FROM, JidPattern(JidKind.BARE, _bare(sender))))
+    if recipient is not None:
+        terms.append(PartyTerm(Party.TO, JidPattern(JidKind.BARE, _bare(recipient))))
+    query = Query.of(*terms)
+    out: list[ArchiveRecord] = []
+    cursor: str | None = None
+    while len(out) < limit:
+        page = await store.search(query, limit=_PAGE, cursor=cursor, sort="time_asc")
+        for hit in page.hits:
+            record = hit.record
+            if record.kind is not RecordKind.MESSAGE:
+                continue
+            if include_decided or record.status == RecordStatus.HELD:
+                out.append(record)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return out[:limit]
+
+
+def _bare(jid: str) -> str:
+    return jid.split("/", 1)[0].lower()
+
+
+# --- the hook around the pipeline --------------------------------------------------------------
+
+
+class DeliveryHook:
+    """The pipeline, plus one watch: a client's initial presence triggers pending deliveries.
+
+    Servers deliver offline messages when the client announces itself (initial presence), not
+    at bind, when the client has not even read its JID yet; released messages follow suit.
+    """
+
+    def __init__(self, inner: StanzaHook, quarantine: QuarantineService) -> None:
+        self.inner = inner
+        self.quarantine = quarantine
+
+    async def process(
+        self, session: SessionInfo, direction: Direction, stanzas: Sequence[Element]
+    ) -> Sequence[Decision]:
+        decisions = await self.inner.process(session, direction, stanzas)
+        if direction == Direction.FROM_CLIENT and self.quarantine.pending.has(session.bare_jid):
+            for element in stanzas:
+                attrs = element.attrs
+                if element.name == "presence" and "to" not in attrs and "type" not in attrs:
+                    self.quarantine.session_ready(session)
+                    break
+        return decisions
+
+    async def session_bound(self, session: SessionInfo) -> None:
+        await self.inner.session_bound(session)
+
+    async def session_ended(self, session: SessionInfo) -> None:
+        await self.inner.session_ended(session)
+
+
+# --- entry points for code holding a running service -------------------------------------------
+
+
+class _HasQuarantine(Protocol):
+    @property
+    def quarantine(self) -> QuarantineService: ...
+
+
+async def release(service: _HasQuarantine, record_id: str, actor: str) -> Outcome:
+    """Release a held message of a running service (see `QuarantineService.release`)."""
+    return await service.quarantine.release(record_id, actor)
+
+
+async def confirm_spam(service: _HasQuarantine, record_id: str, actor: str) -> Outcome:
+    """Confirm a held message of a running service as spam; it is never delivered."""
+    return await service.quarantine.confirm_spam(record_id, actor)
