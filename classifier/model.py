@@ -75,7 +75,8 @@ _MASK32: Final = 0xFFFFFFFF
 # Caches are cleared wholesale when full: cheaper per call than LRU bookkeeping, and a
 # refill costs only the first sighting of each word again.
 _WORD_CACHE_MAX: Final = 200_000
-_NGRAM_CACHE_MAX: Final = 200_000
+_PAIR_CACHE_MAX: Final = 200_000
+_TF_TABLE: Final = 4096
 # Words longer than this are not cached (hostile input must not fill memory).
 _CACHEABLE_WORD_CHARS: Final = 64
 
@@ -118,9 +119,15 @@ class FeatureConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ModelError(f"features.bits must be an integer in [{MIN_BITS}, {MAX_BITS}]")
-        for name, (low, high) in (("word_ngrams", self.word_ngrams), ("char_ngrams", self.char_ngrams)):
-            if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= MAX_NGRAM):
-                raise ModelError(f"features.{name} must be [low, high] with 1 <= low <= high <= {MAX_NGRAM}")
+        low, high = self.word_ngrams
+        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= 2):
+            # Bigrams at most: the scorer caches the one bigram that spans two words.
+            raise ModelError("features.word_ngrams must be [1, 1], [1, 2] or [2, 2]")
+        low, high = self.char_ngrams
+        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= MAX_NGRAM):
+            raise ModelError(
+                f"features.char_ngrams must be [low, high] with 1 <= low <= high <= {MAX_NGRAM}"
+            )
         if len(self.block_weights) != len(Block) or not all(
             isinstance(w, float) and math.isfinite(w) and 0.0 <= w <= 1e3 for w in self.block_weights
         ):
@@ -242,13 +249,13 @@ class Featurizer:
         bits = config.bits
         self._bucket_shift = 32 - bits
         self._sign_shift = 31 - bits
-        self._bucket_mask = (1 << bits) - 1
         self._bases = {block: int(block) << bits for block in Block}
-        self._word_n = config.word_ngrams
+        self._unigrams = config.word_ngrams[0] == 1
+        self.bigrams = config.word_ngrams[1] == 2
         self._char_n = config.char_ngrams
         # The per-text shape features come from a small closed set: hash them once.
-        self._length_codes = [self.ngram_code(Block.SHAPE, f"chars:{i}") for i in range(9)]
-        self._count_codes = [self.ngram_code(Block.SHAPE, f"words:{i}") for i in range(9)]
+        self.length_codes = [self.ngram_code(Block.SHAPE, f"chars:{i}") for i in range(9)]
+        self.count_codes = [self.ngram_code(Block.SHAPE, f"words:{i}") for i in range(9)]
 
     def ngram_code(self, block: Block, feature: str) -> int:
         """The code of one feature string in ``block``."""
@@ -260,9 +267,10 @@ class Featurizer:
         return (bucket << 1) | ((mixed >> self._sign_shift) & 1)
 
     def word_codes(self, word: str) -> tuple[list[int], list[str]]:
-        """Codes of one whitespace-separated word's own features, and its tokens.
+        """Codes of one whitespace-separated word's features, and its tokens.
 
-        The token n-grams that span words are not included (see `text_codes`).
+        Includes the token bigrams inside the word ("£100!" -> "£ 100", "100 !"), not those
+        spanning two words (see `text_codes`).
         """
         lower = word.lower()
         code = self.ngram_code
@@ -277,8 +285,10 @@ class Featurizer:
             else:
                 codes.extend(code(Block.CHAR, padded[i : i + n]) for i in range(size - n + 1))
         tokens = _TOKEN.findall(lower)
-        if self._word_n[0] == 1:
+        if self._unigrams:
             codes.extend(code(Block.WORD, token) for token in tokens)
+        if self.bigrams:
+            codes.extend(code(Block.WORD, f"{a} {b}") for a, b in zip(tokens, tokens[1:], strict=False))
         codes.extend(code(Block.SHAPE, f"digits:{min(len(run), 8)}") for run in _DIGITS.findall(lower))
         if len(word) >= 2 and word.isupper():
             codes.append(code(Block.SHAPE, "caps"))
@@ -290,28 +300,54 @@ class Featurizer:
 
     def text_shape_codes(self, n_chars: int, n_words: int) -> tuple[int, int]:
         """The two per-text shape features: length in 20s of characters, words in 4s."""
-        return self._length_codes[min(n_chars // 20, 8)], self._count_codes[min(n_words // 4, 8)]
-
-    def token_ngrams(self, tokens: Sequence[str]) -> Iterable[str]:
-        """The token n-grams of length 2 and more (unigrams come with `word_codes`)."""
-        low, high = self._word_n
-        for n in range(max(low, 2), high + 1):
-            for i in range(len(tokens) - n + 1):
-                yield " ".join(tokens[i : i + n])
+        return self.length_codes[min(n_chars // 20, 8)], self.count_codes[min(n_words // 4, 8)]
 
     def occurrences(self, text: str) -> INT64:
-        """Every feature occurrence of ``text`` as a code, for building the training matrix."""
+        """Every feature occurrence of ``text`` as a code, for building the training matrix.
+
+        Written independently of `TextModel`'s cached path (bigrams over the whole token
+        list here, per word and across word boundaries there), so that tests comparing the
+        two check the cache logic too.
+        """
         text = text[: self.config.max_chars]
         words = text.split()
         codes: list[int] = []
         tokens: list[str] = []
         for word in words:
-            word_codes, word_tokens = self.word_codes(word)
-            codes.extend(word_codes)
+            lower = word.lower()
+            padded = f" {lower} "
+            low, high = self._char_n
+            for n in range(low, high + 1):
+                grams = list(lower) if n == 1 else [padded[i : i + n] for i in range(len(padded) - n + 1)]
+                codes.extend(self.ngram_code(Block.CHAR, g) for g in grams)
+            word_tokens = _TOKEN.findall(lower)
             tokens.extend(word_tokens)
-        codes.extend(self.ngram_code(Block.WORD, gram) for gram in self.token_ngrams(tokens))
+            codes.extend(
+                self.ngram_code(Block.SHAPE, f"digits:{min(len(run), 8)}")
+                for run in _DIGITS.findall(lower)
+            )
+            if len(word) >= 2 and word.isupper():
+                codes.append(self.ngram_code(Block.SHAPE, "caps"))
+            if _URL.search(lower):
+                codes.append(self.ngram_code(Block.SHAPE, "url"))
+            if not _CURRENCY.isdisjoint(lower):
+                codes.append(self.ngram_code(Block.SHAPE, "money"))
+        if self._unigrams:
+            codes.extend(self.ngram_code(Block.WORD, t) for t in tokens)
+        if self.bigrams:
+            codes.extend(self.ngram_code(Block.WORD, " ".join(tokens[i : i + 2])) for i in range(len(tokens) - 1))
         codes.extend(self.text_shape_codes(len(text), len(words)))
         return np.array(codes, dtype=np.int64)
+
+
+def tf_weight(counts: INT64, sublinear: bool) -> FLOAT64:
+    """Term-frequency weight of a count: ``1 + log(count)`` when sublinear (0 stays 0)."""
+    if not sublinear:
+        return counts.astype(np.float64)
+    out = np.zeros(counts.shape, dtype=np.float64)
+    positive = counts > 0
+    out[positive] = np.log(counts[positive].astype(np.float64)) + 1.0
+    return out
 
 
 def idf_from_df(df: npt.NDArray[np.integer[Any]], n_docs: int) -> FLOAT64:
@@ -324,8 +360,14 @@ def idf_from_df(df: npt.NDArray[np.integer[Any]], n_docs: int) -> FLOAT64:
 
 @dataclass(frozen=True, slots=True)
 class _Word:
-    codes: INT64  # compact codes (slot * 2 + sign bit) of the word's features in seen buckets
-    tokens: tuple[str, ...]
+    """What scoring needs of one word, computed once per distinct word."""
+
+    codes: INT64  # compact codes (slot * 2 + sign bit) of its features in seen buckets
+    first: str  # first and last token, for the bigram that spans into the next word
+    last: str
+
+
+_NO_TOKEN = ""
 
 
 @dataclass(eq=False)
@@ -357,26 +399,32 @@ class TextModel:
     def __post_init__(self) -> None:
         _validate(self)
         self._featurizer = Featurizer(self.features)
-        idf = idf_from_df(self.df, self.n_docs)
-        w = self.weights.astype(np.float64)
         n = self.buckets.size
-        # Indexed by compact code (slot * 2 + sign bit), so scoring needs no sign arithmetic.
-        self._idf_by_code = np.repeat(idf, 2)
-        signed = np.empty(2 * n, dtype=np.float64)
-        signed[0::2] = idf * w
-        signed[1::2] = -(idf * w)
-        self._idfw_by_code = signed
-        blocks = (self.buckets.astype(np.int64) >> self.features.bits).astype(np.intp)
-        self._block_by_code = np.repeat(blocks, 2)
-        self._block_weights = self.features.block_weights
-        self._slope, self._offset = self.calibration
+        idf = idf_from_df(self.df, self.n_docs)
+        idf_w = idf * self.weights.astype(np.float64)
+        # Lookup tables indexed by compact code (slot * 2 + sign bit), so that scoring needs
+        # no sign arithmetic. One extra entry at the end serves the high sentinel.
+        self._idf = np.zeros(2 * n + 1, dtype=np.float64)
+        self._idf[0:-1:2] = idf
+        self._idf[1:-1:2] = idf
+        self._idf_w = np.zeros(2 * n + 1, dtype=np.float64)
+        self._idf_w[0:-1:2] = idf_w
+        self._idf_w[1:-1:2] = -idf_w
+        self._block = np.zeros(2 * n + 1, dtype=np.intp)
+        self._block[:-1] = np.repeat((self.buckets.astype(np.int64) >> self.features.bits), 2)
+        # Sentinel codes below and above every real one make the run-length step branch-free.
+        self._high = 2 * n
+        # 1 + log(count) for every count a message of fewer codes can have: a look-up is
+        # cheaper than the log itself.
+        self._tf = tf_weight(np.arange(_TF_TABLE, dtype=np.int64), self.features.sublinear_tf)
         self._words: dict[str, _Word] = {}
-        self._ngrams: dict[str, int] = {}
+        self._pairs: dict[tuple[str, str], int] = {}
         self._empty = np.empty(0, dtype=np.int64)
-        lengths = [self._compact(c) for c in self._featurizer._length_codes]
-        counts = [self._compact(c) for c in self._featurizer._count_codes]
-        self._length_compact = lengths
-        self._count_compact = counts
+        self._length = [self._compact(c) for c in self._featurizer.length_codes]
+        self._count = [self._compact(c) for c in self._featurizer.count_codes]
+        self._slope, self._offset = self.calibration
+        self._max_chars = self.features.max_chars
+        self._bigrams_on = self._featurizer.bigrams
 
     # -- scoring ------------------------------------------------------------------------
 
@@ -389,62 +437,57 @@ class TextModel:
 
     def decision(self, text: str) -> float:
         """The linear model's decision value (``intercept + weights . x``)."""
-        text = text[: self.features.max_chars]
+        text = text[: self._max_chars]
         words = text.split()
         cache = self._words
-        parts: list[INT64] = []
-        tokens: list[str] = []
-        for word in words:
-            entry = cache.get(word)
-            if entry is None:
-                entry = self._word_entry(word)
-            parts.append(entry.codes)
-            tokens.extend(entry.tokens)
-        extra: list[int] = []
-        if self.features.word_ngrams[1] >= 2 and len(tokens) >= 2:
-            ngram_cache = self._ngrams
-            for gram in self._featurizer.token_ngrams(tokens):
-                compact = ngram_cache.get(gram)
-                if compact is None:
-                    compact = self._compact(self._featurizer.ngram_code(Block.WORD, gram))
-                    if len(ngram_cache) >= _NGRAM_CACHE_MAX:
-                        ngram_cache.clear()
-                    ngram_cache[gram] = compact
-                if compact >= 0:
-                    extra.append(compact)
-        length = self._length_compact[min(len(text) // 20, 8)]
-        if length >= 0:
-            extra.append(length)
-        count = self._count_compact[min(len(words) // 4, 8)]
-        if count >= 0:
-            extra.append(count)
+        try:
+            entries = [cache[word] for word in words]
+        except KeyError:
+            entries = [cache.get(word) or self._word_entry(word) for word in words]
+        parts = [entry.codes for entry in entries]
+        extra = [-1, self._high, self._length[min(len(text) // 20, 8)]]
+        extra.append(self._count[min(len(words) // 4, 8)])
+        if self._bigrams_on and len(words) > 1:
+            # The token bigram spanning each pair of adjacent words, cached per word pair.
+            pairs = self._pairs
+            try:
+                extra.extend([pairs[pair] for pair in zip(words, words[1:], strict=False)])
+            except KeyError:
+                extra.extend(
+                    [
+                        self._pair(words[i], words[i + 1], entries[i], entries[i + 1])
+                        for i in range(len(words) - 1)
+                    ]
+                )
         parts.append(np.array(extra, dtype=np.int64))
-        codes = np.concatenate(parts)
-        return self._decision_from_codes(codes)
+        return self._decision_from_codes(np.concatenate(parts))
 
     def _decision_from_codes(self, codes: INT64) -> float:
-        if codes.size == 0:
-            return self.intercept
         codes.sort()
-        # Run lengths of equal codes: the count of each (bucket, sign) group.
-        ends = np.flatnonzero(codes[1:] != codes[:-1])
-        ends = np.append(ends, codes.size - 1)
-        unique = codes[ends]
-        counts = np.diff(ends, prepend=-1)
-        if self.features.sublinear_tf:
-            tf = np.log(counts)
-            tf += 1.0
+        # Unseen features are -1, like the low sentinel: after sorting they form one run in
+        # front, and the high sentinel closes the last real run. No branches, no appends.
+        ends = (codes[1:] != codes[:-1]).nonzero()[0]
+        run_ends = ends[1:]
+        unique = codes[run_ends]
+        if unique.size == 0:
+            return self.intercept
+        counts = run_ends - ends[:-1]
+        if codes.size < self._tf.size:
+            tf = self._tf[counts]
         else:
-            tf = counts.astype(np.float64)
-        value = tf * self._idf_by_code[unique]
-        blocks = self._block_by_code[unique]
-        dots = np.bincount(blocks, value * self._idfw_by_code[unique] / self._idf_by_code[unique], minlength=3)
-        norms = np.bincount(blocks, value * value, minlength=3)
+            tf = self._tf_of(counts)
+        value = tf * self._idf[unique]
+        blocks = self._block[unique]
+        dots = np.bincount(blocks, tf * self._idf_w[unique], minlength=3).tolist()
+        norms = np.bincount(blocks, value * value, minlength=3).tolist()
         total = self.intercept
-        for dot, norm2, scale in zip(dots.tolist(), norms.tolist(), self._block_weights, strict=True):
+        for dot, norm2, scale in zip(dots, norms, self.features.block_weights, strict=False):
             if norm2 > 0.0:
                 total += scale * dot / math.sqrt(norm2)
         return total
+
+    def _tf_of(self, counts: INT64) -> FLOAT64:
+        return tf_weight(counts, self.features.sublinear_tf)
 
     def _probability(self, decision: float) -> float:
         t = self._slope * decision + self._offset
@@ -462,18 +505,37 @@ class TextModel:
             return (slot << 1) | (code & 1)
         return -1
 
+    def _pair(self, left: str, right: str, left_entry: _Word, right_entry: _Word) -> int:
+        """Compact code of the bigram spanning two adjacent words (-1: unseen)."""
+        pair = (left, right)
+        compact = self._pairs.get(pair)
+        if compact is None:
+            if left_entry.last and right_entry.first:
+                gram = f"{left_entry.last} {right_entry.first}"
+                compact = self._compact(self._featurizer.ngram_code(Block.WORD, gram))
+            else:
+                compact = -1
+            if len(left) + len(right) <= 2 * _CACHEABLE_WORD_CHARS:
+                if len(self._pairs) >= _PAIR_CACHE_MAX:
+                    self._pairs.clear()
+                self._pairs[pair] = compact
+        return compact
+
     def _word_entry(self, word: str) -> _Word:
         raw, tokens = self._featurizer.word_codes(word)
-        if raw:
-            codes = np.array(raw, dtype=np.int64)
-            buckets = codes >> 1
-            slots = np.searchsorted(self.buckets, buckets)
-            slots = np.minimum(slots, max(self.buckets.size - 1, 0))
-            seen = self.buckets[slots] == buckets if self.buckets.size else np.zeros(codes.size, dtype=bool)
+        codes = np.array(raw, dtype=np.int64)
+        buckets = codes >> 1
+        if self.buckets.size:
+            slots = np.minimum(np.searchsorted(self.buckets, buckets), self.buckets.size - 1)
+            seen = self.buckets[slots] == buckets
             compact = (slots[seen].astype(np.int64) << 1) | (codes[seen] & 1)
         else:
             compact = self._empty
-        entry = _Word(compact, tuple(tokens))
+        # A word always has a token (every non-space character is in one), but a model
+        # must not fail on a surprise: an empty token list just ends the bigram chain.
+        first = tokens[0] if tokens else _NO_TOKEN
+        last = tokens[-1] if tokens else _NO_TOKEN
+        entry = _Word(compact, first, last)
         if len(word) <= _CACHEABLE_WORD_CHARS:
             if len(self._words) >= _WORD_CACHE_MAX:
                 self._words.clear()

@@ -183,8 +183,8 @@ class ReputationRule:
 
     The contribution is ``points`` times the decayed weighted report count; reaching
     ``flag_at`` flags the stanza, reaching ``quarantine_at`` holds it (both in weighted
-    reports, compared at two decimals; ``None`` switches one off). Rooms speaking in a groupchat are not judged: their
-    sender is the room.
+    reports, compared at two decimals; ``None`` switches one off). Rooms speaking in a
+    groupchat are not judged: their sender is the room.
     """
 
     def __init__(

@@ -135,6 +135,7 @@ class PipelineConfig:
     upload_hosts: frozenset[str] = frozenset()
     fail_open: bool = False
     recent_ids: int = 500_000  # record ids remembered to tell a first sighting from a copy
+    report_links: int = 100_000  # delivered messages remembered to link spam reports to
 
 
 @dataclass(slots=True)
@@ -230,7 +231,7 @@ class Pipeline:
         # context, told about every message a local user sends.
         self.trust = trust
         self.report_observer = report_observer
-        self.delivered = RecentMessages(config.recent_ids)
+        self.delivered = RecentMessages(config.report_links)
 
     # -- StanzaHook ---------------------------------------------------------------------
 

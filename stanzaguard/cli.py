@@ -316,6 +316,8 @@ def quarantine_list(
 def _submit(kind: str, record_id: str, actor: str, data_dir: Path, wait: float) -> None:
     from stanzaguard.quarantine import RequestKind, RequestQueue, ReviewPaths
 
+    if not (data_dir / "spool").is_dir() and not (data_dir / "archive.sqlite3").exists():
+        raise _fail(StanzaGuardError(f"no StanzaGuard data in {data_dir} (is --data-dir right?)"))
     queue = RequestQueue(ReviewPaths.of(data_dir))
     try:
         request = queue.submit(RequestKind(kind), record_id, actor)

@@ -842,14 +842,20 @@ class DeliveryHook:
 
 class _HasQuarantine(Protocol):
     @property
-    def quarantine(self) -> QuarantineService: ...
+    def quarantine(self) -> QuarantineService | None: ...
+
+
+def _of(service: _HasQuarantine) -> QuarantineService:
+    if service.quarantine is None:
+        raise StanzaGuardError("the service is not started")
+    return service.quarantine
 
 
 async def release(service: _HasQuarantine, record_id: str, actor: str) -> Outcome:
     """Release a held message of a running service (see `QuarantineService.release`)."""
-    return await service.quarantine.release(record_id, actor)
+    return await _of(service).release(record_id, actor)
 
 
 async def confirm_spam(service: _HasQuarantine, record_id: str, actor: str) -> Outcome:
     """Confirm a held message of a running service as spam; it is never delivered."""
-    return await service.quarantine.confirm_spam(record_id, actor)
+    return await _of(service).confirm_spam(record_id, actor)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -109,6 +109,25 @@ class Settings(BaseSettings):
     metrics_listen: HostPort | None = Field(
         None, description="Serve Prometheus metrics on HOST:PORT (/metrics)."
     )
+    rtbl_jid: str | None = Field(
+        None, description="Account the real-time block list (RTBL) subscriber logs in as."
+    )
+    rtbl_password: SecretStr | None = Field(None, description="Password of rtbl_jid.")
+    rtbl_server: HostPort | None = Field(
+        None, description="HOST:PORT of rtbl_jid's server; default: DNS (SRV) of its domain."
+    )
+    rtbl_tls: Literal["starttls", "direct", "plain"] = Field(
+        "starttls", description="TLS to rtbl_server: starttls, direct, plain (development)."
+    )
+    rtbl_ca_file: Path | None = Field(None, description="CA bundle for the RTBL server's TLS.")
+    rtbl_nodes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="RTBL pubsub nodes, [KIND:]SERVICE/NODE (xmppbl.org/spam_source_domains).",
+    )
+    blocklist_files: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Block-list files, FORMAT:PATH (jabberspam:/etc/stanzaguard/blacklist.txt).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
@@ -119,6 +138,13 @@ class Settings(BaseSettings):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         if isinstance(value, list):
             return [str(part).strip().lower() for part in value]
+        return value
+
+    @field_validator("rtbl_nodes", "blocklist_files", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @classmethod

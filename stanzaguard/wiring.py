@@ -12,17 +12,25 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from archive_api.store.sqlite import SqliteStore
+from classifier.blocklists import BlockList
 from classifier.clock import Clock
 from classifier.errors import PolicyError
 from classifier.policy import ActivePolicy, PolicyHolder
 from classifier.reputation import ReputationLedger
 from classifier.trust import InMemoryTrustStore
 from proxy.attachments import AttachmentFetcher, FetcherConfig
+from proxy.blocklist_files import (
+    BlocklistFileError,
+    BlocklistFileWatcher,
+    ListFile,
+    parse_list_file_specs,
+)
 from proxy.c2s import C2SProxy, ProxyConfig
 from proxy.hook import StanzaHook
 from proxy.indexer import Indexer
 from proxy.pipeline import Pipeline, PipelineConfig
 from proxy.policy_source import PolicyFileWatcher, load_policy
+from proxy.rtbl import RtblConfig, RtblError, RtblSubscriber, TlsMode, rtbl_nodes
 from proxy.spool import Spool
 from proxy.stream import FramingLimits
 from proxy.trust import RosterObservers, TrustRosterObserver
@@ -116,6 +124,55 @@ def build_fetcher_config(settings: Settings) -> FetcherConfig | None:
     )
 
 
+#: Passwords refused for rtbl_password outside environment=development (examples, defaults).
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "password", "secret", "stanzaguard"})
+
+
+def build_rtbl_config(settings: Settings) -> RtblConfig | None:
+    """The RTBL subscriber's configuration; None when no RTBL node is configured."""
+    if not settings.rtbl_nodes:
+        return None
+    try:
+        nodes = rtbl_nodes(settings.rtbl_nodes)
+    except RtblError as exc:
+        raise SettingsError(f"rtbl_nodes: {exc}") from None
+    jid = (settings.rtbl_jid or "").strip()
+    local, at, rest = jid.partition("@")
+    if not at or not local or not rest or "/" in rest:
+        raise SettingsError("rtbl_jid: give the RTBL account as a bare JID user@domain")
+    if settings.rtbl_password is None:
+        raise SettingsError("rtbl_password: required with rtbl_nodes")
+    password = settings.rtbl_password.get_secret_value()
+    production = settings.environment == "production"
+    if production and password.strip().lower() in PLACEHOLDER_SECRETS:
+        raise SettingsError(
+            "rtbl_password: a default or placeholder password is refused outside "
+            "environment=development"
+        )
+    if production and settings.rtbl_tls == "plain":
+        raise SettingsError("rtbl_tls: plain is refused outside environment=development")
+    host: str | None = None
+    port: int | None = None
+    if settings.rtbl_server:
+        host, port = split_host_port(settings.rtbl_server)
+    return RtblConfig(
+        jid=jid,
+        password=password,
+        nodes=nodes,
+        host=host,
+        port=port,
+        tls=TlsMode(settings.rtbl_tls),
+        ssl_context=upstream_context(settings.rtbl_ca_file),
+    )
+
+
+def build_blocklist_files(settings: Settings) -> tuple[ListFile, ...]:
+    try:
+        return parse_list_file_specs(settings.blocklist_files)
+    except BlocklistFileError as exc:
+        raise SettingsError(f"blocklist_files: {exc}") from None
+
+
 async def open_store(settings: Settings) -> SqliteStore:
     layout = DataLayout(settings.data_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +214,14 @@ class ArchivingService:
         self.reputation = ReputationLedger()
         self.learning: Learning | None = None
         self.quarantine: QuarantineService | None = None
+        # -- block lists fed by the edge (RTBLs, list files); the policy's rule consults them --
+        self.rtbl_config = build_rtbl_config(settings)
+        self.blocklist_files = build_blocklist_files(settings)
+        self.blocklist: BlockList | None = None
+        if self.rtbl_config is not None or self.blocklist_files:
+            self.blocklist = BlockList()
+        self.blocklist_watcher: BlocklistFileWatcher | None = None
+        self.rtbl: RtblSubscriber | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -166,9 +231,17 @@ class ArchivingService:
                 load_policy(settings.policy, domains),
                 trust=self.trust,
                 reputation=self.reputation,
+                blocklists=self.blocklist,
             )
         except PolicyError as exc:
             raise SettingsError(f"policy: {exc}") from None
+        if self.blocklist is not None and self.blocklist_files:
+            watcher = BlocklistFileWatcher(self.blocklist_files, self.blocklist)
+            try:
+                watcher.load_all()  # a missing or broken list stops start-up
+            except BlocklistFileError as exc:
+                raise SettingsError(f"blocklist_files: {exc}") from None
+            self.blocklist_watcher = watcher
         self.store = await open_store(settings)
         self.spool = await open_spool(settings, self.clock)
         self.indexer = Indexer(self.spool, self.store)
@@ -229,6 +302,12 @@ class ArchivingService:
         if settings.policy is not None:
             self.policy_watcher = PolicyFileWatcher(settings.policy, self.policy, domains)
             self.policy_watcher.start()
+        if self.blocklist_watcher is not None:
+            self.blocklist_watcher.start()
+        if self.rtbl_config is not None and self.blocklist is not None:
+            # Connects in the background: the proxy does not wait for the RTBL server.
+            self.rtbl = RtblSubscriber(self.rtbl_config, self.blocklist)
+            await self.rtbl.start()
         self.hook = DeliveryHook(self.pipeline, self.quarantine)
         self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.hook)
         self.quarantine.attach(self.proxy)
@@ -250,14 +329,18 @@ class ArchivingService:
         return self._local_cache[1]
 
     async def stop(self) -> None:
-        if self.quarantine is not None:  # first: its tasks write into sessions and the spool
-            await self.quarantine.stop()
         if hasattr(self, "proxy"):
             await self.proxy.stop()
+        if self.quarantine is not None:  # before the spool closes: its tasks append to it
+            await self.quarantine.stop()
         if self.attachments is not None:  # before the spool closes: it records results
             await self.attachments.stop()
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
+        if self.rtbl is not None:
+            await self.rtbl.stop()
+        if self.blocklist_watcher is not None:
+            await self.blocklist_watcher.stop()
         if self.learning is not None:  # before the store closes: it reads reported messages
             await self.learning.stop()
         if hasattr(self, "indexer"):

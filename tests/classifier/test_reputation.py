@@ -130,6 +130,12 @@ class TestRule:
         assert result.score == pytest.approx(2.0)
         assert "reported as spam by 1 reporter" in result.detail
 
+    def test_a_report_made_a_moment_ago_still_counts_as_one(self) -> None:
+        ledger = ledger_with("bob@corp.example", at_offset=timedelta(seconds=30))
+        result = ReputationRule(ledger).evaluate(make_ctx())
+        assert result is not None and result.action is Action.FLAG
+        assert result.score < 1.0
+
     def test_enough_reporters_quarantine(self) -> None:
         rule = ReputationRule(ledger_with("a@corp.example", "b@corp.example", "c@corp.example"))
         result = rule.evaluate(make_ctx())

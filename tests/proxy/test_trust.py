@@ -203,7 +203,7 @@ async def test_roster_result_pushes_and_correspondents_reach_the_context(
     assert s.decider.inbound("hi 2").sender_in_recipient_roster is True
 
     # Removing alice from the roster (a push with subscription='remove') forgets her.
-    s.bob.xmpp.del_roster_item(ALICE)
+    s.bob.xmpp.del_roster_item(ALICE)  # type: ignore[no-untyped-call]
     await eventually(lambda: s.trust.knows(BOB, ALICE, NOW) is False, "the removal push")
 
     # Whom bob writes to becomes his correspondent, roster or not.

@@ -284,7 +284,12 @@ async def test_release_through_the_cli_reaches_an_offline_recipient_at_next_logi
     back = await login(running, "bob", resource="laptop")
     copy = await back.next_message(TIMEOUT, where=lambda m: m.body == SPAM)
     assert_released_copy(copy, held, back.jid)
+    await running.service.quarantine.settle()  # type: ignore[union-attr]
     assert json.loads((running.data_dir / "review" / "pending-deliveries.json").read_text()) == []
+    await running.drain()
+    released = await running.store.get(held.record_id)
+    assert released is not None
+    assert [o.jid for o in released.observations if o.via is ObservationVia.RELEASE] == [back.jid]
     (status,) = await status_entries(running, held.record_id)
     assert (status.status, status.actor) == (RecordStatus.RELEASED, "olivia")
 
@@ -414,6 +419,29 @@ async def test_a_report_raises_the_senders_score_and_becomes_an_example(
     assert report is not None and report.reported_jid == EVE
     lines = (running.data_dir / "learning" / "examples.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["record_id"] == before.record_id
+
+    # An officer disagrees: the message was fine. The report stops counting against eve,
+    # and bob's reports weigh less from now on.
+    done = await asyncio.to_thread(
+        run_cli,
+        "label",
+        before.record_id,
+        "ham",
+        "--actor",
+        "olivia",
+        "--data-dir",
+        str(running.data_dir),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert running.service.reputation.weight(EVE, running.service.clock.now()) == (0.0, 0)
+    assert learning.examples.reporter_weight(BOB) == pytest.approx(0.5)
+    (label,) = learning.examples.effective()
+    assert (label.label, label.source, label.actor, label.record_id) == (
+        Label.HAM,
+        Source.OFFICER,
+        "olivia",
+        before.record_id,
+    )
 
 
 async def report_count_reaches(running: ArchivingProxy, count: int) -> bool:

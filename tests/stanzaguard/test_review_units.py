@@ -166,9 +166,7 @@ class TestExamples:
     def test_newest_officer_label_wins(self, tmp_path: Path) -> None:
         examples = LabelledExamples(tmp_path / "examples.jsonl")
         examples.append(example("olivia", "r1", label=Label.SPAM, source=Source.OFFICER))
-        examples.append(
-            example("oscar", "r1", label=Label.HAM, source=Source.OFFICER, minutes=1)
-        )
+        examples.append(example("oscar", "r1", label=Label.HAM, source=Source.OFFICER, minutes=1))
         (only,) = examples.effective()
         assert (only.actor, only.label) == ("oscar", Label.HAM)
         reloaded = LabelledExamples.load(examples.path)

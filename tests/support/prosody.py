@@ -392,6 +392,31 @@ class ProsodyServer:
         for user, password in users.items():
             self.register(user, password)
 
+    def register_on_host(self, host: str, user: str, password: str) -> str:
+        """Create ``user@host`` on another ``VirtualHost`` of this server; return the JID.
+
+        The host must be declared in the config (e.g. with ``extra_config``). Such accounts
+        are not in ``users``, which holds the main domain's.
+        """
+        self._hand_over_directory()
+        result = subprocess.run(
+            [self._prosodyctl, "--config", str(self.config_path), "register", user, host, password],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.directory,
+            user=self._run_user,
+            group=self._run_user,
+            extra_groups=[] if self._run_user else None,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"prosodyctl register {user} {host} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return f"{user}@{host}"
+
     # -- storage ---------------------------------------------------------------------------
 
     def store_path(self, store: str, user: str, ext: str, host: str | None = None) -> Path:
