@@ -20,17 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.c2s import C2SProxy  # noqa: E402
-from proxy.hook import PassThroughHook  # noqa: E402
-from stanzaguard.logs import configure_logging  # noqa: E402
-from stanzaguard.settings import load_settings, split_host_port  # noqa: E402
-from stanzaguard.wiring import build_proxy_config  # noqa: E402
+from proxy.c2s import C2SProxy
+from proxy.hook import PassThroughHook
+from stanzaguard.logs import configure_logging
+from stanzaguard.settings import load_settings, split_host_port
+from stanzaguard.wiring import build_proxy_config
 
 
 async def serve(args: argparse.Namespace) -> None:
     settings = load_settings(
-        None, domain=[args.domain], upstream=args.upstream, cert=Path(args.cert),
-        key=Path(args.key), listen=args.listen, listen_tls=args.listen_tls,
+        None,
+        domain=[args.domain],
+        upstream=args.upstream,
+        cert=Path(args.cert),
+        key=Path(args.key),
+        listen=args.listen,
+        listen_tls=args.listen_tls,
     )
     configure_logging(settings.log_level, settings.log_format)
     proxy = C2SProxy(build_proxy_config(settings), PassThroughHook())
@@ -51,12 +56,15 @@ def main() -> None:
     for name in ("--domain", "--upstream", "--cert", "--key", "--listen", "--listen-tls"):
         parser.add_argument(name, required=True)
     parser.add_argument(
-        "--ssl-buffer-kib", type=int, default=0,
+        "--ssl-buffer-kib",
+        type=int,
+        default=0,
         help="experiment: size of asyncio's per-TLS-connection read buffer "
         "(CPython 3.11 allocates SSLProtocol.max_size = 256 KiB per connection)",
     )
     parser.add_argument(
-        "--cprofile", metavar="FILE",
+        "--cprofile",
+        metavar="FILE",
         help="profile with cProfile on CPU time (time.thread_time) and dump stats here on exit",
     )
     args = parser.parse_args()

@@ -190,9 +190,20 @@ class Prosody:
     def register(self, user: str, password: str) -> None:
         self._chown()
         result = subprocess.run(
-            [self.prosodyctl, "--config", str(self.config_path), "register", user, self.domain,
-             password],
-            capture_output=True, text=True, timeout=60, cwd=self.directory, check=False,
+            [
+                self.prosodyctl,
+                "--config",
+                str(self.config_path),
+                "register",
+                user,
+                self.domain,
+                password,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.directory,
+            check=False,
             **self._as_user(),  # type: ignore[arg-type]
         )
         if result.returncode != 0:
@@ -203,8 +214,11 @@ class Prosody:
         with self.console_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.prosody, "--config", str(self.config_path), "-F"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.directory, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                start_new_session=True,
                 **self._as_user(),  # type: ignore[arg-type]
             )
         wait_for_port(self.port, self.proc, 20.0, self.console_path)
@@ -216,8 +230,9 @@ class Prosody:
 
     def version(self) -> str:
         try:
-            out = subprocess.run([self.prosodyctl, "about"], capture_output=True, text=True,
-                                 timeout=20, check=False).stdout
+            out = subprocess.run(
+                [self.prosodyctl, "about"], capture_output=True, text=True, timeout=20, check=False
+            ).stdout
         except OSError:
             return "unknown"
         for line in out.splitlines():
@@ -252,11 +267,18 @@ class Proxy:
 
     def argv(self) -> list[str]:
         common = [
-            "--domain", self.domain,
-            "--upstream", f"{LOOPBACK}:{self.upstream_port}",
-            "--cert", str(self.cert), "--key", str(self.key),
-            "--listen", f"{LOOPBACK}:{self.port}",
-            "--listen-tls", f"{LOOPBACK}:{self.tls_port}",
+            "--domain",
+            self.domain,
+            "--upstream",
+            f"{LOOPBACK}:{self.upstream_port}",
+            "--cert",
+            str(self.cert),
+            "--key",
+            str(self.key),
+            "--listen",
+            f"{LOOPBACK}:{self.port}",
+            "--listen-tls",
+            f"{LOOPBACK}:{self.tls_port}",
         ]
         if self.kind == "passthrough":
             runner = Path(__file__).resolve().parent / "_passthrough_proxy.py"
@@ -273,8 +295,13 @@ class Proxy:
         env["PYTHONPATH"] = str(REPO)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.directory, env=env, start_new_session=True,
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                env=env,
+                start_new_session=True,
             )
         wait_for_port(self.port, self.proc, 30.0, self.log_path)
 

@@ -21,7 +21,7 @@ from xml.parsers import expat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.stream import Element, Framer  # noqa: E402
+from proxy.stream import Element, Framer
 
 HEADER = (
     b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
@@ -104,8 +104,10 @@ def main() -> int:
         ("Framer.feed (+ is_stanza check)", timed(framer, args.repeats)),
     ]
     assert frames_seen[0] == n, frames_seen
-    print(f"{n} stanzas of {len(STANZA % (1, 1))} bytes, fed in {args.chunk}-byte chunks; "
-          f"Python {sys.version.split()[0]}, expat {expat.EXPAT_VERSION}")
+    print(
+        f"{n} stanzas of {len(STANZA % (1, 1))} bytes, fed in {args.chunk}-byte chunks; "
+        f"Python {sys.version.split()[0]}, expat {expat.EXPAT_VERSION}"
+    )
     for label, seconds in rows:
         print(f"  {label:34} {seconds / n * 1e6:6.2f} us/stanza")
     return 0

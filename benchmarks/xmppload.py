@@ -149,19 +149,20 @@ async def connect(
     resource: str = "load",
     tls: str = "starttls",
     presence: bool = False,
-    timeout: float = 20.0,
+    setup_s: float = 20.0,
 ) -> Session:
     """Open a bound session. ``tls`` is "starttls", "direct" or "none"."""
     context = insecure_context()
     if tls == "direct":
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context, server_hostname=domain), timeout
+            asyncio.open_connection(host, port, ssl=context, server_hostname=domain), setup_s
         )
     else:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), setup_s)
     try:
-        return await _negotiate(reader, writer, user, password, domain, resource, tls, presence,
-                                timeout)
+        return await _negotiate(
+            reader, writer, user, password, domain, resource, tls, presence, setup_s
+        )
     except BaseException:
         writer.close()
         raise
@@ -176,9 +177,9 @@ async def _negotiate(
     resource: str,
     tls: str,
     presence: bool,
-    timeout: float,
+    setup_s: float,
 ) -> Session:
-    n = _Negotiator(reader, writer, timeout)
+    n = _Negotiator(reader, writer, setup_s)
     header = STREAM_HEADER.format(domain=domain)
     n.send(header)
     features, _ = await n.until(FEATURES_END)
@@ -235,18 +236,19 @@ class Receipt:
     progress: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def receive(session: Session, expected: int, receipt: Receipt, *, paced: bool,
-                  timeout: float) -> Receipt:
-    """Read until ``expected`` messages arrived (or nothing arrived for ``timeout`` s)."""
+async def receive(
+    session: Session, expected: int, receipt: Receipt, *, paced: bool, stall_s: float
+) -> Receipt:
+    """Read until ``expected`` messages arrived (or nothing arrived for ``stall_s`` s)."""
     reader = session.reader
     tail = b""
     buf = b""
     while receipt.count < expected:
         try:
-            data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
+            data = await asyncio.wait_for(reader.read(READ_SIZE), stall_s)
         except TimeoutError:
             raise XmppError(
-                f"receiver stalled: {receipt.count} of {expected} messages after {timeout}s"
+                f"receiver stalled: {receipt.count} of {expected} messages after {stall_s}s"
             ) from None
         now = time.monotonic_ns()
         if not data:
@@ -277,9 +279,7 @@ async def receive(session: Session, expected: int, receipt: Receipt, *, paced: b
 
 
 def _burst_template(to: str) -> bytes:
-    return (
-        f"<message to='{to}' type='chat' id='m%d'><body>{BODY} %d</body></message>"
-    ).encode()
+    return (f"<message to='{to}' type='chat' id='m%d'><body>{BODY} %d</body></message>").encode()
 
 
 async def send_burst(
@@ -321,10 +321,8 @@ async def send_paced(session: Session, to: str, count: int, rate: float) -> int:
         if due > now:
             await asyncio.sleep((due - now) / 1e9)
         ts = time.monotonic_ns()
-        writer.write(
-            f"<message to='{to}' type='chat' id='L{i}_{ts}'><body>{BODY} {i}</body></message>"
-            .encode()
-        )
+        stanza = f"<message to='{to}' type='chat' id='L{i}_{ts}'><body>{BODY} {i}</body></message>"
+        writer.write(stanza.encode())
         if writer.transport.get_write_buffer_size() > 64 * 1024:
             await writer.drain()
     await writer.drain()
@@ -365,12 +363,17 @@ def latency_summary(latencies_ns: Iterable[int]) -> dict[str, float]:
 
 
 async def run_burst(
-    sender: Session, receiver: Session, to: str, count: int, *, window: int = 0,
-    batch: int = 64, timeout: float = 30.0,
+    sender: Session,
+    receiver: Session,
+    to: str,
+    count: int,
+    *,
+    window: int = 0,
+    batch: int = 64,
+    stall_s: float = 30.0,
 ) -> RunResult:
     receipt = Receipt()
-    recv_task = asyncio.create_task(receive(receiver, count, receipt, paced=False,
-                                            timeout=timeout))
+    recv_task = asyncio.create_task(receive(receiver, count, receipt, paced=False, stall_s=stall_s))
     try:
         start = await send_burst(sender, to, count, batch=batch, window=window, receipt=receipt)
         await recv_task
@@ -381,12 +384,16 @@ async def run_burst(
 
 
 async def run_paced(
-    sender: Session, receiver: Session, to: str, count: int, rate: float, *,
-    timeout: float = 30.0,
+    sender: Session,
+    receiver: Session,
+    to: str,
+    count: int,
+    rate: float,
+    *,
+    stall_s: float = 30.0,
 ) -> RunResult:
     receipt = Receipt()
-    recv_task = asyncio.create_task(receive(receiver, count, receipt, paced=True,
-                                            timeout=timeout))
+    recv_task = asyncio.create_task(receive(receiver, count, receipt, paced=True, stall_s=stall_s))
     try:
         start = await send_paced(sender, to, count, rate)
         await recv_task
@@ -394,8 +401,13 @@ async def run_paced(
         recv_task.cancel()
     seconds = (receipt.last_ns - start) / 1e9
     return RunResult(
-        "paced", count, receipt.count, seconds, receipt.count / seconds,
-        latency_summary(receipt.latencies_ns), receipt.latencies_ns,
+        "paced",
+        count,
+        receipt.count,
+        seconds,
+        receipt.count / seconds,
+        latency_summary(receipt.latencies_ns),
+        receipt.latencies_ns,
     )
 
 
@@ -409,10 +421,19 @@ def _credentials(value: str) -> tuple[str, str]:
 async def _main(args: argparse.Namespace) -> dict[str, object]:
     s_user, s_pass = args.sender
     r_user, r_pass = args.receiver
-    receiver = await connect(args.host, args.port, r_user, r_pass, domain=args.domain,
-                             resource="recv", tls=args.tls, presence=True)
-    sender = await connect(args.host, args.port, s_user, s_pass, domain=args.domain,
-                           resource="send", tls=args.tls)
+    receiver = await connect(
+        args.host,
+        args.port,
+        r_user,
+        r_pass,
+        domain=args.domain,
+        resource="recv",
+        tls=args.tls,
+        presence=True,
+    )
+    sender = await connect(
+        args.host, args.port, s_user, s_pass, domain=args.domain, resource="send", tls=args.tls
+    )
     try:
         to = f"{r_user}@{args.domain}"
         if args.rate:
