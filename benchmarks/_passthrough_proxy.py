@@ -24,7 +24,7 @@ from proxy.c2s import C2SProxy
 from proxy.hook import PassThroughHook
 from stanzaguard.logs import configure_logging
 from stanzaguard.settings import load_settings, split_host_port
-from stanzaguard.wiring import build_proxy_config
+from stanzaguard.wiring import build_proxy_config, tune_tls_buffers
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -38,6 +38,8 @@ async def serve(args: argparse.Namespace) -> None:
         listen_tls=args.listen_tls,
     )
     configure_logging(settings.log_level, settings.log_format)
+    if not args.ssl_buffer_kib:
+        tune_tls_buffers(settings)  # what `stanzaguard run` does
     proxy = C2SProxy(build_proxy_config(settings), PassThroughHook())
     await proxy.start(split_host_port(args.listen), split_host_port(args.listen_tls))
     stop = asyncio.Event()
@@ -60,7 +62,7 @@ def main() -> None:
         type=int,
         default=0,
         help="experiment: size of asyncio's per-TLS-connection read buffer "
-        "(CPython 3.11 allocates SSLProtocol.max_size = 256 KiB per connection)",
+        "(default: the tls_buffer_bytes setting, as `stanzaguard run`; CPython's own is 256)",
     )
     parser.add_argument(
         "--cprofile",

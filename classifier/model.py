@@ -34,10 +34,11 @@ is a few dictionary look-ups plus about twenty numpy operations on a few hundred
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any, Final
@@ -75,7 +76,7 @@ _MASK32: Final = 0xFFFFFFFF
 # Caches are cleared wholesale when full: cheaper per call than LRU bookkeeping, and a
 # refill costs only the first sighting of each word again.
 _WORD_CACHE_MAX: Final = 200_000
-_PAIR_CACHE_MAX: Final = 200_000
+_BIGRAM_CACHE_MAX: Final = 200_000
 _TF_TABLE: Final = 4096
 # Words longer than this are not cached (hostile input must not fill memory).
 _CACHEABLE_WORD_CHARS: Final = 64
@@ -129,7 +130,8 @@ class FeatureConfig:
                 f"features.char_ngrams must be [low, high] with 1 <= low <= high <= {MAX_NGRAM}"
             )
         if len(self.block_weights) != len(Block) or not all(
-            isinstance(w, float) and math.isfinite(w) and 0.0 <= w <= 1e3 for w in self.block_weights
+            isinstance(w, float) and math.isfinite(w) and 0.0 <= w <= 1e3
+            for w in self.block_weights
         ):
             raise ModelError(f"features.block_weights must be {len(Block)} numbers in [0, 1000]")
         if not isinstance(self.max_chars, int) or not 1 <= self.max_chars <= MAX_MAX_CHARS:
@@ -155,7 +157,9 @@ class FeatureConfig:
         if not isinstance(data, Mapping):
             raise ModelError("metadata 'features' must be an object")
         if data.get("hash") != HASH_NAME:
-            raise ModelError(f"unsupported feature hash {data.get('hash')!r}; expected {HASH_NAME!r}")
+            raise ModelError(
+                f"unsupported feature hash {data.get('hash')!r}; expected {HASH_NAME!r}"
+            )
         known = {"bits", "word_ngrams", "char_ngrams", "block_weights", "sublinear_tf", "max_chars"}
         unknown = set(data) - known - {"hash"}
         if unknown:
@@ -256,6 +260,7 @@ class Featurizer:
         # The per-text shape features come from a small closed set: hash them once.
         self.length_codes = [self.ngram_code(Block.SHAPE, f"chars:{i}") for i in range(9)]
         self.count_codes = [self.ngram_code(Block.SHAPE, f"words:{i}") for i in range(9)]
+        self.caps_code = self.ngram_code(Block.SHAPE, "caps")
 
     def ngram_code(self, block: Block, feature: str) -> int:
         """The code of one feature string in ``block``."""
@@ -266,36 +271,48 @@ class Featurizer:
         bucket = self._bases[block] | (mixed >> self._bucket_shift)
         return (bucket << 1) | ((mixed >> self._sign_shift) & 1)
 
-    def word_codes(self, word: str) -> tuple[list[int], list[str]]:
-        """Codes of one whitespace-separated word's features, and its tokens.
+    def codes(self, block: Block, features: Iterable[str]) -> list[int]:
+        """`ngram_code` of many features (the same arithmetic, without per-call overhead)."""
+        crc = zlib.crc32
+        seed = _SEEDS[block]
+        base = self._bases[block]
+        bucket_shift = self._bucket_shift
+        sign_shift = self._sign_shift
+        out: list[int] = []
+        append = out.append
+        for feature in features:
+            mixed = (crc(feature.encode("utf-8", "surrogatepass"), seed) * _FIB32) & _MASK32
+            append(((base | (mixed >> bucket_shift)) << 1) | ((mixed >> sign_shift) & 1))
+        return out
+
+    def word_codes(self, lower: str) -> tuple[list[int], list[str]]:
+        """Codes of one lowercased whitespace-separated word's features, and its tokens.
 
         Includes the token bigrams inside the word ("£100!" -> "£ 100", "100 !"), not those
-        spanning two words (see `text_codes`).
+        spanning two words, nor ``caps`` (which needs the original case).
         """
-        lower = word.lower()
-        code = self.ngram_code
-        codes: list[int] = []
         low, high = self._char_n
         padded = f" {lower} "
         size = len(padded)
+        grams: list[str] = []
         for n in range(low, high + 1):
             if n == 1:
-                # The padding spaces are not features of their own.
-                codes.extend(code(Block.CHAR, ch) for ch in lower)
+                grams.extend(lower)  # the padding spaces are not features of their own
             else:
-                codes.extend(code(Block.CHAR, padded[i : i + n]) for i in range(size - n + 1))
+                grams.extend([padded[i : i + n] for i in range(size - n + 1)])
+        codes = self.codes(Block.CHAR, grams)
         tokens = _TOKEN.findall(lower)
         if self._unigrams:
-            codes.extend(code(Block.WORD, token) for token in tokens)
-        if self.bigrams:
-            codes.extend(code(Block.WORD, f"{a} {b}") for a, b in zip(tokens, tokens[1:], strict=False))
-        codes.extend(code(Block.SHAPE, f"digits:{min(len(run), 8)}") for run in _DIGITS.findall(lower))
-        if len(word) >= 2 and word.isupper():
-            codes.append(code(Block.SHAPE, "caps"))
+            codes += self.codes(Block.WORD, tokens)
+        if self.bigrams and len(tokens) > 1:
+            codes += self.codes(Block.WORD, [f"{a} {b}" for a, b in itertools.pairwise(tokens)])
+        shapes = [f"digits:{min(len(run), 8)}" for run in _DIGITS.findall(lower)]
         if _URL.search(lower):
-            codes.append(code(Block.SHAPE, "url"))
+            shapes.append("url")
         if not _CURRENCY.isdisjoint(lower):
-            codes.append(code(Block.SHAPE, "money"))
+            shapes.append("money")
+        if shapes:
+            codes += self.codes(Block.SHAPE, shapes)
         return codes, tokens
 
     def text_shape_codes(self, n_chars: int, n_words: int) -> tuple[int, int]:
@@ -305,27 +322,27 @@ class Featurizer:
     def occurrences(self, text: str) -> INT64:
         """Every feature occurrence of ``text`` as a code, for building the training matrix.
 
-        Written independently of `TextModel`'s cached path (bigrams over the whole token
-        list here, per word and across word boundaries there), so that tests comparing the
-        two check the cache logic too.
+        Written independently of `TextModel`'s cached path (whole-text token bigrams here;
+        per word and across word boundaries there), so tests comparing the two check the
+        cache logic too.
         """
         text = text[: self.config.max_chars]
         words = text.split()
         codes: list[int] = []
         tokens: list[str] = []
+        low, high = self._char_n
         for word in words:
             lower = word.lower()
             padded = f" {lower} "
-            low, high = self._char_n
             for n in range(low, high + 1):
-                grams = list(lower) if n == 1 else [padded[i : i + n] for i in range(len(padded) - n + 1)]
-                codes.extend(self.ngram_code(Block.CHAR, g) for g in grams)
-            word_tokens = _TOKEN.findall(lower)
-            tokens.extend(word_tokens)
-            codes.extend(
-                self.ngram_code(Block.SHAPE, f"digits:{min(len(run), 8)}")
-                for run in _DIGITS.findall(lower)
-            )
+                if n == 1:
+                    codes += self.codes(Block.CHAR, lower)
+                else:
+                    grams = [padded[i : i + n] for i in range(len(padded) - n + 1)]
+                    codes += self.codes(Block.CHAR, grams)
+            tokens += _TOKEN.findall(lower)
+            for run in _DIGITS.findall(lower):
+                codes.append(self.ngram_code(Block.SHAPE, f"digits:{min(len(run), 8)}"))
             if len(word) >= 2 and word.isupper():
                 codes.append(self.ngram_code(Block.SHAPE, "caps"))
             if _URL.search(lower):
@@ -333,9 +350,11 @@ class Featurizer:
             if not _CURRENCY.isdisjoint(lower):
                 codes.append(self.ngram_code(Block.SHAPE, "money"))
         if self._unigrams:
-            codes.extend(self.ngram_code(Block.WORD, t) for t in tokens)
+            codes += self.codes(Block.WORD, tokens)
         if self.bigrams:
-            codes.extend(self.ngram_code(Block.WORD, " ".join(tokens[i : i + 2])) for i in range(len(tokens) - 1))
+            codes += self.codes(
+                Block.WORD, [" ".join(tokens[i : i + 2]) for i in range(len(tokens) - 1)]
+            )
         codes.extend(self.text_shape_codes(len(text), len(words)))
         return np.array(codes, dtype=np.int64)
 
@@ -360,14 +379,11 @@ def idf_from_df(df: npt.NDArray[np.integer[Any]], n_docs: int) -> FLOAT64:
 
 @dataclass(frozen=True, slots=True)
 class _Word:
-    """What scoring needs of one word, computed once per distinct word."""
+    """What scoring needs of one lowercased word, computed once per distinct word."""
 
     codes: INT64  # compact codes (slot * 2 + sign bit) of its features in seen buckets
     first: str  # first and last token, for the bigram that spans into the next word
     last: str
-
-
-_NO_TOKEN = ""
 
 
 @dataclass(eq=False)
@@ -412,16 +428,19 @@ class TextModel:
         self._idf_w[1:-1:2] = -idf_w
         self._block = np.zeros(2 * n + 1, dtype=np.intp)
         self._block[:-1] = np.repeat((self.buckets.astype(np.int64) >> self.features.bits), 2)
+        # Global bucket -> slot. A dict, because cache misses look buckets up one by one and
+        # a dict look-up costs a fraction of a numpy call.
+        self._slot: dict[int, int] = dict(zip(self.buckets.tolist(), range(n), strict=True))
         # Sentinel codes below and above every real one make the run-length step branch-free.
         self._high = 2 * n
         # 1 + log(count) for every count a message of fewer codes can have: a look-up is
         # cheaper than the log itself.
         self._tf = tf_weight(np.arange(_TF_TABLE, dtype=np.int64), self.features.sublinear_tf)
         self._words: dict[str, _Word] = {}
-        self._pairs: dict[tuple[str, str], int] = {}
-        self._empty = np.empty(0, dtype=np.int64)
+        self._bigrams: dict[str, int] = {}
         self._length = [self._compact(c) for c in self._featurizer.length_codes]
         self._count = [self._compact(c) for c in self._featurizer.count_codes]
+        self._caps = self._compact(self._featurizer.caps_code)
         self._slope, self._offset = self.calibration
         self._max_chars = self.features.max_chars
         self._bigrams_on = self._featurizer.bigrams
@@ -439,26 +458,28 @@ class TextModel:
         """The linear model's decision value (``intercept + weights . x``)."""
         text = text[: self._max_chars]
         words = text.split()
+        # lower() never makes or removes whitespace (checked over all of Unicode, and the
+        # final-sigma rule does not look across it), so both splits align word by word.
+        lowers = text.lower().split()
         cache = self._words
         try:
-            entries = [cache[word] for word in words]
+            entries = [cache[word] for word in lowers]
         except KeyError:
-            entries = [cache.get(word) or self._word_entry(word) for word in words]
+            entries = [cache.get(word) or self._word_entry(word) for word in lowers]
         parts = [entry.codes for entry in entries]
         extra = [-1, self._high, self._length[min(len(text) // 20, 8)]]
         extra.append(self._count[min(len(words) // 4, 8)])
-        if self._bigrams_on and len(words) > 1:
-            # The token bigram spanning each pair of adjacent words, cached per word pair.
-            pairs = self._pairs
+        caps = sum(1 for word in words if len(word) > 1 and word.isupper())
+        if caps:
+            extra += [self._caps] * caps
+        if self._bigrams_on and len(entries) > 1:
+            # The token bigram spanning each pair of adjacent words.
+            grams = [f"{a.last} {b.first}" for a, b in itertools.pairwise(entries)]
+            bigrams = self._bigrams
             try:
-                extra.extend([pairs[pair] for pair in zip(words, words[1:], strict=False)])
+                extra += [bigrams[gram] for gram in grams]
             except KeyError:
-                extra.extend(
-                    [
-                        self._pair(words[i], words[i + 1], entries[i], entries[i + 1])
-                        for i in range(len(words) - 1)
-                    ]
-                )
+                extra += [self._bigram(gram) for gram in grams]
         parts.append(np.array(extra, dtype=np.int64))
         return self._decision_from_codes(np.concatenate(parts))
 
@@ -472,10 +493,8 @@ class TextModel:
         if unique.size == 0:
             return self.intercept
         counts = run_ends - ends[:-1]
-        if codes.size < self._tf.size:
-            tf = self._tf[counts]
-        else:
-            tf = self._tf_of(counts)
+        # A message with fewer codes than the table has no count beyond it.
+        tf = self._tf[counts] if codes.size < self._tf.size else self._tf_of(counts)
         value = tf * self._idf[unique]
         blocks = self._block[unique]
         dots = np.bincount(blocks, tf * self._idf_w[unique], minlength=3).tolist()
@@ -499,47 +518,32 @@ class TextModel:
 
     def _compact(self, code: int) -> int:
         """Global code -> compact code (slot * 2 + sign bit), or -1 for an unseen bucket."""
-        bucket = code >> 1
-        slot = int(np.searchsorted(self.buckets, bucket))
-        if slot < self.buckets.size and int(self.buckets[slot]) == bucket:
-            return (slot << 1) | (code & 1)
-        return -1
+        slot = self._slot.get(code >> 1)
+        return -1 if slot is None else (slot << 1) | (code & 1)
 
-    def _pair(self, left: str, right: str, left_entry: _Word, right_entry: _Word) -> int:
-        """Compact code of the bigram spanning two adjacent words (-1: unseen)."""
-        pair = (left, right)
-        compact = self._pairs.get(pair)
+    def _bigram(self, gram: str) -> int:
+        compact = self._bigrams.get(gram)
         if compact is None:
-            if left_entry.last and right_entry.first:
-                gram = f"{left_entry.last} {right_entry.first}"
-                compact = self._compact(self._featurizer.ngram_code(Block.WORD, gram))
-            else:
-                compact = -1
-            if len(left) + len(right) <= 2 * _CACHEABLE_WORD_CHARS:
-                if len(self._pairs) >= _PAIR_CACHE_MAX:
-                    self._pairs.clear()
-                self._pairs[pair] = compact
+            compact = self._compact(self._featurizer.ngram_code(Block.WORD, gram))
+            if len(gram) <= 2 * _CACHEABLE_WORD_CHARS:
+                if len(self._bigrams) >= _BIGRAM_CACHE_MAX:
+                    self._bigrams.clear()
+                self._bigrams[gram] = compact
         return compact
 
-    def _word_entry(self, word: str) -> _Word:
-        raw, tokens = self._featurizer.word_codes(word)
-        codes = np.array(raw, dtype=np.int64)
-        buckets = codes >> 1
-        if self.buckets.size:
-            slots = np.minimum(np.searchsorted(self.buckets, buckets), self.buckets.size - 1)
-            seen = self.buckets[slots] == buckets
-            compact = (slots[seen].astype(np.int64) << 1) | (codes[seen] & 1)
-        else:
-            compact = self._empty
-        # A word always has a token (every non-space character is in one), but a model
-        # must not fail on a surprise: an empty token list just ends the bigram chain.
-        first = tokens[0] if tokens else _NO_TOKEN
-        last = tokens[-1] if tokens else _NO_TOKEN
-        entry = _Word(compact, first, last)
-        if len(word) <= _CACHEABLE_WORD_CHARS:
+    def _word_entry(self, lower: str) -> _Word:
+        raw, tokens = self._featurizer.word_codes(lower)
+        slot_of = self._slot.get
+        compact = [
+            (slot << 1) | (code & 1) for code in raw if (slot := slot_of(code >> 1)) is not None
+        ]
+        # Every non-empty run of non-space characters holds at least one token (a \w run or
+        # a single other character), so both ends exist.
+        entry = _Word(np.array(compact, dtype=np.int64), tokens[0], tokens[-1])
+        if len(lower) <= _CACHEABLE_WORD_CHARS:
             if len(self._words) >= _WORD_CACHE_MAX:
                 self._words.clear()
-            self._words[word] = entry
+            self._words[lower] = entry
         return entry
 
     # -- serialisation ------------------------------------------------------------------
@@ -567,7 +571,9 @@ class TextModel:
         return arrays, metadata
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, npt.NDArray[Any]], metadata: Mapping[str, Any]) -> TextModel:
+    def from_arrays(
+        cls, arrays: Mapping[str, npt.NDArray[Any]], metadata: Mapping[str, Any]
+    ) -> TextModel:
         """Rebuild a model from `to_arrays` output; `ModelError` says what is wrong."""
         if not isinstance(metadata, Mapping):
             raise ModelError("metadata must be a JSON object")
@@ -575,7 +581,9 @@ class TextModel:
             raise ModelError(f"metadata 'format' must be {FORMAT_NAME!r}")
         version = metadata.get("version")
         if version != FORMAT_VERSION:
-            raise ModelError(f"unsupported model version {version!r}; this build reads {FORMAT_VERSION}")
+            raise ModelError(
+                f"unsupported model version {version!r}; this build reads {FORMAT_VERSION}"
+            )
         features = FeatureConfig.from_json(metadata.get("features"))
         thresholds = Thresholds.from_json(metadata.get("thresholds"))
         expected = {"buckets", "df", "weights", "intercept", "calibration", "n_docs"}
@@ -654,7 +662,9 @@ def _validate(model: TextModel) -> None:
         raise ModelError("n_docs must be a positive integer")
     if df.size and (int(df.min()) < 1 or int(df.max()) > model.n_docs):
         raise ModelError("array 'df' must hold document counts in [1, n_docs]")
-    if not bool(np.all(np.isfinite(weights))) or (weights.size and float(np.abs(weights).max()) > 1e6):
+    if not bool(np.all(np.isfinite(weights))) or (
+        weights.size and float(np.abs(weights).max()) > 1e6
+    ):
         raise ModelError("array 'weights' must hold finite numbers within ±1e6")
     numbers = (model.intercept, *model.calibration)
     if len(model.calibration) != 2 or not all(

@@ -189,7 +189,9 @@ class HashedCorpus:
             doc_buckets=_concat(buckets, np.int64),
         )
 
-    def _gather(self, indptr: IntArray, data: npt.NDArray[Any], rows: IntArray) -> tuple[npt.NDArray[Any], IntArray]:
+    def _gather(
+        self, indptr: IntArray, data: npt.NDArray[Any], rows: IntArray
+    ) -> tuple[npt.NDArray[Any], IntArray]:
         starts = indptr[rows]
         lengths = indptr[rows + 1] - starts
         row_of = np.repeat(np.arange(rows.size), lengths)
@@ -569,9 +571,7 @@ def cross_validate(
             if progress is not None:
                 progress(done, total, f"fold {k + 1}/{config.folds}: {what}")
 
-        fitted = _fit_rows(
-            corpus, y, groups, train_rows.astype(np.int64), config, tick, {}
-        )
+        fitted = _fit_rows(corpus, y, groups, train_rows.astype(np.int64), config, tick, {})
         model = fitted.model
         p = np.array([model.score(texts[i]) for i in test_rows], dtype=np.float64)
         proba[test_rows] = p

@@ -96,7 +96,7 @@ class Leg:
 
     def flush(self) -> None:
         if self.out and not self.closed:
-            metrics.BYTES.labels(self.direction.value).inc(len(self.out))
+            metrics.BYTES_BY[self.direction].inc(len(self.out))
             self.writer.write(bytes(self.out))
         self.out.clear()
 
@@ -279,7 +279,7 @@ class ClientSession:
             raise ConnectionResetError("client closed the connection")
         now = time.monotonic()
         self.last_client_read = now
-        metrics.BYTES.labels(Direction.FROM_CLIENT.value).inc(len(data))
+        metrics.BYTES_BY[Direction.FROM_CLIENT].inc(len(data))
         frames = self.client_framer.feed(data)
         if self.client_framer.buffered:
             if self.partial_since is None:
@@ -522,7 +522,7 @@ class ClientSession:
         else:
             if element.is_stanza:
                 # Stanzas before authentication (rare: iq register) are not the hook's.
-                metrics.STANZAS.labels(Direction.FROM_CLIENT.value).inc()
+                metrics.STANZAS_BY[Direction.FROM_CLIENT].inc()
             server.push(element.data)
 
     async def _server_element(self, element: Element) -> None:
@@ -545,7 +545,7 @@ class ClientSession:
             self.client.push(await self._sm_from_server(element))
         else:
             if element.is_stanza:
-                metrics.STANZAS.labels(Direction.TO_CLIENT.value).inc()
+                metrics.STANZAS_BY[Direction.TO_CLIENT].inc()
             self.client.push(element.data)
 
     def _authenticated(self) -> None:
@@ -600,26 +600,31 @@ class ClientSession:
         ledger: DirectionLedger | None,
     ) -> None:
         assert forward is not None
-        counter = metrics.STANZAS.labels(forward.direction.value)
+        forwarded = dropped = 0
         for element, decision in zip(batch, decisions, strict=True):
             if decision.kind == DecisionKind.PASS:
                 forward.push(element.data)
-                counter.inc()
+                forwarded += 1
                 if ledger is not None:
                     ledger.forwarded()
             elif decision.kind == DecisionKind.REPLACE:
                 forward.push(decision.replacement or element.data)
-                counter.inc()
+                forwarded += 1
                 if ledger is not None:
                     ledger.forwarded()
             else:
-                metrics.DROPPED.labels(forward.direction.value).inc()
+                dropped += 1
                 if ledger is not None:
                     ledger.dropped()
             for data in decision.inject_to_client:
                 self.inject(Direction.TO_CLIENT, data)
             for data in decision.inject_to_server:
                 self.inject(Direction.FROM_CLIENT, data)
+        # One increment per batch: each takes a lock.
+        if forwarded:
+            metrics.STANZAS_BY[forward.direction].inc(forwarded)
+        if dropped:
+            metrics.DROPPED_BY[forward.direction].inc(dropped)
 
     def inject(self, direction: Direction, data: bytes) -> None:
         """Send a stanza of the proxy's own into one leg, keeping the SM counts right."""
@@ -632,7 +637,7 @@ class ClientSession:
             self.server.push(data)
             if self.sm is not None:
                 self.sm.to_server.injected(data)
-        metrics.INJECTED.labels(direction.value).inc()
+        metrics.INJECTED_BY[direction].inc()
 
     # -- XEP-0198 -----------------------------------------------------------------------
 

@@ -99,7 +99,12 @@ class Element:
                 for prefix, uri in self.namespaces.items()
             )
             wrapper = b"<w " + decls.encode() + b">" + self.data + b"</w>"
-            self._tree = ET.fromstring(wrapper)[0]  # noqa: S314 - expat already vetted it
+            try:
+                self._tree = ET.fromstring(wrapper)[0]  # noqa: S314 - expat already vetted it
+            except ET.ParseError as exc:
+                # The framer checks well-formedness but not prefixes inside a stanza (that
+                # would cost a callback per element); an undeclared one surfaces here.
+                raise FramingError("not-well-formed", f"stanza does not parse: {exc}") from None
         return self._tree
 
 

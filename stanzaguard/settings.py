@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     auth_timeout: float = Field(60.0, gt=0, description="Seconds to authenticate.")
     idle_timeout: float = Field(600.0, gt=0, description="Seconds without client bytes.")
     stanza_timeout: float = Field(30.0, gt=0, description="Seconds to finish one element.")
+    tls_buffer_bytes: int = Field(
+        16 * 1024,
+        ge=16 * 1024,
+        le=256 * 1024,
+        description="asyncio's per-connection TLS read buffer (Python's default: 256 KiB).",
+    )
     max_sessions: int = Field(50_000, ge=1)
     metrics_listen: HostPort | None = Field(
         None, description="Serve Prometheus metrics on HOST:PORT (/metrics)."

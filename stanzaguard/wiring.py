@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import logging
 import signal
@@ -73,6 +74,16 @@ class DataLayout:
 
     def evidence(self, settings: Settings) -> Path:
         return settings.evidence_dir or self.root / "evidence"
+
+
+def tune_tls_buffers(settings: Settings) -> None:
+    """Shrink asyncio's TLS read buffer, allocated zero-filled for every connection.
+
+    Python 3.11 gives each TLS connection a 256 KiB buffer (`SSLProtocol.max_size`): with
+    50,000 idle clients that is 12 GiB. A TLS record is at most 16 KiB, so a 16 KiB buffer
+    costs at most extra reads, never data. Measured: 326 → 86 KiB per idle connection.
+    """
+    asyncio.sslproto.SSLProtocol.max_size = settings.tls_buffer_bytes
 
 
 def build_proxy_config(settings: Settings) -> ProxyConfig:
@@ -202,6 +213,7 @@ class ArchivingService:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        tune_tls_buffers(settings)
         self.proxy_config = build_proxy_config(settings)
         self.fetcher_config = build_fetcher_config(settings)
         self.attachments: AttachmentFetcher | None = None

@@ -1,0 +1,75 @@
+"""`stanzaguard train` and `stanzaguard evaluate` on a small synthetic data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from stanzaguard.cli import app
+from stanzaguard.models import load_model
+from tests.support.textdata import synthetic_corpus
+
+
+def write_jsonl(path: Path) -> Path:
+    lines = [
+        json.dumps({"label": "spam" if label else "ham", "text": text})
+        for text, label in synthetic_corpus()
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_train_then_evaluate(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl")
+    runner = CliRunner()
+    out = tmp_path / "model"
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--format", "jsonl", "--out", str(out), "--folds", "3"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "spam caught" in result.output
+    model = load_model(out)
+    training = model.info["training"]
+    assert training["data"]["format"] == "jsonl"
+    assert training["data"]["rows"] == len(synthetic_corpus())
+    assert training["command"].startswith("stanzaguard train --data ")
+    assert model.info["metrics"]["block"]["tp"] > 0
+    assert 0 < model.thresholds.block <= 1
+
+    report = tmp_path / "report"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--format",
+            "jsonl",
+            "--report",
+            str(report),
+            "--model",
+            str(out),
+            "--folds",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "MCC" in result.output and "given model as is" in result.output
+    written = json.loads((report / "evaluation.json").read_text())
+    assert written["metrics"]["samples"] == len(synthetic_corpus())
+    assert written["data"]["sha256"] == training["data"]["sha256"]
+    assert written["given_model"]["block"]["tp"] > 0
+    assert (report / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "bad.txt"
+    data.write_text("ham\tfine\nspam without a tab\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["evaluate", "--data", str(data), "--report", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "bad.txt:2: no tab" in result.output
