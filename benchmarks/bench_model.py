@@ -25,7 +25,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,24 +39,30 @@ from stanzaguard.datasets import load_dataset
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "SMSSpamCollection"
 
 
-def per_call(fn: Callable[[int], object], n: int) -> tuple[list[float], float]:
-    """Microseconds of each call ``fn(i)`` for i in range(n), and the loop's total seconds."""
+Run = tuple[list[float], float, float]
+
+
+def per_call(fn: Callable[[int], object], n: int) -> Run:
+    """Wall µs of each call ``fn(i)``, the loop's wall seconds and its CPU seconds."""
     times: list[float] = []
     clock = time.perf_counter_ns
+    cpu = time.process_time()
     start = clock()
     for i in range(n):
         t0 = clock()
         fn(i)
         times.append((clock() - t0) / 1000)
-    return times, (clock() - start) / 1e9
+    return times, (clock() - start) / 1e9, time.process_time() - cpu
 
 
-def summary(name: str, times: Sequence[float], total: float, baseline: float | None) -> float:
+def summary(name: str, run: Run, baseline: float | None) -> float:
+    times, total, cpu = run
     median = statistics.median(times)
     q = np.percentile(times, [90, 99])
     rate = len(times) / total
+    cpu_us = cpu / len(times) * 1e6
     ratio = f"{median / baseline:8.1f}x" if baseline else "       1x"
-    print(f"{name:44s} {median:9.1f} {q[0]:9.1f} {q[1]:9.1f} {rate:12,.0f} {ratio}")
+    print(f"{name:44s} {median:8.1f} {q[0]:8.1f} {q[1]:8.1f} {cpu_us:8.1f} {rate:10,.0f} {ratio}")
     return median
 
 
@@ -85,28 +91,33 @@ def main() -> int:
     print(f"max |ours - scikit-learn| over {n} messages: {np.max(np.abs(ours - reference)):.2e}")
     print(f"model: {arrays['buckets'].size:,} non-zero buckets\n")
 
-    header = f"{'per single message':44s} {'median':>9s} {'p90':>9s} {'p99':>9s} {'msgs/s':>12s}"
-    print(f"{header} {'vs ours':>9s}\n{'':44s} {'µs':>9s} {'µs':>9s} {'µs':>9s}")
+    print(f"load average before: {Path('/proc/loadavg').read_text().split()[:3]}")
+    header = f"{'per single message':44s} {'median':>8s} {'p90':>8s} {'p99':>8s} {'CPU/msg':>8s}"
+    print(f"{header} {'msgs/s':>10s} {'vs ours':>9s}")
+    print(f"{'':44s} {'µs':>8s} {'µs':>8s} {'µs':>8s} {'µs':>8s}")
 
     cold_model = TextModel.from_arrays(arrays, metadata)
-    cold, cold_total = per_call(lambda i: cold_model.score(texts[i]), n)
+    cold = per_call(lambda i: cold_model.score(texts[i]), n)
     warm_model = cold_model
-    best: tuple[list[float], float] | None = None
+    best: Run | None = None
     for _ in range(args.passes):
         run = per_call(lambda i: warm_model.score(texts[i]), n)
         if best is None or statistics.median(run[0]) < statistics.median(best[0]):
             best = run
     assert best is not None
-    base = summary("TextModel.score, warm caches", best[0], best[1], None)
-    summary("TextModel.score, cold (first sight, in order)", cold, cold_total, base)
+    base = summary("TextModel.score, warm caches", best, None)
+    summary("TextModel.score, cold (first sight, in order)", cold, base)
 
     # Held-out steady state: caches warmed by the first half, timed on the unseen second half.
     half = TextModel.from_arrays(arrays, metadata)
     for t in texts[: n // 2]:
         half.score(t)
     later = texts[n // 2 :]
-    held, held_total = per_call(lambda i: half.score(later[i]), len(later))
-    summary("TextModel.score, 2nd half after 1st half", held, held_total, base)
+    summary(
+        "TextModel.score, 2nd half after 1st half",
+        per_call(lambda i: half.score(later[i]), len(later)),
+        base,
+    )
 
     svm, calibrator = fitted.estimator, fitted.calibrator
     single = [rows[i] for i in range(n)]
@@ -115,8 +126,7 @@ def main() -> int:
         decision = svm.decision_function(single[i])
         return calibrator.predict_proba(decision.reshape(-1, 1))[0, 1]
 
-    times, total = per_call(sklearn_same, n)
-    summary("sklearn same model, matrix given", times, total, base)
+    summary("sklearn same model, matrix given", per_call(sklearn_same, n), base)
 
     if not args.skip_pipeline:
         from sklearn.calibration import CalibratedClassifierCV
@@ -132,8 +142,9 @@ def main() -> int:
             CalibratedClassifierCV(LinearSVC(), ensemble=False),
         )
         pipeline.fit([t for t, _ in samples], labels)
-        times, total = per_call(lambda i: pipeline.predict_proba([texts[i]])[0, 1], n)
-        summary("sklearn TF-IDF pipeline, text in", times, total, base)
+        run = per_call(lambda i: pipeline.predict_proba([texts[i]])[0, 1], n)
+        summary("sklearn TF-IDF pipeline, text in", run, base)
+    print(f"load average after: {Path('/proc/loadavg').read_text().split()[:3]}")
     return 0
 
 

@@ -203,6 +203,8 @@ def plot_curves(evaluation: CrossValidation, path: Path, *, title: str) -> None:
         )
         roc_ax.plot(curves.fpr, curves.tpr, lw=1.5)
         roc_ax.plot([block.blocked_ham], [block.spam_caught], "o", color="crimson", label="block")
+        target = evaluation.config.block_fpr
+        roc_ax.axvline(target, ls=":", color="gray", label=f"blocked-ham target {target:.1%}")
         roc_ax.set_xscale("symlog", linthresh=1e-3)
         roc_ax.set(
             xlabel="false-positive rate (blocked ham), symlog",

@@ -17,7 +17,9 @@ Layout and the reasons for it:
 - `observations` and `statuses` are one row per chain entry (a projection of the ledger),
   keyed by record_id rather than by the record row, so an OBSERVE or STATUS that arrives
   before its RECORD (another proxy's chain) needs no special case. Duplicate observations
-  collapse when a record is read.
+  collapse when a record is read. The observations a record's own RECORD entry carries are
+  numbered 0..n-1 and read through `records.entry`; those of every other entry (OBSERVE, a
+  repeated RECORD) are numbered -n..-1, and only those are in the record_id index.
 - `attachment_fetches` is the same kind of projection for ATTACHMENT entries (one row per
   fetch attempt, ok or failed). Reading a record merges the newest successful fetch of each
   attachment URL into it (sha256, size, and the media type when the message named none).
@@ -26,6 +28,13 @@ Layout and the reasons for it:
   and subject never change after insert there is nothing to keep in sync with triggers.
   A future purge must issue the FTS5 'delete' command with the old values before deleting
   the row. A contentless table would save nothing here and lose snippets.
+
+Ingest cost (see docs/benchmarks.md): a random-keyed index costs about one page write per
+record once the table outgrows a batch, written twice (WAL, then checkpoint), so indexes
+hold only what a query plan needs: `records_action` leaves out the allowed majority (a
+`verdict:allow` filter scans in time order, which is what its LIMIT wants anyway), and the
+observations' record_id index leaves out the rows found through `records.entry`. Every
+other index serves an operator of the search language.
 
 SQL text is assembled only from constants of this module (column names, `?` placeholders,
 fragments chosen by AST node type); every value from a query or a record is a bound
@@ -49,10 +58,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from json.encoder import encode_basestring
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from archive_api.store.base import (
@@ -114,7 +125,6 @@ from archive_api.store.records import (
     RecordKind,
     RecordStatus,
     SpoolEntry,
-    canonical_json,
 )
 from classifier.verdict import Action
 
@@ -183,7 +193,7 @@ CREATE INDEX records_recipient ON records (recipient);
 CREATE INDEX records_sender_domain ON records (sender_domain);
 CREATE INDEX records_recipient_domain ON records (recipient_domain);
 CREATE INDEX records_room ON records (room) WHERE room IS NOT NULL;
-CREATE INDEX records_action ON records (action);
+CREATE INDEX records_action ON records (action) WHERE action <> 'allow';
 CREATE INDEX records_replaces ON records (replaces_id) WHERE replaces_id IS NOT NULL;
 CREATE INDEX records_retracts ON records (retracts_id) WHERE retracts_id IS NOT NULL;
 CREATE TABLE observations (
@@ -193,7 +203,7 @@ CREATE TABLE observations (
     obs TEXT NOT NULL,               -- canonical JSON of one Observation
     PRIMARY KEY (entry, idx)
 ) STRICT, WITHOUT ROWID;
-CREATE INDEX observations_record ON observations (record_id);
+CREATE INDEX observations_record ON observations (record_id) WHERE idx < 0;
 CREATE TABLE statuses (
     entry INTEGER PRIMARY KEY,
     record_id TEXT NOT NULL,
@@ -231,6 +241,7 @@ CREATE VIRTUAL TABLE fts USING fts5 (
     tokenize = 'unicode61 remove_diacritics 2'
 );
 INSERT INTO meta (key, value) VALUES ('max_spill_us', 0);
+INSERT INTO meta (key, value) VALUES ('layout', 1);
 """
 
 # Schema upgrades, by the version they start from; each runs in the opening transaction.
@@ -251,6 +262,24 @@ CREATE TABLE attachment_fetches (
     seq INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX attachment_fetches_record ON attachment_fetches (record_id);
+""",
+}
+
+# Index layout changes that keep the tables as they are, by the `layout` they start from
+# (`meta.layout`; a store without it is layout 0). Each runs once, in one transaction at open.
+_LAYOUT: Final = 1
+_LAYOUT_UPGRADES: Final = {
+    # Partial indexes (see the module notes): only OBSERVE and repeated RECORD entries'
+    # observations are renumbered -n..-1 and indexed by record_id, and only records that
+    # were not simply allowed are indexed by action.
+    0: """
+DROP INDEX observations_record;
+UPDATE observations SET idx = idx - (
+    SELECT count(*) FROM observations AS o WHERE o.entry = observations.entry
+) WHERE entry NOT IN (SELECT entry FROM records);
+CREATE INDEX observations_record ON observations (record_id) WHERE idx < 0;
+DROP INDEX records_action;
+CREATE INDEX records_action ON records (action) WHERE action <> 'allow';
 """,
 }
 
@@ -321,10 +350,13 @@ def _translate(exc: sqlite3.Error) -> StoreError:
 # --- deriving columns from a record's canonical JSON -------------------------------------
 
 
+_ONE_US: Final = timedelta(microseconds=1)
+
+
 def _to_us(at: datetime) -> int:
     if at.tzinfo is None:  # records are UTC; a naive stamp is read as UTC, never local time
         at = at.replace(tzinfo=UTC)
-    return (at - _EPOCH) // timedelta(microseconds=1)
+    return (at - _EPOCH) // _ONE_US
 
 
 def _slot(us: int) -> int:
@@ -344,71 +376,125 @@ def _str(data: dict[str, Any], key: str) -> str:
     return _opt_str(data, key) or ""
 
 
+# The optional string fields `_derive` reads, in one tuple so one C-level pass fetches them.
+_STR_FIELDS: Final = (
+    "sender",
+    "sender_full",
+    "recipient",
+    "recipient_full",
+    "stanza_type",
+    "room",
+    "message_id",
+    "origin_id",
+    "replaces_id",
+    "retracts_id",
+    "body",
+    "subject",
+)
+_STR_OR_NONE: Final = frozenset({str, type(None)})
+_MESSAGE: Final = RecordKind.MESSAGE.value
+_FROM_CLIENT: Final = Direction.FROM_CLIENT.value
+_ALLOW: Final = Action.ALLOW.value
+
+
 def _derive(rec: dict[str, Any]) -> tuple[Any, ...]:
     """The searchable columns of a record, from its canonical JSON (in `_COLUMNS` order).
 
     Works on the parsed dict rather than an ArchiveRecord: building the dataclass costs
-    several times the JSON parse and would dominate ingest.
+    several times the JSON parse and would dominate ingest. This runs once per record on
+    ingest and again in verify, so it is written for speed: the string fields are fetched
+    and type-checked in one pass, and nothing is normalised twice.
     """
     record_id = rec["record_id"]
     if not isinstance(record_id, str) or not record_id:
         raise ValueError("record_id is missing")
-    kind = _KINDS[rec["kind"]].value
+    kind = _KINDS[rec["kind"]]
     direction = _DIRECTIONS[rec["direction"]]
     occurred_us = _to_us(datetime.fromisoformat(rec["occurred_at"]))
-    sender = normalize_jid(_str(rec, "sender"))
-    recipient = normalize_jid(_str(rec, "recipient"))
-    stanza_type = _str(rec, "stanza_type")
-    # Same rule as ArchiveRecord.remote_domain, on the normalised JIDs.
-    remote = recipient if direction is Direction.FROM_CLIENT else sender
-    room = _opt_str(rec, "room")
+    values = tuple(map(rec.get, _STR_FIELDS))
+    if not _STR_OR_NONE.issuperset(map(type, values)):
+        for key, value in zip(_STR_FIELDS, values, strict=True):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{key} is not a string")
+    (
+        sender,
+        sender_full,
+        recipient,
+        recipient_full,
+        stanza_type,
+        room,
+        message_id,
+        origin_id,
+        replaces_id,
+        retracts_id,
+        body,
+        subject,
+    ) = values
+    sender = normalize_jid(sender or "")
+    recipient = normalize_jid(recipient or "")
+    sender_domain = jid_domain(sender)
+    recipient_domain = jid_domain(recipient)
     verdict = rec.get("verdict")
-    action = _ACTIONS[verdict["action"]].value if verdict else Action.ALLOW.value
     return (
         record_id,
         occurred_us,
         kind,
-        (stanza_type or "normal") if kind == RecordKind.MESSAGE.value else kind,
-        direction.value,
+        (stanza_type or "normal") if kind == _MESSAGE else kind,
+        direction,
         sender,
-        normalize_jid(_str(rec, "sender_full")),
-        jid_domain(sender),
+        normalize_jid(sender_full or ""),
+        sender_domain,
         recipient,
-        normalize_jid(_str(rec, "recipient_full")),
-        jid_domain(recipient),
-        jid_domain(remote),
+        normalize_jid(recipient_full or ""),
+        recipient_domain,
+        # Same rule as ArchiveRecord.remote_domain, on the normalised JIDs.
+        recipient_domain if direction == _FROM_CLIENT else sender_domain,
         normalize_jid(room) if room else None,
-        action,
+        _ACTIONS[verdict["action"]] if verdict else _ALLOW,
         1 if rec.get("attachments") else 0,
         1 if rec.get("encryption") else 0,
-        _opt_str(rec, "message_id"),
-        _opt_str(rec, "origin_id"),
-        _opt_str(rec, "replaces_id"),
-        _opt_str(rec, "retracts_id"),
-        _opt_str(rec, "body"),
-        _opt_str(rec, "subject"),
+        message_id,
+        origin_id,
+        replaces_id,
+        retracts_id,
+        body,
+        subject,
     )
 
 
-_KINDS: Final = {k.value: k for k in RecordKind}
-_DIRECTIONS: Final = {d.value: d for d in Direction}
+# value -> value (a plain str): a dict look-up both checks a value and normalises it to str.
+_KINDS: Final = {k.value: k.value for k in RecordKind}
+_DIRECTIONS: Final = {d.value: d.value for d in Direction}
 _VIAS: Final = frozenset(v.value for v in ObservationVia)
-_ACTIONS: Final = {a.value: a for a in Action}
+_ACTIONS: Final = {a.value: a.value for a in Action}
+_OPS: Final = {op.value: op for op in EntryOp}
 _OBSERVATION_KEYS: Final = frozenset({"at", "jid", "via", "direction"})
 
 
 def _obs_text(data: Any) -> str:
-    """Canonical text of one observation, after checking it is one (what from_json needs)."""
+    """Canonical text of one observation, after checking it is one (what from_json needs).
+
+    Byte for byte `canonical_json(data).decode()`: once checked, an observation is exactly
+    four string fields, so the text is assembled from their JSON string forms in sorted key
+    order, with the encoder `json.dumps(..., ensure_ascii=False)` itself uses for strings.
+    """
     if (
         not isinstance(data, dict)
         or data.keys() != _OBSERVATION_KEYS
-        or not isinstance(data["jid"], str)
-        or data["via"] not in _VIAS
-        or data["direction"] not in _DIRECTIONS
+        or not isinstance(jid := data["jid"], str)
+        or (via := data["via"]) not in _VIAS
+        or (direction := data["direction"]) not in _DIRECTIONS
     ):
         raise ValueError("malformed observation")
-    datetime.fromisoformat(data["at"])
-    return canonical_json(data).decode()
+    at = data["at"]
+    datetime.fromisoformat(at)  # also proves `at` is a string
+    text: str = (
+        f'{{"at":{encode_basestring(at)},"direction":{encode_basestring(direction)},'
+        f'"jid":{encode_basestring(jid)},"via":{encode_basestring(via)}}}'
+    )
+    if not text.isascii():
+        text.encode()  # like canonical_json, refuse what is not valid UTF-8 (lone surrogates)
+    return text
 
 
 def _status_row(entry_json: dict[str, Any]) -> tuple[str, int | None]:
@@ -459,20 +545,50 @@ class _Parsed:
 
     op: EntryOp
     record_id: str
-    record: dict[str, Any] | None
     columns: tuple[Any, ...] | None
     observations: tuple[str, ...]
     status: tuple[str, int | None] | None
     fetch: _FetchRow | None = None
 
 
+_ObsRow = tuple[int, int, str, str]  # entry, idx, record_id, obs
+
+
+def _observation_rows(entry: int, parsed: _Parsed, *, own: bool) -> list[_ObsRow]:
+    """The observations rows of one entry.
+
+    A RECORD that creates its record's row (`own`) numbers its observations 0..n-1 and they
+    are found through `records.entry`; every other entry (OBSERVE, a repeated RECORD) numbers
+    them -n..-1, which puts them, and only them, in the `observations_record` index.
+    """
+    texts = parsed.observations
+    start = 0 if own else -len(texts)
+    rid = parsed.record_id
+    return [(entry, start + i, rid, text) for i, text in enumerate(texts)]
+
+
+def _loads(payload: bytes) -> Any:
+    """`json.loads`, at a third of the cost for the payloads the pipeline writes.
+
+    orjson refuses a few things the standard parser reads (NaN, numbers out of float range,
+    lone surrogates, UTF-16 input); those go to the standard parser, so exactly the same
+    payloads are accepted, with the same values, as before.
+    """
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload)
+
+
 def _parse_payload(payload: bytes) -> _Parsed:
     """Parse and check one payload; raise ValueError (or a subclass) when it is not valid."""
     try:
-        data = json.loads(payload)
+        data = _loads(payload)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        op = EntryOp(data["op"])
+        op = _OPS.get(data["op"])
+        if op is None:
+            raise ValueError(f"unknown op {data['op']!r}")
         record_id = data["record_id"]
         if not isinstance(record_id, str) or not record_id:
             raise ValueError("record_id is missing")
@@ -482,12 +598,12 @@ def _parse_payload(payload: bytes) -> _Parsed:
             if columns[0] != record_id:
                 raise ValueError("the record's id differs from the entry's record_id")
             observations = tuple(_obs_text(o) for o in rec.get("observations", []))
-            return _Parsed(op, record_id, rec, columns, observations, None)
+            return _Parsed(op, record_id, columns, observations, None)
         if op is EntryOp.OBSERVE:
-            return _Parsed(op, record_id, None, None, (_obs_text(data["observation"]),), None)
+            return _Parsed(op, record_id, None, (_obs_text(data["observation"]),), None)
         if op is EntryOp.ATTACHMENT:
-            return _Parsed(op, record_id, None, None, (), None, _fetch_row(data))
-        return _Parsed(op, record_id, None, None, (), _status_row(data))
+            return _Parsed(op, record_id, None, (), None, _fetch_row(data))
+        return _Parsed(op, record_id, None, (), _status_row(data))
     except (KeyError, TypeError, AttributeError, OverflowError, UnicodeDecodeError) as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -584,7 +700,10 @@ def _filter_sql(clause: Clause, id_col: str, max_spill: int) -> tuple[str, list[
                 return "(r.rtype = ? OR r.has_attachment = 1)", [record_type.value]
             return "r.rtype = ?", [record_type.value]
         case VerdictTerm(action=action):
-            return "r.action = ?", [action.value]
+            if action is Action.ALLOW:  # most records: a scan in time order is the plan
+                return "r.action = ?", [action.value]
+            # Repeating the partial index's condition is what lets the planner use it.
+            return "(r.action = ? AND r.action <> 'allow')", [action.value]
         case FlagTerm(flag=flag):
             return {
                 Flag.ATTACHMENT: "r.has_attachment = 1",
@@ -795,16 +914,17 @@ class SqliteStore:
                 parsed = _parse_payload(link.payload)
             except ValueError as exc:
                 raise InvalidEntry(chain, link.seq, f"not a valid spool entry ({exc})") from None
-            obs_rows.extend(
-                (entry, idx, parsed.record_id, text) for idx, text in enumerate(parsed.observations)
-            )
+            if parsed.columns is not None:
+                fresh.append((entry, parsed))  # its observations are filed with its row
+            elif parsed.observations:
+                obs_rows.extend(_observation_rows(entry, parsed, own=False))
             if parsed.status is not None:
                 status, at_us = parsed.status
                 status_rows.append((entry, parsed.record_id, status, at_us, chain, link.seq))
             if parsed.fetch is not None:
                 fetch_rows.append((entry, parsed.record_id, *parsed.fetch, chain, link.seq))
-            if parsed.columns is not None:
-                fresh.append((entry, parsed))
+        if fresh:
+            obs_rows.extend(self._insert_records(conn, fresh))
         conn.executemany(
             "INSERT INTO ledger (id, prev_hash, hash, payload) VALUES (?, ?, ?, ?)", ledger_rows
         )
@@ -822,19 +942,26 @@ class SqliteStore:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             fetch_rows,
         )
-        if fresh:
-            self._insert_records(conn, fresh)
 
     @staticmethod
-    def _insert_records(conn: sqlite3.Connection, fresh: Sequence[tuple[int, _Parsed]]) -> None:
-        """Insert the records rows (and their FTS rows) a batch's RECORD entries create."""
+    def _insert_records(
+        conn: sqlite3.Connection, fresh: Sequence[tuple[int, _Parsed]]
+    ) -> list[_ObsRow]:
+        """Insert the records rows (and their FTS rows) a batch's RECORD entries create.
+
+        Returns the observations rows of these entries, numbered by whether each entry got
+        its own records row.
+        """
         known = _existing_record_ids(conn, [parsed.record_id for _, parsed in fresh])
         allocator = _RowidAllocator(conn)
         rows: list[tuple[Any, ...]] = []
+        obs_rows: list[_ObsRow] = []
         for entry, parsed in fresh:
             columns = parsed.columns
             # A repeated RECORD for a known id only contributes its observations.
-            if columns is None or parsed.record_id in known:
+            own = columns is not None and parsed.record_id not in known
+            obs_rows.extend(_observation_rows(entry, parsed, own=own))
+            if columns is None or not own:
                 continue
             known.add(parsed.record_id)
             rowid = allocator.allocate(columns[_OCCURRED_COL])
@@ -849,6 +976,7 @@ class SqliteStore:
             _write_records(conn, [(allocator.spill(columns[_OCCURRED_COL]), entry, *columns)])
         _write_records(conn, rows)
         allocator.save()
+        return obs_rows
 
     async def last_seq(self, *, chain: str = DEFAULT_CHAIN) -> int:
         _check_chain_name(chain)
@@ -875,15 +1003,29 @@ class SqliteStore:
             return out
         marks = ", ".join("?" * len(record_ids))
         rows = conn.execute(
-            f"SELECT r.record_id, l.payload FROM records AS r JOIN ledger AS l "  # noqa: S608
+            f"SELECT r.record_id, r.entry, l.payload FROM records AS r JOIN ledger AS l "  # noqa: S608
             f"ON l.id = r.entry WHERE r.record_id IN ({marks})",
             tuple(record_ids),
         ).fetchall()
-        obs_rows = conn.execute(
-            f"SELECT record_id, obs FROM observations WHERE record_id IN ({marks}) "  # noqa: S608
-            "ORDER BY entry, idx",
+        # A record's own observations sit under its RECORD entry; later ones (OBSERVE,
+        # repeated RECORDs) are found by record_id. Together, in (entry, idx) order.
+        own_of = {entry: rid for rid, entry, _ in rows}
+        found: list[tuple[int, int, str, str]] = []
+        if own_of:
+            found += (
+                (entry, idx, own_of[entry], text)
+                for entry, idx, text in conn.execute(
+                    f"SELECT entry, idx, obs FROM observations "  # noqa: S608
+                    f"WHERE entry IN ({', '.join('?' * len(own_of))}) AND idx >= 0",
+                    tuple(own_of),
+                )
+            )
+        found += conn.execute(
+            f"SELECT entry, idx, record_id, obs FROM observations "  # noqa: S608
+            f"WHERE record_id IN ({marks}) AND idx < 0",
             tuple(record_ids),
         ).fetchall()
+        obs_rows = [(rid, text) for _, _, rid, text in sorted(found)]
         # Later rows win: ordered by the documented precedence (at, chain, seq).
         status_rows = conn.execute(
             f"SELECT record_id, status FROM statuses WHERE record_id IN ({marks}) "  # noqa: S608
@@ -906,7 +1048,7 @@ class SqliteStore:
                 if observation not in seen:
                     seen.append(observation)
             statuses = {rid: RecordStatus(status) for rid, status in status_rows}
-            for rid, payload in rows:
+            for rid, _, payload in rows:
                 record = SpoolEntry.from_payload(payload).record
                 if record is None:
                     raise ValueError("the stored payload is not a RECORD entry")
@@ -1220,6 +1362,19 @@ def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connecti
                     conn.execute(f"PRAGMA user_version = {version}")
         if version != SCHEMA_VERSION:
             raise StoreCorrupted(f"{path} has schema version {version}; expected {SCHEMA_VERSION}")
+        layout = _layout(conn)
+        if layout < _LAYOUT:
+            with _transaction(conn):
+                layout = _layout(conn)  # again, under the write lock
+                while layout < _LAYOUT:
+                    for statement in _split_schema(_LAYOUT_UPGRADES[layout]):
+                        conn.execute(statement)
+                    layout += 1
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('layout', ?)", (layout,)
+                )
+        if layout != _LAYOUT:
+            raise StoreCorrupted(f"{path} has index layout {layout}; expected {_LAYOUT}")
     except sqlite3.Error as exc:
         conn.close()
         raise _translate(exc) from exc
@@ -1277,6 +1432,11 @@ def _chain_row(conn: sqlite3.Connection, chain: str, *, create: bool) -> _ChainR
     return _ChainRow(*found) if found is not None else None
 
 
+def _layout(conn: sqlite3.Connection) -> int:
+    found = conn.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+    return int(found[0]) if found is not None else 0
+
+
 def _max_spill(conn: sqlite3.Connection) -> int:
     found = conn.execute("SELECT value FROM meta WHERE key = 'max_spill_us'").fetchone()
     return int(found[0]) if found is not None else 0
@@ -1313,13 +1473,18 @@ class _RowidAllocator:
         self._top: dict[int, int] = {}  # slot -> highest id taken in it so far
         self._spilled: dict[int, int] = {}  # slot -> last id its overflow took
         self._max_spill = self._initial_spill = _max_spill(conn)
+        # Every row above this id was handed out by this allocator (and is in `_top`), so a
+        # slot above it needs no look-up: records mostly arrive in time order, and then a
+        # batch costs one query here instead of one per record.
+        (ceiling,) = conn.execute("SELECT max(id) FROM records").fetchone()
+        self._ceiling: int = ceiling if ceiling is not None else _MIN_SLOT * _TIES - 1
 
     def allocate(self, occurred_us: int) -> int | None:
         """The next id in the record's own slot, or None when the slot is full."""
         slot = _slot(occurred_us)
         low = slot * _TIES
         top = self._top.get(slot)
-        if top is None:
+        if top is None and low <= self._ceiling:
             (top,) = self._conn.execute(
                 "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (low, low + _TIES)
             ).fetchone()
@@ -1342,6 +1507,7 @@ class _RowidAllocator:
         self._spilled[slot] = rowid
         # The slot it lands in must be read from the table again before its next id.
         self._top.pop(rowid >> _TIE_BITS, None)
+        self._ceiling = max(self._ceiling, rowid)
         self._max_spill = max(self._max_spill, (rowid >> _TIE_BITS) - slot)
         return int(rowid)
 
@@ -1475,13 +1641,13 @@ class _Verifier:
                 (low, high),
             )
         }
-        observations: dict[int, list[tuple[str, str]]] = {}
-        for entry, rid, text in conn.execute(
-            "SELECT entry, record_id, obs FROM observations WHERE entry BETWEEN ? AND ? "
+        observations: dict[int, list[tuple[int, str, str]]] = {}
+        for entry, idx, rid, text in conn.execute(
+            "SELECT entry, idx, record_id, obs FROM observations WHERE entry BETWEEN ? AND ? "
             "ORDER BY entry, idx",
             (low, high),
         ):
-            observations.setdefault(entry, []).append((rid, text))
+            observations.setdefault(entry, []).append((idx, rid, text))
         statuses = {
             row[0]: row[1:]
             for row in conn.execute(
@@ -1506,14 +1672,18 @@ class _Verifier:
             if item is None:
                 continue
             rid = item.record_id
+            own = False  # observations numbered 0..n-1 (the row's own RECORD) or -n..-1
             if item.columns is not None:
                 if row is not None:
+                    own = True
                     self._compare_record(chain, seq, row, item.columns)
-                else:
-                    self._check_repeated_record(chain, seq, rid)
+                elif not self._check_repeated_record(chain, seq, rid):
+                    # The record's row is gone, which is reported; either numbering fits.
+                    own = bool(obs_rows) and obs_rows[0][0] >= 0
             elif row is not None:
                 self._problem("a records row claims a non-RECORD entry", chain, seq, row[2])
-            if obs_rows != [(rid, text) for text in item.observations]:
+            expected = [(i, r, t) for _, i, r, t in _observation_rows(entry, item, own=own)]
+            if obs_rows != expected:
                 self._problem("stored observations differ from the entry", chain, seq, rid)
             expected_status = (rid, *item.status, chain, seq) if item.status is not None else None
             if status_row != expected_status:
@@ -1533,7 +1703,7 @@ class _Verifier:
                 "observation refers to a ledger entry that does not exist",
                 chain,
                 entry & _SEQ_MASK,
-                obs[0][0],
+                obs[0][1],
             )
         for entry, status in statuses.items():
             self._problem(
@@ -1567,8 +1737,8 @@ class _Verifier:
         if not 0 <= spill <= self._max_spill:
             self._problem("record is filed under the wrong time", chain, seq, columns[0])
 
-    def _check_repeated_record(self, chain: str, seq: int, rid: str) -> None:
-        """A RECORD without its own row must repeat one that has a row."""
+    def _check_repeated_record(self, chain: str, seq: int, rid: str) -> bool:
+        """A RECORD without its own row must repeat one that has a row (False: none has)."""
         found = self._conn.execute(
             "SELECT l.payload FROM records AS r JOIN ledger AS l ON l.id = r.entry "
             "WHERE r.record_id = ?",
@@ -1576,13 +1746,14 @@ class _Verifier:
         ).fetchone()
         if found is None:
             self._problem("record is missing from the records table", chain, seq, rid)
-            return
+            return False
         try:
             first = _parse_payload(found[0])
         except ValueError:
-            return  # reported where that entry itself is checked
+            return True  # reported where that entry itself is checked
         if first.op is not EntryOp.RECORD or first.record_id != rid:
             self._problem("record row points at an entry for another record", chain, seq, rid)
+        return True
 
     def _orphans(self) -> None:
         """Rows whose entry lies in no known chain (the chunked walk never saw them)."""

@@ -71,9 +71,7 @@ class TestSms:
 
 class TestCsv:
     def test_header_quoting_and_multiline_fields(self, tmp_path: Path) -> None:
-        data = (
-            b'id,Text,Label\n1,"hello, ""world""",ham\n2,"two\nlines",SPAM\n3,"""quoted""",ham\n'
-        )
+        data = b'id,Text,Label\n1,"hello, ""world""",ham\n2,"two\nlines",SPAM\n3,"""quoted""",ham\n'
         dataset = load_dataset(write(tmp_path, "d.csv", data), "csv")
         assert dataset.samples == [
             ('hello, "world"', 0),
