@@ -150,11 +150,13 @@ class TestRobustness:
 
         monkeypatch.setattr(module, "_WORD_CACHE_MAX", 50)
         monkeypatch.setattr(module, "_BIGRAM_CACHE_MAX", 50)
+        monkeypatch.setattr(module, "_GRAM_MEMO_MAX", 50)
         model = TextModel.from_arrays(*fitted.model.to_arrays())
         text = " ".join(f"w{i}" for i in range(400))
         assert model.score(text) == fitted.model.score(text)
         assert len(model._words) <= 50
         assert len(model._bigrams) <= 50
+        assert len(model._grams) <= 50
 
 
 class TestFeaturizer:
