@@ -1,3 +1,5 @@
+# mypy: disallow-untyped-calls=False
+# (slixmpp's pubsub plugin API is untyped; this helper drives it directly.)
 """A test Prosody that hosts real-time block lists, and a publisher for them.
 
 The ``prosody`` servers built with :func:`rtbl_prosody_config` let the account
