@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from stanzaguard.settings import load_settings
 from stanzaguard.wiring import ArchivingService
 from tests.support.clients import ChatClient, ReceivedMessage, TlsMode
 from tests.support.prosody import LOOPBACK, ProsodyServer
+from tests.support.proxy import run_argv, stanzaguard_command
 from tests.support.services import (
     ManagedProcess,
     ProcessExitedError,
@@ -193,13 +193,6 @@ async def receive(
 # -- the real command --------------------------------------------------------------------------
 
 
-def stanzaguard_argv() -> list[str]:
-    script = Path(sys.executable).parent / "stanzaguard"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "stanzaguard.cli"]
-
-
 def _clean_env() -> dict[str, str]:
     # No STANZAGUARD_* of the developer's shell leaks into the command under test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("STANZAGUARD_")}
@@ -228,25 +221,7 @@ class StanzaguardRun:
         timeout: float = 30.0,
     ) -> StanzaguardRun:
         port, tls_port = free_port(), free_port()
-        argv = [
-            *stanzaguard_argv(),
-            "run",
-            "--domain",
-            prosody.domain,
-            "--upstream",
-            f"{prosody.host}:{prosody.c2s_port}",
-            "--cert",
-            str(prosody.tls.cert),
-            "--key",
-            str(prosody.tls.key),
-            "--listen",
-            f"{LOOPBACK}:{port}",
-            "--listen-tls",
-            f"{LOOPBACK}:{tls_port}",
-            "--data-dir",
-            str(data_dir),
-            *extra_args,
-        ]
+        argv = run_argv(prosody, data_dir, port, tls_port, extra_args)
         process = start_process(argv, log_path=log_path, cwd=data_dir.parent, env=_clean_env())
         try:
             for listener in (port, tls_port):
@@ -275,7 +250,7 @@ class StanzaguardRun:
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``stanzaguard ARGS`` to completion; the result carries exit status and output."""
     return subprocess.run(
-        [*stanzaguard_argv(), *args],
+        [*stanzaguard_command(), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

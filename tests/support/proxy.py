@@ -206,6 +206,35 @@ def closed_count(reason: str) -> float:
 # -- the real command as a subprocess ------------------------------------------------------------
 
 
+def run_argv(
+    prosody: ProsodyServer,
+    data_dir: Path,
+    port: int,
+    tls_port: int,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """`stanzaguard run` in front of `prosody`, listening on loopback `port`/`tls_port`."""
+    return [
+        *stanzaguard_command(),
+        "run",
+        "--domain",
+        prosody.domain,
+        "--upstream",
+        f"{prosody.host}:{prosody.c2s_port}",
+        "--cert",
+        str(prosody.tls.cert),
+        "--key",
+        str(prosody.tls.key),
+        "--listen",
+        f"{LOOPBACK}:{port}",
+        "--listen-tls",
+        f"{LOOPBACK}:{tls_port}",
+        "--data-dir",
+        str(data_dir),
+        *extra_args,
+    ]
+
+
 def stanzaguard_command() -> list[str]:
     """How to run the ``stanzaguard`` console script of this environment."""
     script = Path(sys.executable).parent / "stanzaguard"
@@ -260,25 +289,7 @@ def start_stanzaguard(
     base.mkdir(parents=True, exist_ok=True)
     data_dir = base / "data"
     port, tls_port = free_port(), free_port()
-    argv = [
-        *stanzaguard_command(),
-        "run",
-        "--domain",
-        prosody.domain,
-        "--upstream",
-        f"{prosody.host}:{prosody.c2s_port}",
-        "--cert",
-        str(prosody.tls.cert),
-        "--key",
-        str(prosody.tls.key),
-        "--listen",
-        f"{LOOPBACK}:{port}",
-        "--listen-tls",
-        f"{LOOPBACK}:{tls_port}",
-        "--data-dir",
-        str(data_dir),
-        *extra_args,
-    ]
+    argv = run_argv(prosody, data_dir, port, tls_port, extra_args)
     # Only what the command needs: no STANZAGUARD_* of the developer's shell leaks in.
     clean = {k: v for k, v in os.environ.items() if not k.startswith("STANZAGUARD_")}
     clean["STANZAGUARD_LOG_FORMAT"] = "text"
