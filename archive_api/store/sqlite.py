@@ -147,6 +147,9 @@ _PLAIN_SNIPPET_CHARS: Final = 200
 _CHUNK: Final = 2000
 _MAX_PROBLEMS: Final = 1000
 _CURSOR_VERSION: Final = 1
+_PAGE_SIZE: Final = 8192
+_WAL_CHECKPOINT_BYTES: Final = 128 << 20
+_SPILL_BYTES: Final = 128 << 20
 
 _SCHEMA: Final = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) STRICT;
@@ -1332,12 +1335,29 @@ def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connecti
         raise _translate(exc) from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # Only a new, empty file takes this (a WAL file keeps the page size it has). Every
+        # page a commit changes costs a WAL frame and later a checkpoint copy, two system
+        # calls each whatever the size: 8 KiB pages hold three or four ledger rows where
+        # 4 KiB pages hold one or two. Larger pages would save more calls while the indexes
+        # are small, but once they outgrow a batch each random-keyed index costs one page
+        # write per record, and 16 KiB pages then write twice the bytes of 8 KiB ones
+        # (measurements in docs/benchmarks.md).
+        conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL may lose the last commits on power loss but never corrupts; the spool
         # is the durable copy and the indexer resumes from last_seq(), which rolls back too.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mb)}")
         conn.execute("PRAGMA temp_store = MEMORY")
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        # Checkpoint per ~128 MiB of WAL instead of the default 1000 pages, which one batch
+        # of records outgrows: a page that several batches change (the newest leaf of an
+        # index) is then copied into the file once, not once per batch.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_CHECKPOINT_BYTES // page_size}")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_CHECKPOINT_BYTES}")
+        # A batch of 5000 records changes ~100 MiB of pages; spilling them into the WAL
+        # before the commit (when they outgrow the cache) writes many of them twice.
+        conn.execute(f"PRAGMA cache_spill = {_SPILL_BYTES // page_size}")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version == 0:
             with _transaction(conn):
