@@ -47,8 +47,9 @@ class ChainLink:
     payload: bytes
 
 
-def verify_links(links: Iterable[ChainLink], *, start_seq: int = 1,
-                 start_prev: bytes = GENESIS) -> ChainBreak | None:
+def verify_links(
+    links: Iterable[ChainLink], *, start_seq: int = 1, start_prev: bytes = GENESIS
+) -> ChainBreak | None:
     """Check a run of links in order; return the first break or None when whole."""
     expected_seq = start_seq
     prev = start_prev
@@ -78,8 +79,9 @@ class Checkpoint:
 
     def verify(self, public_key: Ed25519PublicKey) -> bool:
         try:
-            public_key.verify(self.signature, checkpoint_message(self.chain_name, self.seq,
-                                                                 self.head))
+            public_key.verify(
+                self.signature, checkpoint_message(self.chain_name, self.seq, self.head)
+            )
         except InvalidSignature:
             return False
         return True
