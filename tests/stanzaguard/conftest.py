@@ -12,10 +12,11 @@ CLI commands (`verify`, `reindex`, `search`), which `run_cli` runs to completion
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -257,3 +258,33 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
         env={**_clean_env(), "COLUMNS": "200"},
         check=False,
     )
+
+
+@contextlib.asynccontextmanager
+async def remote_clients(
+    prosody: ProsodyServer, domain: str, passwords: Mapping[str, str]
+) -> AsyncIterator[Callable[[str], Awaitable[ChatClient]]]:
+    """Connect users of a second host of `prosody` straight to it, as remote senders would.
+
+    The test Prosody has no s2s; a host the policy does not list as local stands in for a
+    federated server. Every client made is disconnected on exit.
+    """
+    clients: list[ChatClient] = []
+
+    async def connect(user: str) -> ChatClient:
+        client = ChatClient(
+            f"{user}@{domain}",
+            passwords[user],
+            host=prosody.host,
+            port=prosody.c2s_port,
+            tls=TlsMode.PLAIN,
+        )
+        clients.append(client)
+        await client.connect()
+        return client
+
+    try:
+        yield connect
+    finally:
+        for client in clients:
+            await client.disconnect()

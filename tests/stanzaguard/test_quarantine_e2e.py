@@ -27,7 +27,7 @@ from classifier.verdict import Action
 from stanzaguard import quarantine
 from stanzaguard.learning import Label, Source
 from tests.conftest import ProsodyFactory
-from tests.stanzaguard.conftest import ArchivingFactory, ArchivingProxy, run_cli
+from tests.stanzaguard.conftest import ArchivingFactory, ArchivingProxy, remote_clients, run_cli
 from tests.support.clients import ChatClient, ReceivedMessage, TlsMode
 from tests.support.prosody import ProsodyConfig, ProsodyServer
 
@@ -72,25 +72,8 @@ RemoteFactory = Callable[[str], Awaitable[ChatClient]]
 @pytest.fixture
 async def remote(prosody: ProsodyServer) -> AsyncIterator[RemoteFactory]:
     """Connected clients of ``remote.localhost`` users, straight to Prosody (no proxy)."""
-    clients: list[ChatClient] = []
-
-    async def connect(user: str) -> ChatClient:
-        client = ChatClient(
-            f"{user}@{REMOTE}",
-            REMOTE_USERS[user],
-            host=prosody.host,
-            port=prosody.c2s_port,
-            tls=TlsMode.PLAIN,
-        )
-        clients.append(client)
-        await client.connect()
-        return client
-
-    try:
+    async with remote_clients(prosody, REMOTE, REMOTE_USERS) as connect:
         yield connect
-    finally:
-        for client in clients:
-            await client.disconnect()
 
 
 @pytest.fixture

@@ -19,8 +19,13 @@ from typing import Literal
 import pytest
 
 from tests.conftest import ProsodyFactory
-from tests.stanzaguard.conftest import ArchivingFactory, ArchivingProxy, stanza_error
-from tests.support.clients import ChatClient, ReceivedMessage, TlsMode
+from tests.stanzaguard.conftest import (
+    ArchivingFactory,
+    ArchivingProxy,
+    remote_clients,
+    stanza_error,
+)
+from tests.support.clients import ChatClient, ReceivedMessage
 from tests.support.prosody import ProsodyServer
 from tests.support.rtbl import (
     DOMAINS_NODE,
@@ -73,25 +78,8 @@ async def publisher(prosody: ProsodyServer) -> AsyncIterator[Publisher]:
 @pytest.fixture
 async def remote(prosody: ProsodyServer) -> AsyncIterator[Callable[[str], Awaitable[ChatClient]]]:
     """Connected clients of ``remote.localhost`` users, straight to Prosody (no proxy)."""
-    clients: list[ChatClient] = []
-
-    async def connect(user: str) -> ChatClient:
-        client = ChatClient(
-            f"{user}@{REMOTE}",
-            REMOTE_USERS[user],
-            host=prosody.host,
-            port=prosody.c2s_port,
-            tls=TlsMode.PLAIN,
-        )
-        clients.append(client)
-        await client.connect()
-        return client
-
-    try:
+    async with remote_clients(prosody, REMOTE, REMOTE_USERS) as connect:
         yield connect
-    finally:
-        for client in clients:
-            await client.disconnect()
 
 
 async def start_service(
