@@ -76,6 +76,9 @@ class Throughput:
     proxy_cpu: float = 0.0
     proxy_sys: float = 0.0
     client_cpu: float = 0.0
+    # The index worker (a child of the proxy): its CPU from the round's start until it has
+    # caught up, which may be after the last message was delivered.
+    worker_cpu: float = 0.0
     round_us: list[tuple[float, float]] = field(default_factory=list)  # (prosody, proxy) per msg
 
     def per_msg_us(self, cpu: float) -> float:
@@ -136,10 +139,13 @@ async def throughput_round(
         other = QUIET.load() if QUIET is not None else None
         if other is not None:
             other.start()
+        workers = child_pids(proxy_pid)
+        worker_before = sum(_cpu_or_zero(pid) for pid in workers)
         before = (*cpu_split(prosody_pid), *cpu_split(proxy_pid), _self_cpu())
         result = await xmppload.run_burst(sender, receiver, f"bob@{DOMAIN}", count, window=window)
         after = (*cpu_split(prosody_pid), *cpu_split(proxy_pid), _self_cpu())
         other_cores = other.stop() if other is not None else float("nan")
+        worker_after = await _settled_cpu(workers)
     finally:
         await sender.close()
         await receiver.close()
@@ -155,8 +161,40 @@ async def throughput_round(
         into.proxy_cpu += d[2] + d[3]
         into.proxy_sys += d[3]
         into.client_cpu += d[4]
+        into.worker_cpu += worker_after - worker_before
         into.round_us.append(((d[0] + d[1]) / count * 1e6, (d[2] + d[3]) / count * 1e6))
     return result.msgs_per_s
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the index worker of `stanzaguard run`)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(x) for x in fh.read().split())
+    return out
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return sum(cpu_split(pid))
+    except OSError:
+        return 0.0
+
+
+async def _settled_cpu(pids: list[int], quiet_s: float = 0.5, limit_s: float = 120.0) -> float:
+    """The CPU of ``pids`` once it stopped growing for ``quiet_s`` (they caught up)."""
+    last = sum(_cpu_or_zero(pid) for pid in pids)
+    waited = 0.0
+    while pids and waited < limit_s:
+        await asyncio.sleep(quiet_s)
+        waited += quiet_s
+        now = sum(_cpu_or_zero(pid) for pid in pids)
+        if now == last:
+            break
+        last = now
+    return last
 
 
 async def latency_round(port: int, count: int, rate: float, tag: str) -> xmppload.RunResult:
@@ -547,6 +585,11 @@ def report(res: dict[str, object]) -> str:
         f"{p.per_msg_us(p.proxy_sys):12.1f}"
     )
     add(f"{'  per round':34}{'':>12}  {' '.join(f'{r[1]:.0f}' for r in p.round_us)}")
+    if p.worker_cpu:
+        add(
+            f"{'index worker CPU us/msg':34}{'':>12}{p.per_msg_us(p.worker_cpu):12.1f}"
+            "  (a child process; until it caught up)"
+        )
     add(
         f"{'load client CPU us/msg':34}{d.per_msg_us(d.client_cpu):12.1f}"
         f"{p.per_msg_us(p.client_cpu):12.1f}"
@@ -922,6 +965,7 @@ def main() -> int:
                 "prosody_us_per_msg": t.per_msg_us(t.prosody_cpu),
                 "proxy_us_per_msg": t.per_msg_us(t.proxy_cpu),
                 "client_us_per_msg": t.per_msg_us(t.client_cpu),
+                "index_worker_us_per_msg": t.per_msg_us(t.worker_cpu),
             }
         out["machine"] = info
         for key in ("direct", "proxy"):

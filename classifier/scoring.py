@@ -129,6 +129,10 @@ class ModelRule:
         self._directions = frozenset(directions)
         self._kinds = frozenset(kinds)
         self._rule_id = rule_id
+        # A scorer may name its model (``model_version``: a retrained version, "default"):
+        # the reason then says which model decided, which matters once models are swapped.
+        version = getattr(scorer, "model_version", None)
+        self._model_note = f" (model {version})" if isinstance(version, str) and version else ""
 
     @property
     def rule_id(self) -> str:
@@ -158,12 +162,14 @@ class ModelRule:
         decided = thresholds.action_for(probability)
         score = self._weight * probability
         if decided is None:
-            return RuleResult(Action.ALLOW, score, f"spam probability {probability:.3f}")
+            return RuleResult(
+                Action.ALLOW, score, f"spam probability {probability:.3f}{self._model_note}"
+            )
         action, threshold = decided
         who = " for a stranger" if stranger else ""
         return RuleResult(
             action,
             score,
             f"spam probability {probability:.3f} reached the {action.value} threshold "
-            f"{threshold:g}{who}",
+            f"{threshold:g}{who}{self._model_note}",
         )

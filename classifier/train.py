@@ -60,6 +60,10 @@ Progress = Callable[[int, int, str], None]
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
+#: Largest per-sample weight: far above any real use (reports weigh at most 1), small enough
+#: that one sample cannot swamp the solver's numerics.
+MAX_WEIGHT = 1e6
+
 
 class TrainingError(ClassifierError, ValueError):
     """The data or settings cannot produce a model (too few samples of a class, ...)."""
@@ -142,6 +146,23 @@ def _split(samples: Sequence[tuple[str, int]]) -> tuple[list[str], IntArray]:
         texts.append(text)
         labels.append(int(label))
     return texts, np.array(labels, dtype=np.int64)
+
+
+def _sample_weights(weights: Sequence[float] | None, n: int) -> FloatArray | None:
+    """Checked per-sample weights as an array, or None (every sample counts once)."""
+    if weights is None:
+        return None
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TrainingError("weights must be numbers") from None
+    if w.shape != (n,):
+        raise TrainingError(f"weights: expected {n} numbers (one per sample), got {w.size}")
+    if not bool(np.all(np.isfinite(w))) or bool(np.any(w < 0)) or bool(np.any(w > MAX_WEIGHT)):
+        raise TrainingError(f"weights must be finite numbers in [0, {MAX_WEIGHT:g}]")
+    if n and not bool(np.any(w > 0)):
+        raise TrainingError("weights: at least one sample must weigh more than 0")
+    return w
 
 
 def _check_classes(y: IntArray, groups: IntArray, folds: int, what: str) -> None:
@@ -273,15 +294,21 @@ class FittedModel:
         return proba
 
 
-def _fit_svm(x: sp.csr_matrix, y: IntArray, config: TrainConfig) -> LinearSVC:
+def _fit_svm(
+    x: sp.csr_matrix, y: IntArray, config: TrainConfig, sample_weight: FloatArray | None
+) -> LinearSVC:
     svm = LinearSVC(
         C=config.c,
         class_weight={HAM: 1.0, SPAM: config.spam_weight},
         max_iter=config.max_iter,
         random_state=config.seed,
     )
-    svm.fit(x, y)
+    svm.fit(x, y, sample_weight=sample_weight)
     return svm
+
+
+def _rows_of(weights: FloatArray | None, rows: IntArray) -> FloatArray | None:
+    return None if weights is None else weights[rows]
 
 
 def _fit_rows(
@@ -292,8 +319,14 @@ def _fit_rows(
     config: TrainConfig,
     tick: Callable[[str], None],
     info: dict[str, Any],
+    sample_weights: FloatArray | None = None,
 ) -> FittedModel:
-    """The whole recipe on ``rows``: inner CV -> calibration and thresholds -> final fit."""
+    """The whole recipe on ``rows``: inner CV -> calibration and thresholds -> final fit.
+
+    ``sample_weights`` (per sample of the corpus, or None) weigh the SVM's and the calibration's
+    losses; thresholds count every held-out ham once, whatever its weight, because blocked
+    ham is counted per message.
+    """
     y_rows = y[rows]
     _check_classes(y_rows, groups[rows], config.inner_folds, "training")
     inner = StratifiedGroupKFold(config.inner_folds, shuffle=True, random_state=config.seed)
@@ -301,18 +334,25 @@ def _fit_rows(
     for i, (fit_idx, test_idx) in enumerate(inner.split(rows, y_rows, groups[rows])):
         fit_rows, test_rows = rows[fit_idx], rows[test_idx]
         buckets, df = corpus.vocabulary(fit_rows)
-        svm = _fit_svm(corpus.matrix(fit_rows, buckets, df, fit_rows.size), y[fit_rows], config)
+        svm = _fit_svm(
+            corpus.matrix(fit_rows, buckets, df, fit_rows.size),
+            y[fit_rows],
+            config,
+            _rows_of(sample_weights, fit_rows),
+        )
         oof[test_idx] = svm.decision_function(corpus.matrix(test_rows, buckets, df, fit_rows.size))
         tick(f"inner fold {i + 1}/{config.inner_folds}")
 
     calibrator = LogisticRegression()
-    calibrator.fit(oof.reshape(-1, 1), y_rows)
+    calibrator.fit(oof.reshape(-1, 1), y_rows, sample_weight=_rows_of(sample_weights, rows))
     oof_proba: FloatArray = calibrator.predict_proba(oof.reshape(-1, 1))[:, 1]
     block = choose_threshold(oof_proba, y_rows, config.block_fpr)
     flag = min(choose_threshold(oof_proba, y_rows, config.flag_fpr), block)
 
     buckets, df = corpus.vocabulary(rows)
-    svm = _fit_svm(corpus.matrix(rows, buckets, df, rows.size), y_rows, config)
+    svm = _fit_svm(
+        corpus.matrix(rows, buckets, df, rows.size), y_rows, config, _rows_of(sample_weights, rows)
+    )
     # The model ships float32 weights; give scikit-learn the very same numbers so that its
     # predict_proba is the reference the shipped model is tested against.
     weights = svm.coef_.ravel().astype(np.float32)
@@ -353,12 +393,18 @@ def fit_model(
     samples: Sequence[tuple[str, int]],
     config: TrainConfig | None = None,
     *,
+    weights: Sequence[float] | None = None,
     progress: Progress | None = None,
     info: dict[str, Any] | None = None,
 ) -> FittedModel:
-    """Train on all ``samples`` (label 1 = spam); ``info`` goes into the model's metadata."""
+    """Train on all ``samples`` (label 1 = spam); ``info`` goes into the model's metadata.
+
+    ``weights``: one non-negative sample weight per sample (None: all 1), e.g. a reporter's
+    trust; see `_fit_rows` for what they weigh.
+    """
     config = config or TrainConfig()
     texts, y = _split(samples)
+    w = _sample_weights(weights, len(texts))
     groups = duplicate_groups(texts)
     corpus = HashedCorpus.build(texts, config.features)
     total = config.inner_folds + 1
@@ -374,7 +420,7 @@ def fit_model(
     meta.setdefault("training", {})
     meta["training"] = {**meta["training"], "config": config.to_json()}
     rows = np.arange(len(texts), dtype=np.int64)
-    return _fit_rows(corpus, y, groups, rows, config, tick, meta)
+    return _fit_rows(corpus, y, groups, rows, config, tick, meta, w)
 
 
 # --- evaluation -------------------------------------------------------------------------
@@ -547,11 +593,17 @@ def cross_validate(
     samples: Sequence[tuple[str, int]],
     config: TrainConfig | None = None,
     *,
+    weights: Sequence[float] | None = None,
     progress: Progress | None = None,
 ) -> CrossValidation:
-    """Duplicate-grouped stratified k-fold evaluation of the full recipe."""
+    """Duplicate-grouped stratified k-fold evaluation of the full recipe.
+
+    ``weights`` weigh the training rows of each fold (as in `fit_model`); the metrics count
+    every test message once.
+    """
     config = config or TrainConfig()
     texts, y = _split(samples)
+    w = _sample_weights(weights, len(texts))
     groups = duplicate_groups(texts)
     _check_classes(y, groups, config.folds, "cross-validation")
     corpus = HashedCorpus.build(texts, config.features)
@@ -571,7 +623,7 @@ def cross_validate(
             if progress is not None:
                 progress(done, total, f"fold {k + 1}/{config.folds}: {what}")
 
-        fitted = _fit_rows(corpus, y, groups, train_rows.astype(np.int64), config, tick, {})
+        fitted = _fit_rows(corpus, y, groups, train_rows.astype(np.int64), config, tick, {}, w)
         model = fitted.model
         p = np.array([model.score(texts[i]) for i in test_rows], dtype=np.float64)
         proba[test_rows] = p

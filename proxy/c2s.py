@@ -78,6 +78,10 @@ class ProxyConfig:
     max_sessions: int = 50_000
     read_size: int = 64 * 1024
     connect_timeout: float = 10.0
+    # Stanza batches per direction whose decisions may be pending at once. Reading goes on
+    # while earlier batches wait for their spool fsync (their group commits then merge), and
+    # they are forwarded strictly in order. 0: decide one batch at a time.
+    pipeline_depth: int = 64
 
 
 class Leg:
@@ -145,6 +149,35 @@ def _sm_nonza(name: str, namespace: str, **attrs: str) -> bytes:
     return f"<{name} xmlns='{namespace}'{rendered}/>".encode()
 
 
+class _InFlight:
+    """One direction's batches handed to the hook and not yet forwarded, oldest first."""
+
+    def __init__(self, depth: int) -> None:
+        self._queue: asyncio.Queue[tuple[Sequence[Element], asyncio.Future[Sequence[Decision]]]]
+        self._queue = asyncio.Queue(depth)
+        self._pending: set[asyncio.Future[Sequence[Decision]]] = set()
+
+    async def put(
+        self, batch: Sequence[Element], pending: asyncio.Future[Sequence[Decision]]
+    ) -> None:
+        self._pending.add(pending)
+        pending.add_done_callback(self._pending.discard)
+        await self._queue.put((batch, pending))
+
+    async def next(self) -> tuple[Sequence[Element], asyncio.Future[Sequence[Decision]]]:
+        return await self._queue.get()
+
+    def done(self) -> None:
+        self._queue.task_done()
+
+    async def settled(self) -> None:
+        await self._queue.join()
+
+    def cancel_pending(self) -> None:
+        for pending in list(self._pending):
+            pending.cancel()
+
+
 class ClientSession:
     def __init__(
         self,
@@ -182,6 +215,8 @@ class ClientSession:
         self._enable_pending = False  # the client sent <enable/>, the server has not answered
         self._client_closed_stream = False  # the client sent </stream:stream>
         self._connection_lost = False  # the client's TCP connection died without a close
+        # Per direction: batches handed to the hook, in arrival order, with their decisions.
+        self._inflight: dict[Direction, _InFlight] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -421,9 +456,15 @@ class ClientSession:
 
     async def _relay(self) -> None:
         assert self.server is not None
+        appliers: list[asyncio.Task[None]] = []
+        if self.config.pipeline_depth > 0:
+            for direction in (Direction.FROM_CLIENT, Direction.TO_CLIENT):
+                flow = _InFlight(self.config.pipeline_depth)
+                self._inflight[direction] = flow
+                appliers.append(asyncio.create_task(self._apply_in_order(direction, flow)))
         to_server = asyncio.create_task(self._pump_from_client())
         to_client = asyncio.create_task(self._pump_from_server())
-        pumps = (to_server, to_client)
+        pumps = (to_server, to_client, *appliers)
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             if to_server in done and self._client_closed_stream and not to_client.done():
@@ -435,6 +476,8 @@ class ClientSession:
             # would outlive the session and fail on the closed connection, unobserved.
             for task in pumps:
                 task.cancel()
+            for flow in self._inflight.values():
+                flow.cancel_pending()
             await asyncio.gather(*pumps, return_exceptions=True)
         for task in pumps:
             if not task.cancelled() and (exc := task.exception()) is not None:
@@ -444,15 +487,23 @@ class ClientSession:
         server = self.server
         assert server is not None
         while True:
-            frames = await self._read_client()
+            try:
+                frames = await self._read_client()
+            except Exception:
+                # What the client sent before its connection died still goes through.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._settle(Direction.FROM_CLIENT), CLOSE_GRACE)
+                raise
             batch: list[Element] = []
             for frame in frames:
                 if isinstance(frame, Element) and frame.is_stanza and self.info.authenticated:
                     batch.append(frame)
                     continue
                 if batch:
-                    await self._decide(Direction.FROM_CLIENT, batch)
+                    await self._submit(Direction.FROM_CLIENT, batch)
                     batch = []
+                if not isinstance(frame, Whitespace):  # whitespace may overtake stanzas
+                    await self._settle(Direction.FROM_CLIENT)
                 if isinstance(frame, StreamClose):
                     self._client_closed_stream = True
                     server.push(frame.data)
@@ -466,7 +517,7 @@ class ClientSession:
                 elif isinstance(frame, Whitespace):
                     server.push(frame.data)
             if batch:
-                await self._decide(Direction.FROM_CLIENT, batch)
+                await self._submit(Direction.FROM_CLIENT, batch)
             self.client.flush()
             await server.drain()
 
@@ -480,6 +531,7 @@ class ClientSession:
             except (ConnectionError, OSError) as exc:
                 raise UpstreamError(f"server connection lost: {exc}") from None
             if not data:
+                await self._settle(Direction.TO_CLIENT)
                 return
             try:
                 frames = framer.feed(data)
@@ -491,8 +543,10 @@ class ClientSession:
                     batch.append(frame)
                     continue
                 if batch:
-                    await self._decide(Direction.TO_CLIENT, batch)
+                    await self._submit(Direction.TO_CLIENT, batch)
                     batch = []
+                if not isinstance(frame, Whitespace):  # whitespace may overtake stanzas
+                    await self._settle(Direction.TO_CLIENT)
                 if isinstance(frame, StreamClose):
                     self.client.push(frame.data)
                     self.client.flush()
@@ -505,7 +559,7 @@ class ClientSession:
                 elif isinstance(frame, Whitespace):
                     self.client.push(frame.data)
             if batch:
-                await self._decide(Direction.TO_CLIENT, batch)
+                await self._submit(Direction.TO_CLIENT, batch)
             if self.server is not None:
                 self.server.flush()
             await self.client.drain()
@@ -564,6 +618,36 @@ class ClientSession:
             self.server.flush()
 
     # -- the hook -----------------------------------------------------------------------
+
+    async def _submit(self, direction: Direction, batch: Sequence[Element]) -> None:
+        """Hand a batch to the hook; it is forwarded in order once decided and durable."""
+        flow = self._inflight.get(direction)
+        if flow is None or (direction == Direction.TO_CLIENT and self.info.bound_jid is None):
+            # Before the bind result the session has no JID yet: decide in step.
+            await self._settle(direction)
+            await self._decide(direction, batch)
+            return
+        pending = asyncio.ensure_future(self.hook.process(self.info, direction, batch))
+        await flow.put(batch, pending)
+
+    async def _settle(self, direction: Direction) -> None:
+        """Wait until every batch handed to the hook in this direction was forwarded."""
+        flow = self._inflight.get(direction)
+        if flow is not None:
+            await flow.settled()
+
+    async def _apply_in_order(self, direction: Direction, flow: _InFlight) -> None:
+        while True:
+            batch, pending = await flow.next()
+            decisions = await pending
+            if len(decisions) != len(batch):
+                raise StreamClosed("internal-server-error", "hook returned the wrong count")
+            if direction == Direction.FROM_CLIENT:
+                self._apply(batch, decisions, forward=self.server, ledger=self._ledger_to_server())
+            else:
+                self._apply(batch, decisions, forward=self.client, ledger=self._ledger_to_client())
+            self.flush_all()
+            flow.done()
 
     async def _decide(self, direction: Direction, batch: Sequence[Element]) -> None:
         if direction == Direction.TO_CLIENT and self.info.bound_jid is None:

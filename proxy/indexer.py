@@ -10,11 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from archive_api.store.base import ArchiveStore
 from proxy.spool import Spool, read_checkpoints
 
 log = logging.getLogger(__name__)
+
+
+class IndexControl(Protocol):
+    """What the proxy's side needs of an indexer, in this process or in a worker process."""
+
+    indexed: int
+    failures: int
+
+    def notify(self) -> None:
+        """New entries are in the spool (must not wait)."""
+        ...
+
+    async def drain(self) -> None:
+        """Return once the store has every entry spooled before the call."""
+        ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class Indexer:
@@ -94,6 +114,7 @@ class Indexer:
 
     async def drain(self) -> None:
         """Index until the store has everything the spool holds (for tests and shutdown)."""
+        await self.spool.flush()
         while await self.index_once():
             pass
 

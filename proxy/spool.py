@@ -77,6 +77,7 @@ MAX_PAYLOAD_BYTES = 16 * MiB
 # One group commit takes at most this much, so one huge burst does not delay its own first
 # callers behind a write of unbounded size.
 _MAX_BATCH_ENTRIES = 4096
+_BEHIND_RETRY = 1.0  # seconds before entries written behind are tried again after a failure
 _MAX_BATCH_BYTES = 8 * MiB
 
 _SEGMENT_NAME = re.compile(r"^segment-(\d{20})\.log$")
@@ -348,6 +349,7 @@ class _Request:
     payloads: Sequence[bytes]
     size: int
     future: asyncio.Future[list[ChainLink]]
+    behind: bool = False  # nobody waits: on failure it is retried, not refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +433,10 @@ class Spool:
         self._writer: asyncio.Task[None] | None = None
         self._cursor_lock = asyncio.Lock()
         self._closing = False
+        self._behind_timer: asyncio.TimerHandle | None = None
+        self._retry: list[_Request] = []  # written-behind entries whose write failed
+        self._taken = 0  # requests the writer has taken from the queue, ever
+        self._progress = asyncio.Event()
         self._closed = False
 
     @classmethod
@@ -516,6 +522,9 @@ class Spool:
         if self._closed:
             return
         self._closing = True
+        if self._behind_timer is not None:
+            self._behind_timer.cancel()
+            self._behind_timer = None
         self._wakeup.set()
         if self._writer is not None:
             await self._writer
@@ -546,6 +555,55 @@ class Spool:
         self._wakeup.set()
         return await future
 
+    def append_behind(self, payloads: Sequence[bytes], *, within: float = 0.02) -> None:
+        """Queue entries whose caller need not wait for them to be durable.
+
+        For what adds to an already durable record (an observation of a delivered copy):
+        they ride along with the next group commit, or are written `within` seconds from
+        now, whichever comes first, so they cost no fsync of their own. A write that fails
+        later is logged; it cannot be undone for the caller.
+        """
+        if not payloads:
+            return
+        if self._closing:
+            raise SpoolUnavailable("the spool is closed")
+        size = 0
+        for payload in payloads:
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise ValueError(f"a spool entry is limited to {MAX_PAYLOAD_BYTES} bytes")
+            size += FRAME_OVERHEAD + len(payload)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[ChainLink]] = loop.create_future()
+        future.add_done_callback(_report_behind)
+        self._queue.append(_Request(list(payloads), size, future, behind=True))
+        if self._behind_timer is None:
+            self._behind_timer = loop.call_later(within, self._wake_for_behind)
+
+    async def flush(self) -> None:
+        """Write everything queued so far now, also what waits to be written behind.
+
+        Returns once the writer tried it all: written, refused, or (written behind) failed
+        again and kept for a later retry.
+        """
+        if self._retry:
+            self._queue.extend(self._retry)
+            self._retry.clear()
+        target = self._taken + len(self._queue)
+        if self._taken >= target:
+            return
+        self._wakeup.set()
+        while self._taken < target and not self._closed:
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _wake_for_behind(self) -> None:
+        self._behind_timer = None
+        if self._retry:
+            # Failed before (a full disk, say): back in line, after what came meanwhile.
+            self._queue.extend(self._retry)
+            self._retry.clear()
+        self._wakeup.set()
+
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -562,14 +620,29 @@ class Spool:
                     # _commit_batch maps I/O failures itself; this is a bug, still fail closed.
                     logger.exception("spool writer failed unexpectedly")
                     outcomes = [_unavailable(f"spool writer failed: {exc}", exc) for _ in batch]
+                self._taken += len(batch)
+                self._progress.set()
                 for request, outcome in zip(batch, outcomes, strict=True):
                     if request.future.done():  # the caller was cancelled
+                        continue
+                    if (
+                        isinstance(outcome, SpoolUnavailable)
+                        and request.behind
+                        and not self._closing
+                    ):
+                        self._retry.append(request)
                         continue
                     if isinstance(outcome, SpoolUnavailable):
                         request.future.set_exception(outcome)
                     else:
                         request.future.set_result(outcome)
+            if self._retry and self._behind_timer is None and not self._closing:
+                self._behind_timer = loop.call_later(_BEHIND_RETRY, self._wake_for_behind)
             if self._closing:
+                for request in self._retry:
+                    if not request.future.done():
+                        request.future.set_exception(SpoolUnavailable("the spool closed"))
+                self._retry.clear()
                 return
 
     def _take_batch(self) -> list[_Request]:
@@ -1121,6 +1194,14 @@ class Spool:
         self._reopen_active(self._segments[-1])
 
 
+def _report_behind(future: asyncio.Future[list[ChainLink]]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        logger.error("spool: entries written behind were lost: %s", exc)
+
+
 def _unavailable(message: str, cause: BaseException) -> SpoolUnavailable:
     error = SpoolUnavailable(message)
     error.__cause__ = cause
@@ -1423,3 +1504,128 @@ def iter_spool_segments(directory: str | os.PathLike[str]) -> Iterator[ChainLink
                 yield link
         except _BadFrame:
             return
+
+
+class SpoolTail:
+    """Reads the durable entries of a spool that another process writes (the index worker).
+
+    The writer tells the reader how far the spool is durable (`through`): frames past it may
+    be half-written or rolled back after a failed fsync, so they are never read. Reading keeps
+    its place between calls, so following a growing spool costs only the new bytes.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, chunk_bytes: int = MiB) -> None:
+        self._dir = Path(directory)
+        self._chunk = chunk_bytes
+        self._hint: _ReadHint | None = None
+
+    def _segments(self) -> list[tuple[int, Path]]:
+        return sorted(
+            (int(m.group(1)), self._dir / m.group(0))
+            for m in (_SEGMENT_NAME.match(name) for name in os.listdir(self._dir))
+            if m is not None
+        )
+
+    def read(self, seq: int, max_entries: int, through: int) -> list[ChainLink]:
+        """Entries from `seq` to at most `through`, at most `max_entries`, chain-checked.
+
+        Raises ValueError when `seq` was sealed out of the spool, `SpoolCorrupt` when a
+        durable entry is damaged or missing.
+        """
+        if seq < 1 or max_entries < 1:
+            raise ValueError("seq and max_entries must be positive")
+        last = min(through, seq + max_entries - 1)
+        if seq > last:
+            return []
+        out: list[ChainLink] = []
+        hint = self._hint
+        if hint is not None and hint.seq == seq and hint.path.exists():
+            path, expected, offset, prev = hint.path, hint.seq, hint.offset, hint.prev_hash
+            segments = self._segments()
+            index = next((i for i, (_, p) in enumerate(segments) if p == path), -1)
+        else:
+            segments = self._segments()
+            index = bisect.bisect_right([first for first, _ in segments], seq) - 1
+            if index < 0:
+                raise ValueError(f"entry {seq} was sealed out of the spool")
+            path = segments[index][1]
+            header = self._header(path)
+            expected, prev = header
+            offset = SEGMENT_HEADER_SIZE
+        while True:
+            offset, expected, prev = self._read_segment(
+                path, offset, expected, prev, seq, last, out
+            )
+            if expected > last:
+                break
+            index += 1
+            if index <= 0 or index >= len(segments):
+                break
+            path = segments[index][1]
+            first_seq, header_prev = self._header(path)
+            if first_seq != expected or header_prev != prev:
+                raise SpoolCorrupt(f"{path.name} does not continue the chain of the one before")
+            offset = SEGMENT_HEADER_SIZE
+        if out and out[-1].seq < last:
+            raise SpoolCorrupt(f"durable entries {out[-1].seq + 1}..{last} are missing")
+        if not out:
+            raise SpoolCorrupt(f"durable entry {seq} is missing")
+        self._hint = _ReadHint(path, expected, offset, prev)
+        return out
+
+    @staticmethod
+    def _header(path: Path) -> tuple[int, bytes]:
+        try:
+            with path.open("rb") as f:
+                header = _decode_segment_header(f.read(SEGMENT_HEADER_SIZE))
+        except FileNotFoundError:
+            raise ValueError(f"{path.name} was sealed out of the spool meanwhile") from None
+        if header is None:
+            raise SpoolCorrupt(f"{path.name} has no valid header")
+        return header
+
+    def _read_segment(
+        self,
+        path: Path,
+        offset: int,
+        expected: int,
+        prev: bytes,
+        want_from: int,
+        last: int,
+        out: list[ChainLink],
+    ) -> tuple[int, int, bytes]:
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            raise ValueError(f"{path.name} was sealed out of the spool meanwhile") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            buf = b""
+            base = offset  # file offset of buf[0]
+            pos = 0
+            while expected <= last and base + pos < size:
+                if len(buf) - pos < _FRAME_HEAD.size:
+                    buf = buf[pos:] + f.read(self._chunk)
+                    base, pos = base + pos, 0
+                    if len(buf) < _FRAME_HEAD.size:
+                        break
+                length = _FRAME_HEAD.unpack_from(buf, pos)[2]
+                need = _FRAME_HEAD.size + min(length, _BODY_HEAD.size + MAX_PAYLOAD_BYTES)
+                if len(buf) - pos < need:
+                    buf = buf[pos:] + f.read(max(self._chunk, need))
+                    base, pos = base + pos, 0
+                try:
+                    link, next_pos = _decode_frame(buf, pos, len(buf))
+                except _BadFrame as exc:
+                    raise SpoolCorrupt(f"{path.name} offset {base + pos}: {exc.reason}") from None
+                wanted = link.seq >= want_from
+                problem = _chain_problem(link, expected, prev, check_hash=wanted)
+                if problem is not None:
+                    raise SpoolCorrupt(f"{path.name} offset {base + pos}: {problem}")
+                if wanted:
+                    out.append(link)
+                pos = next_pos
+                expected += 1
+                prev = link.hash
+            return base + pos, expected, prev

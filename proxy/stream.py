@@ -94,18 +94,59 @@ class Element:
         Parsed on first use only: most elements are forwarded without ever being looked at.
         """
         if self._tree is None:
-            decls = " ".join(
-                f"xmlns={quoteattr(uri)}" if prefix == "" else f"xmlns:{prefix}={quoteattr(uri)}"
-                for prefix, uri in self.namespaces.items()
-            )
-            wrapper = b"<w " + decls.encode() + b">" + self.data + b"</w>"
-            try:
-                self._tree = ET.fromstring(wrapper)[0]  # noqa: S314 - expat already vetted it
-            except ET.ParseError as exc:
-                # The framer checks well-formedness but not prefixes inside a stanza (that
-                # would cost a callback per element); an undeclared one surfaces here.
-                raise FramingError("not-well-formed", f"stanza does not parse: {exc}") from None
+            self._tree = _parse_in_scope(self.data, self.namespaces)
         return self._tree
+
+
+class _ScopedParser:
+    """A pull parser left open inside a wrapper element that declares a stream's namespaces.
+
+    Creating an expat parser costs about three times as much as parsing a short stanza, so
+    one parser serves every stanza of streams with the same declarations; it is replaced
+    after `_PARSER_BUDGET` bytes because the wrapper keeps what it parsed.
+    """
+
+    __slots__ = ("fed", "parser")
+
+    def __init__(self, namespaces: tuple[tuple[str, str], ...]) -> None:
+        decls = " ".join(
+            f"xmlns={quoteattr(uri)}" if prefix == "" else f"xmlns:{prefix}={quoteattr(uri)}"
+            for prefix, uri in namespaces
+        )
+        self.parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("end",))
+        self.parser.feed(b"<w " + decls.encode() + b">")
+        self.fed = 0
+
+
+_PARSER_BUDGET = 1024 * 1024
+_MAX_SCOPED_PARSERS = 64
+_scoped_parsers: dict[tuple[tuple[str, str], ...], _ScopedParser] = {}
+
+
+def _parse_in_scope(data: bytes, namespaces: dict[str, str]) -> ET.Element:
+    key = tuple(namespaces.items())
+    scoped = _scoped_parsers.get(key)
+    if scoped is None or scoped.fed > _PARSER_BUDGET:
+        if len(_scoped_parsers) >= _MAX_SCOPED_PARSERS:
+            _scoped_parsers.clear()
+        scoped = _scoped_parsers[key] = _ScopedParser(key)
+    try:
+        scoped.parser.feed(data)
+        events = list(scoped.parser.read_events())
+    except ET.ParseError as exc:
+        # The framer checks well-formedness but not prefixes inside a stanza (that would
+        # cost a callback per element); an undeclared one surfaces here. The parser is
+        # spoiled: the next stanza gets a fresh one.
+        _scoped_parsers.pop(key, None)
+        raise FramingError("not-well-formed", f"stanza does not parse: {exc}") from None
+    scoped.fed += len(data)
+    if not events:  # the framer hands over whole elements only
+        _scoped_parsers.pop(key, None)
+        raise FramingError("not-well-formed", "stanza does not parse: incomplete")
+    element = events[-1][-1]
+    if not isinstance(element, ET.Element):
+        raise FramingError("not-well-formed", "stanza does not parse")
+    return element
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,10 @@ def run(
     environment: Annotated[
         str | None, typer.Option(help="'production' (default) or 'development'.")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Text model: 'default' (shipped), a model directory, or 'off'."),
+    ] = None,
 ) -> None:
     """Run the inline proxy in front of an XMPP server.
 
@@ -96,6 +100,7 @@ def run(
             upstream_tls=upstream_tls,
             allow_plaintext=allow_plaintext,
             environment=environment,
+            model=model,
         )
         configure_logging(settings.log_level, settings.log_format)
         asyncio.run(serve(settings))
@@ -178,14 +183,21 @@ def verify(
     evidence_dir: Annotated[
         Path | None, typer.Option(help="Sealed segments (default DATA_DIR/evidence).")
     ] = None,
+    audit: Annotated[
+        bool, typer.Option("--audit", help="Verify the audit log instead of the archive.")
+    ] = False,
 ) -> None:
     """Prove the archive whole: chain, signatures, and every spooled entry in the store.
 
+    With --audit, prove the audit log whole instead: its hash chain and signed checkpoints.
     Exits 0 when whole; 1 naming the first break otherwise.
     """
     from archive_api.store.errors import StoreError
     from stanzaguard import operations
 
+    if audit:
+        _verify_audit(data_dir)
+        return
     try:
         outcome = asyncio.run(operations.verify(operations.Paths(data_dir, evidence_dir)))
     except (StanzaGuardError, StoreError) as exc:
@@ -547,6 +559,338 @@ def evaluate(
 
 
 # -- end of text model commands ---------------------------------------------------------------
+
+# -- model versions: retrain, list, activate, rollback (stanzaguard/retrain.py, registry.py) --
+
+
+@app.command()
+def retrain(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base", help="Base data set (default: the one the model in use was trained on)."
+        ),
+    ] = None,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="Format of --base: sms, csv or jsonl.")
+    ] = None,
+    folds: FoldsOption = 10,
+    seed: SeedOption = 0,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Make the new version active at once (--actor).")
+    ] = False,
+    actor: Annotated[
+        str | None, typer.Option("--actor", help="Who activates (with --activate).")
+    ] = None,
+) -> None:
+    """Train a new model version on the base data set plus reports and officers' labels.
+
+    Cross-validates first (the version keeps the metrics), then stores DATA/models/vNNNN.
+    """
+    from stanzaguard.clock import SystemClock
+    from stanzaguard.retrain import retrain as run_retrain
+
+    if activate and actor is None:
+        raise _fail(StanzaGuardError("--activate needs --actor (who activates)"))
+    command = f"stanzaguard retrain --data-dir {data_dir}"
+    if base is not None:
+        command += f" --base {base} --format {data_format or 'sms'}"
+    if folds != 10 or seed != 0:
+        command += f" --folds {folds} --seed {seed}"
+    try:
+        with _fold_progress() as progress:
+            task = progress.add_task("retraining", total=None)
+            outcome = run_retrain(
+                data_dir,
+                clock=SystemClock(),
+                command=command,
+                base_path=base,
+                base_format=data_format,
+                folds=folds,
+                seed=seed,
+                activate_as=actor if activate else None,
+                progress=lambda done, total, what: progress.update(
+                    task, completed=done, total=total, description=what
+                ),
+            )
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+    used = outcome.training.examples
+    err.print(
+        f"base {outcome.base.path}: {len(outcome.base.samples)} messages; labelled examples: "
+        f"{used['used']} ({used['spam']} spam, {used['ham']} ham, weight {used['weight_sum']:.2f})"
+    )
+    if outcome.evaluation is not None:
+        _print_metrics(
+            f"{folds}-fold cross-validation, duplicates grouped", outcome.evaluation.block
+        )
+    typer.echo(f"version {outcome.version} stored in {data_dir / 'models' / outcome.version}")
+    if outcome.activation is not None:
+        typer.echo(f"{outcome.version} is active; a running service switches within a second")
+
+
+model_app = typer.Typer(
+    help="Text model versions: list them, activate one, roll back.", no_args_is_help=True
+)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("list")
+def model_list(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a version.")] = False,
+) -> None:
+    """The versions with their cross-validated metrics; which is active and which serving."""
+    from stanzaguard.clock import SystemClock
+    from stanzaguard.registry import ModelRegistry, RegistryError, VersionSummary
+
+    registry = ModelRegistry.of(data_dir, SystemClock())
+    try:
+        state = registry.read_state()
+        serving = registry.read_serving()
+    except RegistryError as exc:
+        raise _fail(exc) from None
+    in_use = serving.version if serving is not None else None
+    rows = [VersionSummary.of(info, state.active, in_use) for info in registry.versions()]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row.to_json(), ensure_ascii=False))
+        return
+    table = Table("version", "created", "base rows", "examples", "spam caught", "blocked ham")
+    table.add_column("MCC")
+    table.add_column("state")
+    for row in rows:
+        block = row.block or {}
+        flags = [word for word, on in (("active", row.active), ("serving", row.serving)) if on]
+        table.add_row(
+            row.version,
+            row.created or "-",
+            "-" if row.base_rows is None else str(row.base_rows),
+            "-" if row.examples is None else str(row.examples),
+            f"{block['spam_caught']:.2%}" if "spam_caught" in block else "-",
+            f"{block['blocked_ham']:.3%}" if "blocked_ham" in block else "-",
+            f"{block['mcc']:.4f}" if "mcc" in block else "-",
+            row.error or " ".join(flags),
+        )
+    Console(width=200).print(table)
+    configured = "the configured model (setting `model`)"
+    Console(stderr=True).print(f"active: {state.active or configured}", highlight=False)
+    if serving is not None:
+        note = f"serving: {serving.label or 'no model'} since {serving.since:%Y-%m-%d %H:%M:%S}"
+        if serving.error:
+            note += f"; last load error: {serving.error.get('message', '')}"
+        Console(stderr=True).print(note, highlight=False)
+
+
+ModelWaitOption = Annotated[
+    float,
+    typer.Option(
+        "--wait", min=0.0, help="Seconds to wait for a running service to switch (0: do not)."
+    ),
+]
+
+
+def _switched(data_dir: Path, change: str, actor: str, version: str | None, wait: float) -> None:
+    from stanzaguard.clock import SystemClock
+    from stanzaguard.registry import ModelRegistry
+
+    registry = ModelRegistry.of(data_dir, SystemClock())
+    try:
+        if change == "rollback":
+            entry = registry.rollback(actor)
+        else:
+            assert version is not None
+            entry = registry.activate(version, actor)
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+    name = entry.version or "the configured model"
+    typer.echo(f"active: {name} (was {entry.previous or 'the configured model'})")
+    if wait <= 0:
+        return
+    serving = registry.wait_serving(entry.version, entry.at, wait)
+    if serving is None:
+        typer.echo("the running service has not switched yet (is it running?)")
+        raise typer.Exit(3)
+    if serving.version != entry.version:
+        typer.echo(f"the running service could not load it: {(serving.error or {}).get('message')}")
+        raise typer.Exit(1)
+    typer.echo(f"the running service uses {serving.label or 'no model'}")
+
+
+@model_app.command("activate")
+def model_activate(
+    version: Annotated[str, typer.Argument(help="A version (v0003), or 'configured'.")],
+    actor: ActorOption,
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    wait: ModelWaitOption = 0.0,
+) -> None:
+    """Make a version the active model; a running service swaps it in within a second.
+
+    Exits 0 when done (with --wait: when the service uses it), 1 when the service could
+    not load it, 2 when refused, 3 when the service did not switch within --wait.
+    """
+    _switched(data_dir, "activate", actor, version.strip(), wait)
+
+
+@model_app.command("rollback")
+def model_rollback(
+    actor: ActorOption,
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    wait: ModelWaitOption = 0.0,
+) -> None:
+    """Go back to the version active before the current one (exit codes as activate)."""
+    _switched(data_dir, "rollback", actor, None, wait)
+
+
+# -- end of model version commands -------------------------------------------------------------
+
+
+# -- API tokens and the audit log (stanzaguard/access.py) ----------------------------------------
+
+
+def _verify_audit(data_dir: Path) -> None:
+    from archive_api.store.errors import StoreError
+    from stanzaguard import access, operations
+
+    try:
+        outcome = asyncio.run(access.verify_audit(operations.Paths(data_dir)))
+    except (StanzaGuardError, StoreError) as exc:
+        raise _fail(exc) from None
+    out = Console()
+    report = outcome.report
+    out.print(
+        f"audit log: {report.events_checked} events, last seq {report.last_seq}, head "
+        f"{report.head.hex()[:16]}…, {report.checkpoints_checked} signed checkpoint(s) checked"
+    )
+    if not outcome.key_found:
+        err.print(
+            "[yellow]warning:[/] no public key in DATA_DIR/keys: checkpoint signatures "
+            "were not checked",
+            highlight=False,
+        )
+    if report.problems:
+        first, *rest = report.problems
+        out.print(
+            f"[bold red]BROKEN[/]: first break at seq {first.seq}: {first.problem}",
+            highlight=False,
+        )
+        for extra in rest[:10]:
+            out.print(f"  also: seq {extra.seq}: {extra.problem}", highlight=False)
+        raise typer.Exit(1)
+    out.print("[bold green]OK[/]: no gap, no edit, no deletion in the audit log")
+
+
+token_app = typer.Typer(
+    help="API tokens for the search, review and audit API: create, list, revoke.",
+    no_args_is_help=True,
+)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option("--role", help="admin, officer or auditor.")],
+    name: Annotated[
+        str, typer.Option("--name", help="Unique name (letters, digits, . _ @ -), never reused.")
+    ],
+    expires: Annotated[
+        int | None,
+        typer.Option("--expires", min=1, max=3650, help="Days until it expires (default: never)."),
+    ] = None,
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+) -> None:
+    """Create an API token and print its secret: shown once, stored only as a hash. Audited."""
+    from archive_api.auth import Role
+    from archive_api.errors import ArchiveApiError
+    from archive_api.store.errors import StoreError
+    from stanzaguard import access, operations
+
+    if role not in {r.value for r in Role}:
+        raise _fail(StanzaGuardError("--role must be admin, officer or auditor"))
+    try:
+        issued = asyncio.run(
+            access.create_token(
+                operations.Paths(data_dir), name=name, role=Role(role), expires_days=expires
+            )
+        )
+    except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
+        raise _fail(exc) from None
+    token = issued.token
+    until = token.expires_at.strftime("%Y-%m-%d %H:%M UTC") if token.expires_at else "never"
+    err.print(
+        f"token {token.name!r} (role {token.role}, expires {until}) created; its secret is "
+        "below and will not be shown again:",
+        highlight=False,
+    )
+    typer.echo(issued.secret)
+
+
+@token_app.command("list")
+def token_list(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """List API tokens (names, roles, dates, state); secrets are never stored, so never shown."""
+    from archive_api.auth import token_state
+    from archive_api.store.errors import StoreError
+    from stanzaguard import access, operations
+
+    try:
+        tokens = asyncio.run(access.list_tokens(operations.Paths(data_dir)))
+    except (StanzaGuardError, StoreError) as exc:
+        raise _fail(exc) from None
+    now = datetime.now(UTC)
+
+    def when(at: datetime | None) -> str | None:
+        return at.isoformat() if at is not None else None
+
+    if as_json:
+        for t in tokens:
+            row = {
+                "name": t.name,
+                "role": t.role,
+                "state": token_state(t, now),
+                "created_at": when(t.created_at),
+                "expires_at": when(t.expires_at),
+                "revoked_at": when(t.revoked_at),
+            }
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    table = Table("name", "role", "state", "created (UTC)", "expires (UTC)", "revoked (UTC)")
+    for t in tokens:
+        table.add_row(
+            t.name,
+            t.role,
+            token_state(t, now),
+            *(
+                at.strftime("%Y-%m-%d %H:%M") if at is not None else ""
+                for at in (t.created_at, t.expires_at, t.revoked_at)
+            ),
+        )
+    Console().print(table)
+    err.print(f"{len(tokens)} token(s)")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+) -> None:
+    """Revoke an API token at once (its UI sessions end with it). Audited."""
+    from archive_api.errors import ArchiveApiError
+    from archive_api.store.errors import StoreError
+    from stanzaguard import access, operations
+
+    try:
+        token = asyncio.run(access.revoke_token(operations.Paths(data_dir), name))
+    except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
+        raise _fail(exc) from None
+    assert token.revoked_at is not None
+    typer.echo(f"token {token.name!r} revoked at {token.revoked_at.isoformat()}")
+
+
+# -- end of API token commands ------------------------------------------------------------------
 
 
 if __name__ == "__main__":

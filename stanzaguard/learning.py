@@ -48,7 +48,7 @@ from archive_api.store.base import ArchiveStore
 from archive_api.store.records import ArchiveRecord
 from classifier.clock import Clock
 from classifier.reputation import ReputationLedger
-from proxy.indexer import Indexer
+from proxy.indexer import IndexControl
 from proxy.pipeline import ReportNotice
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class Learning:
         *,
         reputation: ReputationLedger,
         store: ArchiveStore,
-        indexer: Indexer | None,
+        indexer: IndexControl | None,
         clock: Clock,
     ) -> None:
         self.examples = LabelledExamples.load(path)

@@ -125,6 +125,14 @@ def load_default_model() -> TextModel:
     return load_model_bytes(npz, metadata, name="stanzaguard/models/default/model")
 
 
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata (``model.json``) of the model at ``path``, without reading its arrays.
+
+    For listings; it says nothing about whether the arrays load (`load_model` does).
+    """
+    return _read_metadata(model_files(path).json)
+
+
 def _read_bytes(path: Path, limit: int) -> bytes:
     try:
         with path.open("rb") as handle:

@@ -61,7 +61,7 @@ from classifier.clock import Clock
 from classifier.verdict import Action
 from proxy.errors import SpoolUnavailable
 from proxy.hook import Decision, SessionInfo, StanzaHook
-from proxy.indexer import Indexer
+from proxy.indexer import IndexControl
 from proxy.pipeline import SpoolWriter
 from proxy.stanza import RosterEvent
 from proxy.stream import Element
@@ -399,7 +399,7 @@ class QuarantineService:
         *,
         spool: SpoolWriter,
         store: ArchiveStore,
-        indexer: Indexer | None,
+        indexer: IndexControl | None,
         clock: Clock,
         domains: Sequence[str],
         learning: Learning | None = None,

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1024 * 1024, description="Unindexed spool size at which to fail closed."
     )
     checkpoint_every: int = Field(1000, ge=1, description="Sign the chain head every N entries.")
+    index_worker: bool = Field(
+        True,
+        description="Index in a worker process (false: in the proxy's own process, which then "
+        "shares its CPU and GIL with indexing).",
+    )
     upload_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="HTTP upload (XEP-0363) hosts whose files are fetched."
     )
@@ -134,6 +139,21 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Block-list files, FORMAT:PATH (jabberspam:/etc/stanzaguard/blacklist.txt).",
     )
+    model: str = Field(
+        "default",
+        description=(
+            "Text model: 'default' (shipped), a model directory, or 'off'; a version made "
+            "active with `stanzaguard model activate` takes precedence."
+        ),
+    )
+    session_secret: SecretStr | None = Field(
+        None,
+        description="Signs the web UI's session cookies; 32+ random characters, required "
+        "outside environment=development (archive_api.auth.session_key checks it).",
+    )
+    session_max_age: float = Field(
+        8 * 3600.0, gt=0, le=30 * 86400, description="Seconds a web UI sign-in lasts."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
@@ -151,6 +171,20 @@ class Settings(BaseSettings):
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_choice(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError("give 'default', 'off' or the path of a model directory")
+        value = value.strip()
+        if not value:
+            raise ValueError("give 'default', 'off' or the path of a model directory")
+        if value.lower() in ("default", "off"):
+            return value.lower()
         return value
 
     @classmethod

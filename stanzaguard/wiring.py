@@ -28,7 +28,7 @@ from proxy.blocklist_files import (
 )
 from proxy.c2s import C2SProxy, ProxyConfig
 from proxy.hook import StanzaHook
-from proxy.indexer import Indexer
+from proxy.indexer import IndexControl, Indexer
 from proxy.pipeline import Pipeline, PipelineConfig
 from proxy.policy_source import PolicyFileWatcher, load_policy
 from proxy.rtbl import RtblConfig, RtblError, RtblSubscriber, TlsMode, rtbl_nodes
@@ -37,9 +37,12 @@ from proxy.stream import FramingLimits
 from proxy.trust import RosterObservers, TrustRosterObserver
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError
+from stanzaguard.index_worker import IndexWorker
 from stanzaguard.keys import load_or_create_signer
 from stanzaguard.learning import Learning
+from stanzaguard.model_runtime import MODEL_OFF, ModelWatcher, configured_model
 from stanzaguard.quarantine import DeliveryHook, QuarantineService
+from stanzaguard.registry import ModelRegistry
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.tls import server_context, upstream_context
 
@@ -71,6 +74,10 @@ class DataLayout:
     @property
     def examples(self) -> Path:
         return self.root / "learning" / "examples.jsonl"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
 
     def evidence(self, settings: Settings) -> Path:
         return settings.evidence_dir or self.root / "evidence"
@@ -226,6 +233,7 @@ class ArchivingService:
         self.reputation = ReputationLedger()
         self.learning: Learning | None = None
         self.quarantine: QuarantineService | None = None
+        self.model_watcher: ModelWatcher | None = None
         # -- block lists fed by the edge (RTBLs, list files); the policy's rule consults them --
         self.rtbl_config = build_rtbl_config(settings)
         self.blocklist_files = build_blocklist_files(settings)
@@ -238,15 +246,29 @@ class ArchivingService:
     async def start(self) -> None:
         settings = self.settings
         domains = frozenset(settings.domain)
+        # -- text model: the configured one, or the registry's active version (swapped live) --
+        model = None
+        if settings.model != MODEL_OFF:
+            self.model_watcher = ModelWatcher(
+                ModelRegistry(DataLayout(settings.data_dir).models, self.clock),
+                configured_model(settings.model),  # a model that does not load stops start-up
+                self.clock,
+            )
+            model = self.model_watcher.initial()
+        log.info("text model", extra={"model": model.model_version if model else None})
+        # -- end text model --
         try:
             self.policy = PolicyHolder(
                 load_policy(settings.policy, domains),
                 trust=self.trust,
                 reputation=self.reputation,
                 blocklists=self.blocklist,
+                model=model,
             )
         except PolicyError as exc:
             raise SettingsError(f"policy: {exc}") from None
+        if self.model_watcher is not None:
+            self.model_watcher.attach(self.policy)
         if self.blocklist is not None and self.blocklist_files:
             watcher = BlocklistFileWatcher(self.blocklist_files, self.blocklist)
             try:
@@ -256,7 +278,11 @@ class ArchivingService:
             self.blocklist_watcher = watcher
         self.store = await open_store(settings)
         self.spool = await open_spool(settings, self.clock)
-        self.indexer = Indexer(self.spool, self.store)
+        self.indexer: IndexControl
+        if settings.index_worker:
+            self.indexer = IndexWorker(self.spool, DataLayout(settings.data_dir).store)
+        else:
+            self.indexer = Indexer(self.spool, self.store)
         # -- attachments: fetch upload-service files of new records in the background --
         if self.fetcher_config is not None:
             self.attachments = AttachmentFetcher(
@@ -314,6 +340,8 @@ class ArchivingService:
         if settings.policy is not None:
             self.policy_watcher = PolicyFileWatcher(settings.policy, self.policy, domains)
             self.policy_watcher.start()
+        if self.model_watcher is not None:
+            self.model_watcher.start()
         if self.blocklist_watcher is not None:
             self.blocklist_watcher.start()
         if self.rtbl_config is not None and self.blocklist is not None:
@@ -349,6 +377,8 @@ class ArchivingService:
             await self.attachments.stop()
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
+        if self.model_watcher is not None:
+            await self.model_watcher.stop()
         if self.rtbl is not None:
             await self.rtbl.stop()
         if self.blocklist_watcher is not None:
@@ -356,9 +386,12 @@ class ArchivingService:
         if self.learning is not None:  # before the store closes: it reads reported messages
             await self.learning.stop()
         if hasattr(self, "indexer"):
+            # The worker indexes what is spooled before it exits; the in-process indexer
+            # stops its loop, then drains here.
             await self.indexer.stop()
-            with contextlib.suppress(Exception):
-                await self.indexer.drain()
+            if isinstance(self.indexer, Indexer):
+                with contextlib.suppress(Exception):
+                    await self.indexer.drain()
         if hasattr(self, "spool"):
             await self.spool.close()
         if hasattr(self, "store"):

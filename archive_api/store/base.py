@@ -29,16 +29,26 @@ verify itself. What it must guarantee, whatever the backend:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import date
-from typing import Literal, Protocol
+from datetime import date, datetime
+from typing import Any, Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from archive_api.store.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditFilter,
+    AuditHead,
+    AuditPage,
+    AuditVerifyReport,
+)
 from archive_api.store.chain import ChainLink, Checkpoint
 from archive_api.store.query import Query
-from archive_api.store.records import ArchiveRecord
+from archive_api.store.records import ArchiveRecord, canonical_json
+from archive_api.store.tokens import StoredToken
 from classifier.verdict import Action
 
 DEFAULT_CHAIN = "spool"
@@ -147,7 +157,239 @@ class VerifyReport:
         return self.problems[0] if self.problems else None
 
 
-class ArchiveStore(Protocol):
+# --- holds, retention and purge (docs/retention.md) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRecord:
+    """A legal hold as the store keeps it.
+
+    The service layer (`archive_api.holds`) gives the scope its meaning; the store needs only
+    `query`, the canonical search text of the records the hold covers, frozen at creation and
+    evaluated by the store itself whenever it must know what is held (purge).
+    """
+
+    hold_id: str
+    case_name: str
+    created_by: str
+    created_at: datetime
+    scope: str  # canonical JSON of the scope, for display and the audit trail
+    query: str  # canonical search text (str(Query))
+    released_at: datetime | None = None
+    released_by: str | None = None
+    release_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.released_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionAssignment:
+    """A retention class and the expiry it gives one record (the service computes both)."""
+
+    record_id: str
+    retention_class: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionState:
+    """What the store holds about one record's retention."""
+
+    record_id: str
+    retention_class: str
+    expires_at: datetime
+    assigned_at: datetime
+    purged_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionUpdate:
+    """The outcome of `set_retention`: extend-only, so some assignments change nothing."""
+
+    assigned: int = 0  # records that had no retention yet
+    extended: int = 0  # records whose expiry moved later
+    kept: int = 0  # records whose recorded expiry was as late or later (or already purged)
+    unknown: int = 0  # record ids the store does not hold
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSubject:
+    """What a retention policy looks at to classify one record (no text)."""
+
+    record_id: str
+    occurred_at: datetime
+    record_type: str  # what `type:` matches: chat, groupchat, normal, headline, subscription...
+    direction: str
+    sender: str  # bare JID, normalised
+    recipient: str  # bare JID, normalised
+    room: str | None
+    retention_class: str | None = None  # the current assignment, when there is one
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSubjectPage:
+    subjects: tuple[RetentionSubject, ...]
+    next_cursor: str | None  # None when this is the last page
+
+
+@dataclass(frozen=True, slots=True)
+class PurgedRecord:
+    record_id: str
+    retention_class: str
+    expires_at: datetime
+    entries: int  # chain entries whose payload became a tombstone (0 in a dry run)
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeBatch:
+    """One call of `purge`: at most `limit` records, so the caller can audit each batch."""
+
+    purged: tuple[PurgedRecord, ...]  # purged now (in a dry run: that would be)
+    due: int  # records past expiry and under no active hold, this batch included
+    held_back: int  # records past expiry that an active hold keeps
+    dry_run: bool = False
+
+    @property
+    def more(self) -> bool:
+        """More records are due than this batch took: call `purge` again."""
+        return self.due > len(self.purged)
+
+
+TOMBSTONE_OP = "tombstone"
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What a purged entry's payload becomes. The link keeps its seq, prev_hash and hash.
+
+    The hash can no longer be recomputed (the payload it covers is gone by retention), so
+    verification checks the links on both sides of it, that the tombstone names a purge the
+    store recorded, and that nothing of the record is left in the store.
+    """
+
+    record_id: str
+    purged_at: datetime
+    retention_class: str
+    expires_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "op": TOMBSTONE_OP,
+            "record_id": self.record_id,
+            "purged_at": self.purged_at.isoformat(),
+            "retention_class": self.retention_class,
+            "expires_at": self.expires_at.isoformat(),
+        }
+
+    def payload(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Tombstone | None:
+        """The tombstone a payload is, None for any other payload; ValueError if malformed."""
+        if b'"op":"tombstone"' not in payload:  # cheap: other payloads are never tombstones
+            return None
+        try:
+            data = json.loads(payload)
+            if not isinstance(data, dict) or data.get("op") != TOMBSTONE_OP:
+                return None
+            record_id, cls_name = data["record_id"], data["retention_class"]
+            if not isinstance(record_id, str) or not isinstance(cls_name, str):
+                raise TypeError("record_id and retention_class must be strings")
+            tombstone = cls(
+                record_id,
+                datetime.fromisoformat(data["purged_at"]),
+                cls_name,
+                datetime.fromisoformat(data["expires_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed tombstone ({exc})") from None
+        if tombstone.payload() != payload:
+            raise ValueError("tombstone is not in canonical form")
+        return tombstone
+
+
+# --- audit log and API tokens (docs/api.md; formats in store/audit.py, store/tokens.py) ------
+
+
+class AuditStore(Protocol):
+    """The audit log's storage: an append-only, hash-chained, checkpointed list of events.
+
+    Whatever the backend: appends are durable when they return and serialised across every
+    writer (threads, processes, machines), so the chain never forks; events are never
+    changed or deleted through this interface.
+    """
+
+    async def append_audit(self, entries: Sequence[AuditEntry]) -> tuple[AuditEvent, ...]:
+        """Append entries (at most MAX_APPEND_BATCH) as one durable batch, in order.
+
+        The store gives each the next seq and the hash of the event before it, under its
+        write serialisation; returns the stored events. Raises InvalidRequest naming a bad
+        field (nothing of the batch is stored then).
+        """
+        ...
+
+    async def audit_events(
+        self,
+        where: AuditFilter = AuditFilter(),  # noqa: B008 (frozen, so a shared default is safe)
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        newest_first: bool = True,
+    ) -> AuditPage:
+        """One page of events matching `where`, by seq. A cursor is valid only with the filter
+        and order it came from (InvalidCursor); paging never repeats nor skips an event."""
+        ...
+
+    async def audit_head(self) -> AuditHead:
+        """The last event's seq and hash (seq 0 and 32 zero bytes when the log is empty)."""
+        ...
+
+    async def add_audit_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Keep a signed head of the audit log (chain name AUDIT_CHAIN); the same one twice is
+        a no-op. Raises ChainConflict if the stored hash at its seq differs, InvalidRequest
+        if it is for another chain or past the end of the log."""
+        ...
+
+    async def audit_checkpoints(self) -> tuple[Checkpoint, ...]:
+        """The stored audit checkpoints, by seq."""
+        ...
+
+    async def verify_audit(
+        self, *, public_key: Ed25519PublicKey | None = None
+    ) -> AuditVerifyReport:
+        """Check the whole log with `AuditVerifier`; every problem located by seq."""
+        ...
+
+
+class TokenStore(Protocol):
+    """API tokens (`StoredToken`): created, looked up by secret hash or name, revoked."""
+
+    async def add_token(self, token: StoredToken) -> None:
+        """Keep a new token. Raises AlreadyExists if its name (even of a revoked token) or
+        its secret hash is taken, InvalidRequest if a field is invalid."""
+        ...
+
+    async def token_by_hash(self, secret_hash: bytes) -> StoredToken | None:
+        """The token whose secret hashes to `secret_hash` (revoked and expired ones too)."""
+        ...
+
+    async def token_by_name(self, name: str) -> StoredToken | None: ...
+
+    async def tokens(self) -> tuple[StoredToken, ...]:
+        """Every token, revoked and expired ones too, oldest first."""
+        ...
+
+    async def revoke_token(self, name: str, *, at: datetime) -> StoredToken:
+        """Revoke a token from `at` on and return it; a token revoked before keeps its first
+        revocation time. Raises NotFound for an unknown name."""
+        ...
+
+
+class ArchiveStore(AuditStore, TokenStore, Protocol):
     async def apply(self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN) -> None:
         """Ingest spool links in seq order as one atomic batch.
 
@@ -210,6 +452,79 @@ class ArchiveStore(Protocol):
         signature, when a key is given) and none lies past the end of the chain, and every
         record's searchable fields, observations and attachment fetches match the chain's
         payloads.
+        """
+        ...
+
+    # -- holds, retention and purge (docs/retention.md) --
+
+    async def add_hold(self, hold: HoldRecord) -> None:
+        """Keep a new legal hold (active: its released_* fields must be empty).
+
+        Raises QuerySyntaxError if its query does not parse, InvalidRequest if its id is
+        taken or a field is empty.
+        """
+        ...
+
+    async def release_hold(
+        self, hold_id: str, *, released_by: str, released_at: datetime, reason: str | None = None
+    ) -> HoldRecord:
+        """Release a hold (final; who may is the service's decision). Returns it released.
+
+        Raises NotFound for an unknown id, InvalidRequest if it was released already.
+        """
+        ...
+
+    async def get_hold(self, hold_id: str) -> HoldRecord | None: ...
+
+    async def list_holds(self, *, include_released: bool = True) -> tuple[HoldRecord, ...]:
+        """Holds, oldest first."""
+        ...
+
+    async def holds_covering(self, record_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """The active holds covering each of the given records (ids of records under none
+        are left out), hold ids oldest first."""
+        ...
+
+    async def set_retention(
+        self, assignments: Sequence[RetentionAssignment], *, assigned_at: datetime
+    ) -> RetentionUpdate:
+        """Record retention classes and expiries, extend-only.
+
+        A record without one takes the assignment; a record with one takes it only when
+        the new expiry is later (with its class); otherwise, and for purged records,
+        nothing changes. Several assignments for one record: the latest expiry counts.
+        """
+        ...
+
+    async def retention_of(self, record_id: str) -> RetentionState | None: ...
+
+    async def retention_subjects(
+        self,
+        *,
+        cursor: str | None = None,
+        limit: int = 1000,
+        unassigned_only: bool = False,
+        expiring_by: datetime | None = None,
+    ) -> RetentionSubjectPage:
+        """Records as a retention policy sees them, in store order, a page at a time: all,
+        those without a retention yet (`unassigned_only`), or those whose recorded expiry
+        is at or before `expiring_by` (the next purge's candidates; not with the other)."""
+        ...
+
+    async def purge(
+        self,
+        now: datetime,
+        *,
+        limit: int = 1000,
+        dry_run: bool = False,
+        record_ids: Sequence[str] | None = None,
+    ) -> PurgeBatch:
+        """Purge up to `limit` records whose expiry is at or before `now` and that no active
+        hold covers (only among `record_ids` when given: a batch planned by a dry run and
+        audited before it runs). Every chain entry of such a record keeps seq, prev_hash
+        and hash and gets a `Tombstone` payload; the record, its observations, status
+        changes, attachment fetches and full-text entry are deleted. Holds are evaluated in
+        the same transaction, so a record held when the batch runs is never purged.
         """
         ...
 

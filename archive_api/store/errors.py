@@ -31,6 +31,10 @@ class InvalidRequest(StoreError, ValueError):
     """A caller passed an argument the store cannot act on (bad limit, sort, chain name)."""
 
 
+class AlreadyExists(InvalidRequest):
+    """A thing with that name or key is stored already (a token name, say)."""
+
+
 class InvalidCursor(InvalidRequest):
     """A paging cursor is malformed, forged, or belongs to a different query or sort."""
 

@@ -66,6 +66,26 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from archive_api.store.audit import (
+    AUDIT_CHAIN,
+    MAX_APPEND_BATCH,
+    AuditEntry,
+    AuditEvent,
+    AuditFilter,
+    AuditHead,
+    AuditPage,
+    AuditRow,
+    AuditVerifier,
+    AuditVerifyReport,
+    CheckedEntry,
+    chain_entry,
+    check_entry,
+    check_page_args,
+    decode_cursor,
+    encode_cursor,
+    from_us,
+    to_us,
+)
 from archive_api.store.base import (
     DEFAULT_CHAIN,
     HIGHLIGHT_END,
@@ -76,20 +96,31 @@ from archive_api.store.base import (
     ChainState,
     Facets,
     Hit,
+    HoldRecord,
+    PurgeBatch,
+    PurgedRecord,
+    RetentionAssignment,
+    RetentionState,
+    RetentionSubject,
+    RetentionSubjectPage,
+    RetentionUpdate,
     SearchPage,
     SnippetPart,
     SortOrder,
+    Tombstone,
     VerifyProblem,
     VerifyReport,
     parse_marked,
 )
 from archive_api.store.chain import GENESIS, ChainLink, Checkpoint, link_hash, verify_links
 from archive_api.store.errors import (
+    AlreadyExists,
     ChainConflict,
     ChainGap,
     InvalidCursor,
     InvalidEntry,
     InvalidRequest,
+    NotFound,
     StoreCorrupted,
     StoreError,
     StoreUnavailable,
@@ -113,6 +144,7 @@ from archive_api.store.query import (
     as_query,
     jid_domain,
     normalize_jid,
+    parse_query,
 )
 from archive_api.store.records import (
     ArchiveRecord,
@@ -126,6 +158,7 @@ from archive_api.store.records import (
     RecordStatus,
     SpoolEntry,
 )
+from archive_api.store.tokens import StoredToken, check_token_name
 from classifier.verdict import Action
 
 T = TypeVar("T")
@@ -923,6 +956,8 @@ class SqliteStore:
                 status_rows.append((entry, parsed.record_id, status, at_us, chain, link.seq))
             if parsed.fetch is not None:
                 fetch_rows.append((entry, parsed.record_id, *parsed.fetch, chain, link.seq))
+        # Holds/retention section: entries of records purged before stay tombstones.
+        _entomb_arrivals(conn, ledger_rows, fresh, obs_rows, status_rows, fetch_rows)
         if fresh:
             obs_rows.extend(self._insert_records(conn, fresh))
         conn.executemany(
@@ -1271,6 +1306,360 @@ class SqliteStore:
 
         return await self._run(run)
 
+    # -- holds, retention and purge (docs/retention.md) --
+
+    async def add_hold(self, hold: HoldRecord) -> None:
+        parse_query(hold.query)  # QuerySyntaxError: a hold must be evaluable from day one
+        for name, value in (
+            ("hold_id", hold.hold_id),
+            ("case_name", hold.case_name),
+            ("created_by", hold.created_by),
+            ("scope", hold.scope),
+        ):
+            if not value or len(value) > _MAX_HOLD_FIELD:
+                raise InvalidRequest(f"hold {name} must be 1-{_MAX_HOLD_FIELD} characters")
+        if not hold.active:
+            raise InvalidRequest("a new hold must not be released already")
+        await self._run(self._add_hold, hold)
+
+    def _add_hold(self, hold: HoldRecord) -> None:
+        conn = self._conn
+        with _transaction(conn):
+            if conn.execute("SELECT 1 FROM holds WHERE id = ?", (hold.hold_id,)).fetchone():
+                raise InvalidRequest(f"a hold with id {hold.hold_id[:80]!r} exists already")
+            conn.execute(
+                f"INSERT INTO holds ({_HOLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",  # noqa: S608
+                (
+                    hold.hold_id,
+                    hold.case_name,
+                    hold.created_by,
+                    _to_us(hold.created_at),
+                    hold.scope,
+                    hold.query,
+                ),
+            )
+
+    async def release_hold(
+        self, hold_id: str, *, released_by: str, released_at: datetime, reason: str | None = None
+    ) -> HoldRecord:
+        if not released_by or len(released_by) > _MAX_HOLD_FIELD:
+            raise InvalidRequest(f"released_by must be 1-{_MAX_HOLD_FIELD} characters")
+        if reason is not None and len(reason) > _MAX_HOLD_FIELD:
+            raise InvalidRequest(f"the release reason must be at most {_MAX_HOLD_FIELD} characters")
+        return await self._run(self._release_hold, hold_id, released_by, released_at, reason)
+
+    def _release_hold(
+        self, hold_id: str, released_by: str, released_at: datetime, reason: str | None
+    ) -> HoldRecord:
+        conn = self._conn
+        with _transaction(conn):
+            found = self._get_hold(hold_id)
+            if found is None:
+                raise NotFound(f"no legal hold with id {hold_id[:80]!r}")
+            if not found.active:
+                raise InvalidRequest(f"legal hold {hold_id[:80]!r} was released already")
+            conn.execute(
+                "UPDATE holds SET released_us = ?, released_by = ?, release_reason = ? "
+                "WHERE id = ?",
+                (_to_us(released_at), released_by, reason, hold_id),
+            )
+            released = self._get_hold(hold_id)
+        assert released is not None
+        return released
+
+    async def get_hold(self, hold_id: str) -> HoldRecord | None:
+        return await self._run(self._get_hold, hold_id)
+
+    def _get_hold(self, hold_id: str) -> HoldRecord | None:
+        found = self._conn.execute(
+            f"SELECT {_HOLD_COLUMNS} FROM holds WHERE id = ?",  # noqa: S608
+            (hold_id,),
+        ).fetchone()
+        return _hold_from_row(found) if found is not None else None
+
+    async def list_holds(self, *, include_released: bool = True) -> tuple[HoldRecord, ...]:
+        where = "" if include_released else " WHERE released_us IS NULL"
+
+        def run() -> tuple[HoldRecord, ...]:
+            rows = self._conn.execute(
+                f"SELECT {_HOLD_COLUMNS} FROM holds{where} ORDER BY created_us, id"  # noqa: S608
+            )
+            return tuple(_hold_from_row(row) for row in rows)
+
+        return await self._run(run)
+
+    async def holds_covering(self, record_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        ids = sorted(set(record_ids))
+        return await self._run(self._holds_covering, ids) if ids else {}
+
+    def _holds_covering(self, ids: list[str]) -> dict[str, tuple[str, ...]]:
+        conn = self._conn
+        covering: dict[str, list[str]] = {}
+        for hold_id, plan in _active_hold_plans(conn):
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for (rid,) in conn.execute(
+                    f"SELECT r.record_id FROM {plan.source} WHERE {plan.where} "  # noqa: S608
+                    f"AND r.record_id IN ({marks})",
+                    (*plan.all_params(), *chunk),
+                ):
+                    covering.setdefault(rid, []).append(hold_id)
+        return {rid: tuple(holds) for rid, holds in covering.items()}
+
+    async def set_retention(
+        self, assignments: Sequence[RetentionAssignment], *, assigned_at: datetime
+    ) -> RetentionUpdate:
+        latest: dict[str, tuple[str, int]] = {}
+        for item in assignments:
+            if not item.record_id or not item.retention_class:
+                raise InvalidRequest("a retention assignment needs a record id and a class")
+            expires_us = _to_us(item.expires_at)
+            known = latest.get(item.record_id)
+            if known is None or expires_us > known[1]:
+                latest[item.record_id] = (item.retention_class, expires_us)
+        if not latest:
+            return RetentionUpdate()
+        return await self._run(self._set_retention, latest, _to_us(assigned_at))
+
+    def _set_retention(
+        self, latest: dict[str, tuple[str, int]], assigned_us: int
+    ) -> RetentionUpdate:
+        conn = self._conn
+        assigned = extended = kept = unknown = 0
+        ids = sorted(latest)
+        with _transaction(conn):
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                current = {
+                    rid: (expires_us, purged_us)
+                    for rid, expires_us, purged_us in conn.execute(
+                        f"SELECT record_id, expires_us, purged_us FROM retention "  # noqa: S608
+                        f"WHERE record_id IN ({marks})",
+                        chunk,
+                    )
+                }
+                present = _existing_record_ids(conn, [r for r in chunk if r not in current])
+                inserts, updates = [], []
+                for rid in chunk:
+                    cls, expires_us = latest[rid]
+                    if rid in current:
+                        old_expiry, purged_us = current[rid]
+                        if purged_us is not None or expires_us <= old_expiry:
+                            kept += 1  # extend-only: an earlier expiry never replaces a later one
+                        else:
+                            updates.append((cls, expires_us, assigned_us, rid))
+                            extended += 1
+                    elif rid in present:
+                        inserts.append((rid, cls, expires_us, assigned_us))
+                        assigned += 1
+                    else:
+                        unknown += 1
+                conn.executemany(
+                    "INSERT INTO retention (record_id, class, expires_us, assigned_us) "
+                    "VALUES (?, ?, ?, ?)",
+                    inserts,
+                )
+                # The condition repeats the check above inside the write, so even a caller
+                # racing this one through another connection can only lengthen a retention.
+                conn.executemany(
+                    "UPDATE retention SET class = ?1, expires_us = ?2, assigned_us = ?3 "
+                    "WHERE record_id = ?4 AND expires_us < ?2 AND purged_us IS NULL",
+                    updates,
+                )
+        return RetentionUpdate(assigned, extended, kept, unknown)
+
+    async def retention_of(self, record_id: str) -> RetentionState | None:
+        found = await self._run(
+            lambda: self._conn.execute(
+                "SELECT class, expires_us, assigned_us, purged_us FROM retention "
+                "WHERE record_id = ?",
+                (record_id,),
+            ).fetchone()
+        )
+        if found is None:
+            return None
+        cls, expires_us, assigned_us, purged_us = found
+        return RetentionState(
+            record_id,
+            cls,
+            _from_us(expires_us),
+            _from_us(assigned_us),
+            _from_us(purged_us) if purged_us is not None else None,
+        )
+
+    async def retention_subjects(
+        self,
+        *,
+        cursor: str | None = None,
+        limit: int = 1000,
+        unassigned_only: bool = False,
+        expiring_by: datetime | None = None,
+    ) -> RetentionSubjectPage:
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        if unassigned_only and expiring_by is not None:
+            raise InvalidRequest("unassigned records have no expiry: choose one filter")
+        after = _MIN_SLOT * _TIES - 1
+        if cursor is not None:
+            try:
+                after = int(cursor, 16)
+            except ValueError:
+                raise InvalidCursor("malformed retention cursor") from None
+            if abs(after) >= 1 << 63:
+                raise InvalidCursor("malformed retention cursor")
+        expiring_us = _to_us(expiring_by) if expiring_by is not None else None
+        return await self._run(self._retention_subjects, after, limit, unassigned_only, expiring_us)
+
+    def _retention_subjects(
+        self, after: int, limit: int, unassigned_only: bool, expiring_us: int | None
+    ) -> RetentionSubjectPage:
+        only, params = "", [after]
+        if unassigned_only:
+            only = " AND t.record_id IS NULL"
+        elif expiring_us is not None:
+            only = " AND t.expires_us <= ? AND t.purged_us IS NULL"
+            params.append(expiring_us)
+        rows = self._conn.execute(
+            "SELECT r.id, r.record_id, r.occurred_us, r.rtype, r.direction, r.sender, "  # noqa: S608
+            "r.recipient, r.room, t.class, t.expires_us FROM records AS r "
+            "LEFT JOIN retention AS t ON t.record_id = r.record_id "
+            f"WHERE r.id > ?{only} ORDER BY r.id LIMIT ?",
+            (*params, limit + 1),
+        ).fetchall()
+        page = rows[:limit]
+        subjects = tuple(
+            RetentionSubject(
+                record_id=row[1],
+                occurred_at=_from_us(row[2]),
+                record_type=row[3],
+                direction=row[4],
+                sender=row[5],
+                recipient=row[6],
+                room=row[7],
+                retention_class=row[8],
+                expires_at=_from_us(row[9]) if row[9] is not None else None,
+            )
+            for row in page
+        )
+        more = len(rows) > limit
+        return RetentionSubjectPage(subjects, format(page[-1][0], "x") if more and page else None)
+
+    async def purge(
+        self,
+        now: datetime,
+        *,
+        limit: int = 1000,
+        dry_run: bool = False,
+        record_ids: Sequence[str] | None = None,
+    ) -> PurgeBatch:
+        if not 1 <= limit <= 100_000:
+            raise InvalidRequest("limit must be between 1 and 100000")
+        only = tuple(sorted(set(record_ids))) if record_ids is not None else None
+        if only is not None and len(only) > limit:
+            raise InvalidRequest("more record ids than the batch limit")
+        return await self._run(self._purge, _to_us(now), limit, dry_run, only)
+
+    def _purge(
+        self, now_us: int, limit: int, dry_run: bool, only: tuple[str, ...] | None
+    ) -> PurgeBatch:
+        conn = self._conn
+        # One transaction: the holds read here are the holds in force when the rows go.
+        with _transaction(conn):
+            not_held, held_params = _not_held_sql(_active_hold_plans(conn), "p")
+            expired = (
+                "FROM retention AS t JOIN records AS p ON p.record_id = t.record_id "
+                "WHERE t.purged_us IS NULL AND t.expires_us <= ?"
+            )
+            base_params: tuple[Any, ...] = (now_us,)
+            if only is not None:
+                expired += f" AND t.record_id IN ({', '.join('?' * len(only))})"
+                base_params += only
+            (total,) = conn.execute(f"SELECT count(*) {expired}", base_params).fetchone()
+            (due,) = conn.execute(
+                f"SELECT count(*) {expired} AND {not_held}",
+                (*base_params, *held_params),
+            ).fetchone()
+            rows = conn.execute(
+                f"SELECT p.id, p.record_id, p.entry, p.body, p.subject, t.class, t.expires_us "
+                f"{expired} AND {not_held} ORDER BY t.expires_us, p.id LIMIT ?",
+                (*base_params, *held_params, limit),
+            ).fetchall()
+            purged = []
+            for row in rows:
+                entries = 0 if dry_run else _purge_record(conn, row, now_us)
+                purged.append(PurgedRecord(row[1], row[5], _from_us(row[6]), entries))
+        return PurgeBatch(tuple(purged), int(due), int(total) - int(due), dry_run)
+
+    # -- audit log and API tokens (the work is in the module's section of that name) --
+
+    async def append_audit(self, entries: Sequence[AuditEntry]) -> tuple[AuditEvent, ...]:
+        if len(entries) > MAX_APPEND_BATCH:
+            raise InvalidRequest(f"at most {MAX_APPEND_BATCH} audit events per append")
+        checked = tuple(check_entry(entry) for entry in entries)
+        if not checked:
+            return ()
+        return await self._run(_audit_append, self._conn, checked)
+
+    async def audit_events(
+        self,
+        where: AuditFilter = AuditFilter(),  # noqa: B008 (frozen, so a shared default is safe)
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        newest_first: bool = True,
+    ) -> AuditPage:
+        check_page_args(limit)
+        where.checked()
+        after = decode_cursor(cursor, where, newest_first) if cursor is not None else None
+        return await self._run(_audit_page, self._conn, where, limit, after, newest_first)
+
+    async def audit_head(self) -> AuditHead:
+        head = await self._run(_audit_head, self._conn)
+        if head is None:
+            raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+        return head
+
+    async def add_audit_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.chain_name != AUDIT_CHAIN:
+            raise InvalidRequest(f"not an audit checkpoint (chain {checkpoint.chain_name[:40]!r})")
+        await self._run(_audit_add_checkpoint, self._conn, checkpoint)
+
+    async def audit_checkpoints(self) -> tuple[Checkpoint, ...]:
+        return await self._run(_audit_checkpoints, self._conn)
+
+    async def verify_audit(
+        self, *, public_key: Ed25519PublicKey | None = None
+    ) -> AuditVerifyReport:
+        return await self._run(_audit_verify, self._conn, public_key)
+
+    async def add_token(self, token: StoredToken) -> None:
+        token.check()
+        await self._run(_token_add, self._conn, token)
+
+    async def token_by_hash(self, secret_hash: bytes) -> StoredToken | None:
+        if not isinstance(secret_hash, bytes) or len(secret_hash) != 32:
+            raise InvalidRequest("a token secret hash is 32 bytes (SHA-256)")
+        return await self._run(_token_where, self._conn, "secret_hash", secret_hash)
+
+    async def token_by_name(self, name: str) -> StoredToken | None:
+        check_token_name(name)
+        return await self._run(_token_where, self._conn, "name", name)
+
+    async def tokens(self) -> tuple[StoredToken, ...]:
+        def run() -> tuple[StoredToken, ...]:
+            rows = self._conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_us, name"  # noqa: S608
+            )
+            return tuple(_token_from_row(row) for row in rows)
+
+        return await self._run(run)
+
+    async def revoke_token(self, name: str, *, at: datetime) -> StoredToken:
+        check_token_name(name)
+        return await self._run(_token_revoke, self._conn, name, to_us(at))
+
     # -- verification --
 
     async def verify(self, *, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
@@ -1392,6 +1781,8 @@ def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connecti
                 )
         if layout != _LAYOUT:
             raise StoreCorrupted(f"{path} has index layout {layout}; expected {_LAYOUT}")
+        _ensure_access_schema(conn, path)  # audit log and API tokens
+        _ensure_retention_schema(conn)  # holds, retention and purge section
     except sqlite3.Error as exc:
         conn.close()
         raise _translate(exc) from exc
@@ -1535,6 +1926,211 @@ class _RowidAllocator:
             )
 
 
+# --- holds, retention and purge (docs/retention.md) ------------------------------------------
+
+# These tables are versioned by `meta.retention_schema` rather than by user_version, so they
+# are added to stores of any record-schema version without a migration of their own.
+_RETENTION_SCHEMA_VERSION: Final = 1
+_RETENTION_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS retention (
+    record_id TEXT PRIMARY KEY,
+    class TEXT NOT NULL,
+    expires_us INTEGER NOT NULL,
+    assigned_us INTEGER NOT NULL,
+    purged_us INTEGER                -- when the record was purged; the row stays as its trace
+) STRICT, WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS retention_due ON retention (expires_us) WHERE purged_us IS NULL;
+CREATE INDEX IF NOT EXISTS retention_purged ON retention (record_id) WHERE purged_us IS NOT NULL;
+CREATE TABLE IF NOT EXISTS holds (
+    id TEXT PRIMARY KEY,
+    case_name TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    scope TEXT NOT NULL,             -- canonical JSON, the service layer's description
+    query TEXT NOT NULL,             -- canonical search text of what the hold covers
+    released_us INTEGER,
+    released_by TEXT,
+    release_reason TEXT
+) STRICT;
+"""
+_MAX_HOLD_FIELD: Final = 10_000
+_IN_CHUNK: Final = 500
+
+
+def _retention_schema(conn: sqlite3.Connection) -> int:
+    found = conn.execute("SELECT value FROM meta WHERE key = 'retention_schema'").fetchone()
+    return int(found[0]) if found is not None else 0
+
+
+def _ensure_retention_schema(conn: sqlite3.Connection) -> None:
+    """Create the holds and retention tables when missing (at open, in one transaction)."""
+    version = _retention_schema(conn)
+    if version == 0:
+        with _transaction(conn):
+            version = _retention_schema(conn)  # again, under the write lock
+            if version == 0:
+                for statement in _split_schema(_RETENTION_SCHEMA):
+                    conn.execute(statement)
+                version = _RETENTION_SCHEMA_VERSION
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('retention_schema', ?)", (version,)
+                )
+    if version != _RETENTION_SCHEMA_VERSION:
+        raise StoreCorrupted(
+            f"retention schema version {version}; expected {_RETENTION_SCHEMA_VERSION}"
+        )
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _hold_from_row(row: tuple[Any, ...]) -> HoldRecord:
+    hold_id, case_name, created_by, created_us, scope, query, released_us, released_by = row[:8]
+    return HoldRecord(
+        hold_id=hold_id,
+        case_name=case_name,
+        created_by=created_by,
+        created_at=_from_us(created_us),
+        scope=scope,
+        query=query,
+        released_at=_from_us(released_us) if released_us is not None else None,
+        released_by=released_by,
+        release_reason=row[8],
+    )
+
+
+_HOLD_COLUMNS: Final = (
+    "id, case_name, created_by, created_us, scope, query, released_us, released_by, release_reason"
+)
+
+
+def _active_hold_plans(conn: sqlite3.Connection) -> list[tuple[str, _Plan]]:
+    """Every active hold as a query plan. A hold whose stored query no longer parses stops
+    the caller: what it holds cannot be known, so nothing may be purged around it."""
+    max_spill = _max_spill(conn)
+    plans = []
+    for hold_id, text in conn.execute(
+        "SELECT id, query FROM holds WHERE released_us IS NULL ORDER BY created_us, id"
+    ):
+        try:
+            query = parse_query(text)
+        except InvalidRequest as exc:
+            raise StoreCorrupted(f"legal hold {hold_id} has an unreadable query ({exc})") from None
+        plans.append((hold_id, _plan(query, max_spill)))
+    return plans
+
+
+def _not_held_sql(plans: Sequence[tuple[str, _Plan]], outer: str) -> tuple[str, list[Any]]:
+    """SQL true for a records row `outer` that no hold covers, probed per row by its id."""
+    parts: list[str] = []
+    params: list[Any] = []
+    for _, plan in plans:
+        parts.append(
+            f"NOT EXISTS (SELECT 1 FROM {plan.source} "  # noqa: S608
+            f"WHERE {plan.where} AND {plan.id_col} = {outer}.id)"
+        )
+        params.extend(plan.all_params())
+    return (" AND ".join(parts) or "1"), params
+
+
+def _purged_record_ids(conn: sqlite3.Connection, record_ids: set[str]) -> dict[str, _PurgeTrace]:
+    """The purge traces of those of `record_ids` that were purged (usually none)."""
+    any_purged = "SELECT 1 FROM retention WHERE purged_us IS NOT NULL LIMIT 1"
+    if conn.execute(any_purged).fetchone() is None:
+        return {}
+    ids = sorted(record_ids)
+    found: dict[str, _PurgeTrace] = {}
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for rid, cls, expires_us, purged_us in conn.execute(
+            f"SELECT record_id, class, expires_us, purged_us FROM retention "  # noqa: S608
+            f"WHERE record_id IN ({marks}) AND purged_us IS NOT NULL",
+            chunk,
+        ):
+            found[rid] = _PurgeTrace(cls, expires_us, purged_us)
+    return found
+
+
+class _PurgeTrace(NamedTuple):
+    retention_class: str
+    expires_us: int
+    purged_us: int
+
+    def tombstone(self, record_id: str) -> Tombstone:
+        return Tombstone(
+            record_id, _from_us(self.purged_us), self.retention_class, _from_us(self.expires_us)
+        )
+
+
+def _entomb_arrivals(
+    conn: sqlite3.Connection,
+    ledger_rows: list[tuple[int, bytes, bytes, bytes]],
+    fresh: list[tuple[int, _Parsed]],
+    obs_rows: list[_ObsRow],
+    status_rows: list[tuple[Any, ...]],
+    fetch_rows: list[tuple[Any, ...]],
+) -> set[int]:
+    """Entries of a batch that belong to records purged earlier (a replay from another chain,
+    a late observation) are stored as tombstones straight away, so a purge is never undone.
+
+    Filters the projection lists in place; returns the ledger ids that became tombstones.
+    """
+    owner: dict[int, str] = {entry: parsed.record_id for entry, parsed in fresh}
+    owner.update((row[0], row[2]) for row in obs_rows)
+    owner.update((row[0], row[1]) for row in status_rows)
+    owner.update((row[0], row[1]) for row in fetch_rows)
+    if not owner:
+        return set()
+    purged = _purged_record_ids(conn, set(owner.values()))
+    if not purged:
+        return set()
+    gone = {entry for entry, rid in owner.items() if rid in purged}
+    for i, (entry, prev_hash, digest, _) in enumerate(ledger_rows):
+        if entry in gone:
+            payload = purged[owner[entry]].tombstone(owner[entry]).payload()
+            ledger_rows[i] = (entry, prev_hash, digest, payload)
+    fresh[:] = [item for item in fresh if item[0] not in gone]
+    obs_rows[:] = [row for row in obs_rows if row[0] not in gone]
+    status_rows[:] = [row for row in status_rows if row[0] not in gone]
+    fetch_rows[:] = [row for row in fetch_rows if row[0] not in gone]
+    return gone
+
+
+def _purge_record(
+    conn: sqlite3.Connection,
+    row: tuple[int, str, int, str | None, str | None, str, int],
+    purged_us: int,
+) -> int:
+    """Turn every chain entry of one record into a tombstone and delete what was derived
+    from them; returns how many entries became tombstones."""
+    rowid, rid, entry, body, subject, cls, expires_us = row
+    tombstone = _PurgeTrace(cls, expires_us, purged_us).tombstone(rid).payload()
+    entries = {entry}
+    for sql in (
+        "SELECT entry FROM observations WHERE record_id = ? AND idx < 0",
+        "SELECT entry FROM statuses WHERE record_id = ?",
+        "SELECT entry FROM attachment_fetches WHERE record_id = ?",
+    ):
+        entries.update(e for (e,) in conn.execute(sql, (rid,)))
+    conn.executemany(
+        "UPDATE ledger SET payload = ? WHERE id = ?", [(tombstone, e) for e in sorted(entries)]
+    )
+    conn.execute("DELETE FROM observations WHERE entry = ? AND idx >= 0", (entry,))
+    conn.execute("DELETE FROM observations WHERE record_id = ? AND idx < 0", (rid,))
+    conn.execute("DELETE FROM statuses WHERE record_id = ?", (rid,))
+    conn.execute("DELETE FROM attachment_fetches WHERE record_id = ?", (rid,))
+    # External-content FTS5: the 'delete' command needs the values that were indexed.
+    conn.execute(
+        "INSERT INTO fts (fts, rowid, body, subject) VALUES ('delete', ?, ?, ?)",
+        (rowid, body, subject),
+    )
+    conn.execute("DELETE FROM records WHERE id = ?", (rowid,))
+    conn.execute("UPDATE retention SET purged_us = ? WHERE record_id = ?", (purged_us, rid))
+    return len(entries)
+
+
 class _Verifier:
     """One verification run: walks each chain in seq order in chunks, then the leftovers."""
 
@@ -1595,6 +2191,7 @@ class _Verifier:
             ).fetchall()
             high = rows[-1][0] if len(rows) == _CHUNK else end
             parsed: dict[int, tuple[int, _Parsed | None]] = {}
+            tombstones: dict[int, Tombstone] = {}  # ledger id -> what replaced its payload
             for entry, prev_hash, digest, payload in rows:
                 seq = entry & _SEQ_MASK
                 self._entries += 1
@@ -1607,10 +2204,18 @@ class _Verifier:
                     self._problem(
                         "previous-hash does not match the entry before it", chain.name, seq
                     )
-                if link_hash(prev_hash, seq, payload) != digest:
+                tombstone = self._tombstone(chain.name, seq, payload)
+                if tombstone is not None:
+                    # Body gone by retention: the hash stays unrecomputable but still links.
+                    tombstones[entry] = tombstone
+                elif link_hash(prev_hash, seq, payload) != digest:
                     self._problem("content does not match its hash (edited)", chain.name, seq)
                 if seq in wanted:
                     hashes[seq] = digest
+                if tombstone is not None:
+                    parsed[entry] = (seq, None)
+                    prev, expected, last_seq, last_hash = digest, seq + 1, seq, digest
+                    continue
                 try:
                     SpoolEntry.from_payload(payload)  # everything get() will need must parse
                     parsed[entry] = (seq, _parse_payload(payload))
@@ -1618,7 +2223,8 @@ class _Verifier:
                     self._problem(f"payload is not a valid spool entry ({exc})", chain.name, seq)
                     parsed[entry] = (seq, None)
                 prev, expected, last_seq, last_hash = digest, seq + 1, seq, digest
-            self._check_rows(chain.name, low, high, parsed)
+            self._check_tombstones(chain.name, tombstones)
+            self._check_rows(chain.name, low, high, parsed, frozenset(tombstones))
             low = high + 1
         if last_seq != chain.last_seq or last_hash != chain.head:
             self._problem(
@@ -1645,8 +2251,60 @@ class _Verifier:
                         self._problem("checkpoint signature does not verify", chain.name, seq)
         return ChainState(chain.name, last_seq, last_hash, sum(map(len, wanted.values())))
 
+    def _tombstone(self, chain: str, seq: int, payload: bytes) -> Tombstone | None:
+        """The tombstone this payload is (None: an ordinary entry); a malformed one is
+        reported and treated as a tombstone, so it is not reported twice."""
+        try:
+            return Tombstone.from_payload(payload)
+        except ValueError as exc:
+            self._problem(f"payload is a malformed tombstone ({exc})", chain, seq)
+            return Tombstone("", _EPOCH, "", _EPOCH)
+
+    def _check_tombstones(self, chain: str, tombstones: dict[int, Tombstone]) -> None:
+        """Each tombstone must name a purge the store recorded, after the record's expiry."""
+        named = sorted({t.record_id for t in tombstones.values() if t.record_id})
+        traces: dict[str, tuple[str, int, int | None]] = {}
+        for i in range(0, len(named), _IN_CHUNK):
+            chunk = named[i : i + _IN_CHUNK]
+            traces.update(
+                (rid, (cls, expires_us, purged_us))
+                for rid, cls, expires_us, purged_us in self._conn.execute(
+                    "SELECT record_id, class, expires_us, purged_us FROM retention "  # noqa: S608
+                    f"WHERE record_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
+        for entry, tombstone in tombstones.items():
+            if not tombstone.record_id:
+                continue  # malformed, reported already
+            seq, rid = entry & _SEQ_MASK, tombstone.record_id
+            trace = traces.get(rid)
+            if trace is None or trace[2] is None:
+                self._problem(
+                    "payload replaced by a tombstone, but no purge of the record is recorded "
+                    "(deleted outside retention?)",
+                    chain,
+                    seq,
+                    rid,
+                )
+            elif trace != (
+                tombstone.retention_class,
+                _to_us(tombstone.expires_at),
+                _to_us(tombstone.purged_at),
+            ):
+                self._problem("tombstone differs from the recorded purge", chain, seq, rid)
+            if tombstone.expires_at > tombstone.purged_at:
+                self._problem(
+                    "tombstone records a purge before the record expired", chain, seq, rid
+                )
+
     def _check_rows(
-        self, chain: str, low: int, high: int, parsed: dict[int, tuple[int, _Parsed | None]]
+        self,
+        chain: str,
+        low: int,
+        high: int,
+        parsed: dict[int, tuple[int, _Parsed | None]],
+        tombstoned: frozenset[int] = frozenset(),
     ) -> None:
         """Compare the derived rows for ledger ids low..high with what the payloads say."""
         conn = self._conn
@@ -1686,6 +2344,9 @@ class _Verifier:
             obs_rows = observations.pop(entry, [])
             status_row = statuses.pop(entry, None)
             fetch_row = fetches.pop(entry, None)
+            if entry in tombstoned and (row or obs_rows or status_row or fetch_row):
+                rid = row[2] if row else None
+                self._problem("data of a purged entry is still stored", chain, seq, rid)
             if item is None:
                 continue
             rid = item.record_id
@@ -1780,6 +2441,289 @@ class _Verifier:
                 f"WHERE (entry >> {_SEQ_BITS}) NOT IN (SELECT id FROM chains) LIMIT 100"
             ):
                 self._problem(f"{table} row refers to an unknown chain (entry {entry})", rid=rid)
+
+
+# --- audit log and API tokens ----------------------------------------------------------------
+#
+# Their own tables, versioned by `meta.access_schema` rather than by the archive's
+# `user_version`, so they evolve apart from the record tables. `audit_events` keeps each
+# event's fields (params as canonical JSON text) and its link; the payload its hash covers is
+# rebuilt from the fields (archive_api/store/audit.py), so any edited field shows. Its rowid
+# is the seq. `audit_head` is the last seq and hash, written in the same transaction as the
+# events: an append reads it under the write lock (BEGIN IMMEDIATE), which is what serialises
+# appenders of every process, and verify compares it with the last event (removed tail).
+# Writes here are few and must survive power loss, so they commit with synchronous = FULL.
+
+_ACCESS_SCHEMA: Final = 1
+_ACCESS_SCHEMA_SQL: Final = {
+    0: """
+CREATE TABLE audit_events (
+    seq INTEGER PRIMARY KEY,
+    at_us INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT,
+    action TEXT NOT NULL,
+    params TEXT NOT NULL,            -- canonical JSON object
+    result_count INTEGER,
+    outcome TEXT NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+) STRICT;
+CREATE INDEX audit_events_actor ON audit_events (actor);
+CREATE INDEX audit_events_action ON audit_events (action);
+CREATE INDEX audit_events_at ON audit_events (at_us);
+CREATE TABLE audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL
+) STRICT;
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, zeroblob(32));
+CREATE TABLE audit_checkpoints (
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (seq, signature)
+) STRICT;
+CREATE TABLE api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    secret_hash BLOB NOT NULL UNIQUE, -- SHA-256 of the secret; the secret is never stored
+    created_us INTEGER NOT NULL,
+    expires_us INTEGER,
+    revoked_us INTEGER
+) STRICT;
+""",
+}
+_AUDIT_COLUMNS: Final = (
+    "seq, at_us, actor, role, action, params, result_count, outcome, prev_hash, hash"
+)
+_TOKEN_COLUMNS: Final = "name, role, secret_hash, created_us, expires_us, revoked_us"  # noqa: S105
+
+
+def _access_schema(conn: sqlite3.Connection) -> int:
+    found = conn.execute("SELECT value FROM meta WHERE key = 'access_schema'").fetchone()
+    return int(found[0]) if found is not None else 0
+
+
+def _ensure_access_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Create or upgrade the audit and token tables (at open, in one transaction)."""
+    version = _access_schema(conn)
+    if version < _ACCESS_SCHEMA:
+        with _transaction(conn):
+            version = _access_schema(conn)  # again, under the write lock
+            while version < _ACCESS_SCHEMA:
+                for statement in _split_schema(_ACCESS_SCHEMA_SQL[version]):
+                    conn.execute(statement)
+                version += 1
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('access_schema', ?)", (version,)
+            )
+    if version != _ACCESS_SCHEMA:
+        raise StoreCorrupted(f"{path} has audit/token schema {version}; expected {_ACCESS_SCHEMA}")
+
+
+class _durable:
+    """synchronous = FULL for the transaction inside: it is on disk when the call returns."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("PRAGMA synchronous = FULL")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+
+
+class _snapshot:
+    """One read transaction: every query inside sees the same committed state (WAL)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+
+
+def _audit_head(conn: sqlite3.Connection) -> AuditHead | None:
+    found = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+    return AuditHead(int(found[0]), bytes(found[1])) if found is not None else None
+
+
+def _audit_append(
+    conn: sqlite3.Connection, entries: tuple[CheckedEntry, ...]
+) -> tuple[AuditEvent, ...]:
+    rows: list[AuditRow] = []
+    with _durable(conn), _transaction(conn):
+        head = _audit_head(conn)
+        if head is None:
+            raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+        seq, prev = head.seq, head.hash
+        for entry in entries:
+            seq += 1
+            row = chain_entry(entry, seq, prev)
+            rows.append(row)
+            prev = row.hash
+        try:
+            conn.executemany(
+                f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        except sqlite3.IntegrityError:
+            raise StoreCorrupted(
+                "the audit log's recorded head is behind its events (tampered?); "
+                "run `stanzaguard verify --audit`"
+            ) from None
+        conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+    return tuple(AuditEvent.from_row(row) for row in rows)
+
+
+def _audit_rows(cursor: sqlite3.Cursor) -> list[AuditRow]:
+    return [AuditRow(*row) for row in cursor]
+
+
+def _audit_page(
+    conn: sqlite3.Connection,
+    where: AuditFilter,
+    limit: int,
+    after: int | None,
+    newest_first: bool,
+) -> AuditPage:
+    actor, action, since, until = where.checked()
+    clauses: list[str] = []
+    params: list[Any] = []
+    for sql, value in (
+        ("actor = ?", actor),
+        ("action = ?", action),
+        ("at_us >= ?", since),
+        ("at_us < ?", until),
+        ("seq < ?" if newest_first else "seq > ?", after),
+    ):
+        if value is not None:
+            clauses.append(sql)
+            params.append(value)
+    order = "DESC" if newest_first else "ASC"
+    rows = _audit_rows(
+        conn.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_events "  # noqa: S608
+            f"WHERE {' AND '.join(clauses) or '1'} ORDER BY seq {order} LIMIT ?",
+            (*params, limit + 1),
+        )
+    )
+    page, more = rows[:limit], len(rows) > limit
+    try:
+        events = tuple(AuditEvent.from_row(row) for row in page)
+    except ValueError as exc:
+        raise StoreCorrupted(f"stored audit event unreadable ({exc})") from None
+    next_cursor = encode_cursor(where, newest_first, page[-1].seq) if more and page else None
+    return AuditPage(events, next_cursor)
+
+
+def _audit_checkpoints(conn: sqlite3.Connection) -> tuple[Checkpoint, ...]:
+    return tuple(
+        Checkpoint(AUDIT_CHAIN, int(seq), bytes(head), bytes(signature))
+        for seq, head, signature in conn.execute(
+            "SELECT seq, head, signature FROM audit_checkpoints ORDER BY seq, signature"
+        )
+    )
+
+
+def _audit_add_checkpoint(conn: sqlite3.Connection, cp: Checkpoint) -> None:
+    with _durable(conn), _transaction(conn):
+        head = _audit_head(conn)
+        last = head.seq if head is not None else 0
+        if not 1 <= cp.seq <= last:
+            raise InvalidRequest(
+                f"audit checkpoint at seq {cp.seq} lies outside the log (1..{last})"
+            )
+        found = conn.execute("SELECT hash FROM audit_events WHERE seq = ?", (cp.seq,)).fetchone()
+        if found is None or found[0] != cp.head:
+            raise ChainConflict(AUDIT_CHAIN, cp.seq, "checkpoint head differs from the stored hash")
+        conn.execute(
+            "INSERT OR IGNORE INTO audit_checkpoints (seq, head, signature) VALUES (?, ?, ?)",
+            (cp.seq, cp.head, cp.signature),
+        )
+
+
+def _audit_verify(conn: sqlite3.Connection, key: Ed25519PublicKey | None) -> AuditVerifyReport:
+    with _snapshot(conn):
+        verifier = AuditVerifier(_audit_checkpoints(conn), key)
+        after: int | None = None
+        while True:
+            rows = _audit_rows(
+                conn.execute(
+                    f"SELECT {_AUDIT_COLUMNS} FROM audit_events "  # noqa: S608
+                    f"{'WHERE seq > ? ' if after is not None else ''}ORDER BY seq LIMIT ?",
+                    (*(() if after is None else (after,)), _CHUNK),
+                )
+            )
+            for row in rows:
+                verifier.feed(row)
+            if len(rows) < _CHUNK:
+                break
+            after = rows[-1].seq
+        return verifier.finish(_audit_head(conn))
+
+
+def _token_from_row(row: tuple[Any, ...]) -> StoredToken:
+    name, role, secret_hash, created_us, expires_us, revoked_us = row
+    return StoredToken(
+        name=name,
+        role=role,
+        secret_hash=bytes(secret_hash),
+        created_at=from_us(created_us),
+        expires_at=from_us(expires_us) if expires_us is not None else None,
+        revoked_at=from_us(revoked_us) if revoked_us is not None else None,
+    )
+
+
+def _token_where(conn: sqlite3.Connection, column: str, value: Any) -> StoredToken | None:
+    assert column in ("name", "secret_hash")
+    found = conn.execute(
+        f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE {column} = ?",  # noqa: S608
+        (value,),
+    ).fetchone()
+    return _token_from_row(found) if found is not None else None
+
+
+def _token_add(conn: sqlite3.Connection, token: StoredToken) -> None:
+    with _durable(conn), _transaction(conn):
+        if _token_where(conn, "name", token.name) is not None:
+            raise AlreadyExists(f"a token named {token.name!r} exists (names are never reused)")
+        try:
+            conn.execute(
+                f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    token.name,
+                    token.role,
+                    token.secret_hash,
+                    to_us(token.created_at),
+                    to_us(token.expires_at) if token.expires_at is not None else None,
+                    to_us(token.revoked_at) if token.revoked_at is not None else None,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists("a token with this secret exists") from None
+
+
+def _token_revoke(conn: sqlite3.Connection, name: str, at_us: int) -> StoredToken:
+    with _durable(conn), _transaction(conn):
+        conn.execute(
+            "UPDATE api_tokens SET revoked_us = coalesce(revoked_us, ?) WHERE name = ?",
+            (at_us, name),
+        )
+        token = _token_where(conn, "name", name)
+    if token is None:
+        raise NotFound(f"no token named {name!r}")
+    return token
+
+
+# --- end of audit log and API tokens ----------------------------------------------------------
 
 
 if TYPE_CHECKING:  # mypy proves SqliteStore implements the protocol

