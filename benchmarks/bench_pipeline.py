@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from archive_api.store.records import Direction  # noqa: E402
-from proxy.hook import PASS, SessionInfo  # noqa: E402
-from proxy.stream import Element, Framer, FramingLimits  # noqa: E402
-from stanzaguard.settings import Settings  # noqa: E402
-from stanzaguard.wiring import ArchivingService  # noqa: E402
+from archive_api.store.records import Direction
+from proxy.hook import PASS, SessionInfo
+from proxy.stream import Element, Framer, FramingLimits
+from stanzaguard.settings import Settings
+from stanzaguard.wiring import ArchivingService
 
 DOMAIN = "bench.example"
 HEADER = (

@@ -17,6 +17,7 @@ PACKAGES=(
   redis-server            # shared counters and pub/sub in distributed-mode tests
   openssl ca-certificates
   chromium chromium-driver # browser tests of the web UI (Playwright drives Debian's build)
+  fonts-dejavu-core fonts-droid-fallback # Unicode (and CJK) fonts embedded in PDF exports
   python3-venv make
 )
 # Services some of these packages would start on install.

@@ -893,5 +893,133 @@ def token_revoke(
 # -- end of API token commands ------------------------------------------------------------------
 
 
+# -- retention purge and exports (stanzaguard/retention_ops.py; docs/retention.md) --------------
+
+
+@app.command()
+def purge(
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+    retention: Annotated[
+        Path | None,
+        typer.Option(
+            "--retention",
+            envvar="STANZAGUARD_RETENTION",
+            help="Retention policy (TOML with [retention]): classify new records first.",
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            envvar="STANZAGUARD_POLICY",
+            help="Policy file whose [groups] the retention rules name.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only report what would be purged (audited).")
+    ] = False,
+) -> None:
+    """Purge records past their retention that no legal hold covers; every batch is audited.
+
+    With --retention, records without a retention class get one first, and records due for
+    purge are re-checked against the policy (retention only ever grows). A purged record
+    leaves a tombstone in the chain, so `stanzaguard verify` still passes.
+    """
+    from archive_api.errors import ArchiveApiError
+    from archive_api.store.errors import StoreError
+    from stanzaguard import operations, retention_ops
+    from stanzaguard.clock import SystemClock
+
+    try:
+        rules = retention_ops.load_retention(retention, policy) if retention else None
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True
+        ) as progress:
+            task = progress.add_task("purging", total=None)
+            outcome = asyncio.run(
+                retention_ops.purge(
+                    operations.Paths(data_dir),
+                    clock=SystemClock(),
+                    retention=rules,
+                    dry_run=dry_run,
+                    progress=lambda n: progress.update(task, description=f"purged {n}"),
+                )
+            )
+    except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
+        raise _fail(exc) from None
+    if retention is None:
+        err.print("no --retention given: only expiries already recorded count")
+    for what, applied in (("classified", outcome.classified), ("re-checked", outcome.rechecked)):
+        if applied is not None and applied.examined:
+            update = applied.update
+            typer.echo(
+                f"{what} {applied.examined} record(s): {update.assigned} assigned, "
+                f"{update.extended} extended, {update.kept} kept"
+            )
+    verb = "would purge" if dry_run else "purged"
+    classes = ", ".join(f"{name}: {n}" for name, n in sorted(outcome.by_class.items()))
+    typer.echo(f"{verb} {outcome.purged} record(s)" + (f" ({classes})" if classes else ""))
+    if outcome.held_back:
+        typer.echo(f"{outcome.held_back} record(s) past retention kept by legal holds")
+    if outcome.skipped:
+        typer.echo(f"{len(outcome.skipped)} planned record(s) were held or extended meanwhile")
+
+
+@app.command()
+def export(
+    out: Annotated[
+        Path, typer.Option("--out", help="A new or empty directory for the files and manifest.")
+    ],
+    query: Annotated[
+        str | None, typer.Option("--query", help="Export what this search matches.")
+    ] = None,
+    hold: Annotated[
+        str | None, typer.Option("--hold", help="Export what this legal hold (its id) covers.")
+    ] = None,
+    export_format: Annotated[
+        str, typer.Option("--format", help="jsonl, csv, eml or pdf.")
+    ] = "jsonl",
+    data_dir: DataDirOption = Path("stanzaguard-data"),
+) -> None:
+    """Export a search or a legal hold, with manifest.json (sha256 of every file). Audited."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+
+    from archive_api.errors import ArchiveApiError
+    from archive_api.store.errors import StoreError
+    from stanzaguard import operations, retention_ops
+    from stanzaguard.clock import SystemClock
+
+    try:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("exporting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+        ) as progress:
+            task = progress.add_task("export", total=None)
+            result = asyncio.run(
+                retention_ops.export(
+                    operations.Paths(data_dir),
+                    clock=SystemClock(),
+                    out=out,
+                    export_format=export_format,
+                    query=query,
+                    hold_id=hold,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total),
+                )
+            )
+    except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
+        raise _fail(exc) from None
+    typer.echo(
+        f"exported {result.record_count} record(s) as {result.format.value} into "
+        f"{result.directory} ({len(result.files)} file(s) and manifest.json)"
+    )
+
+
+# -- end of retention purge and export commands -------------------------------------------------
+
+
 if __name__ == "__main__":
     app()

@@ -13,6 +13,7 @@ import pytest
 
 from archive_api.store.base import (
     HoldRecord,
+    PurgedRecord,
     RetentionAssignment,
     RetentionUpdate,
     Tombstone,
@@ -145,7 +146,8 @@ async def test_retention_survives_reopening(db_path: Path) -> None:
 async def test_retention_subjects_page_and_filter(loaded: SqliteStore) -> None:
     await expire(loaded, "r01", "r02")
     await loaded.set_retention([RetentionAssignment("r03", "long", LATER)], assigned_at=T0)
-    seen, cursor = [], None
+    seen: list[str] = []
+    cursor: str | None = None
     while True:
         page = await loaded.retention_subjects(cursor=cursor, limit=4)
         seen.extend(s.record_id for s in page.subjects)
@@ -196,7 +198,7 @@ async def test_purge_at_exactly_the_expiry_and_in_batches(loaded: SqliteStore) -
     await expire(loaded, *(f"r{i:02d}" for i in range(1, 11)), at=NOW)
     first = await loaded.purge(NOW, limit=4)
     assert len(first.purged) == 4 and first.due == 10 and first.more
-    rest = []
+    rest: list[PurgedRecord] = []
     while True:
         batch = await loaded.purge(NOW, limit=4)
         rest.extend(batch.purged)
