@@ -904,7 +904,7 @@ def purge(
         typer.Option(
             "--retention",
             envvar="STANZAGUARD_RETENTION",
-            help="Retention policy (TOML with [retention]): classify new records first.",
+            help="Retention policy (TOML with \\[retention]): classify new records first.",
         ),
     ] = None,
     policy: Annotated[
@@ -912,7 +912,7 @@ def purge(
         typer.Option(
             "--policy",
             envvar="STANZAGUARD_POLICY",
-            help="Policy file whose [groups] the retention rules name.",
+            help="Policy file whose \\[groups] the retention rules name.",
         ),
     ] = None,
     dry_run: Annotated[

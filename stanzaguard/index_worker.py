@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -160,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spool", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--nice", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.nice:
+        # Background work: under load the proxy's own process goes first.
+        with contextlib.suppress(OSError):
+            os.nice(args.nice)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="index-worker %(levelname)s %(message)s"
     )
@@ -187,7 +193,7 @@ class IndexWorker:
         cursor_interval: float = 0.5,
         seal: bool = True,
         stop_timeout: float = 30.0,
-        notify_interval: float = 0.01,
+        notify_interval: float = 0.1,
         python: str = sys.executable,
     ) -> None:
         self.notify_interval = notify_interval

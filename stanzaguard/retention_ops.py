@@ -117,8 +117,8 @@ async def purge(
                     result_count=sum(changed.values()),
                 )
         if dry_run:
-            plan = await store.purge(now, dry_run=True, limit=PURGE_BATCH)
-            outcome.purged, outcome.held_back = plan.due, plan.held_back
+            plan = await store.purge(now, dry_run=True, limit=PURGE_BATCH, counts=True)
+            outcome.purged, outcome.held_back = plan.due or 0, plan.held_back or 0
             outcome.by_class.update(p.retention_class for p in plan.purged)
             await audit.record(
                 identity.actor,
@@ -129,8 +129,9 @@ async def purge(
             return outcome
         while True:
             plan = await store.purge(now, dry_run=True, limit=PURGE_BATCH)
-            outcome.held_back = plan.held_back
             if not plan.purged:
+                left = await store.purge(now, dry_run=True, limit=1, counts=True)
+                outcome.held_back = left.held_back or 0
                 return outcome
             planned = [p.record_id for p in plan.purged]
             outcome.batches += 1
@@ -161,7 +162,10 @@ async def purge(
             if progress is not None:
                 progress(outcome.purged)
             if len(missed) == len(planned):
-                return outcome  # nothing moved: do not plan the same batch again
+                # Nothing moved: do not plan the same batch again.
+                left = await store.purge(now, dry_run=True, limit=1, counts=True)
+                outcome.held_back = left.held_back or 0
+                return outcome
 
 
 # --- export ------------------------------------------------------------------------------------

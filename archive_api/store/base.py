@@ -245,17 +245,17 @@ class PurgedRecord:
 
 @dataclass(frozen=True, slots=True)
 class PurgeBatch:
-    """One call of `purge`: at most `limit` records, so the caller can audit each batch."""
+    """One call of `purge`: at most `limit` records, so the caller can audit each batch.
+
+    The totals cost a pass over every expired record, so they are there only when asked
+    for (`counts=True`); `more` is always known.
+    """
 
     purged: tuple[PurgedRecord, ...]  # purged now (in a dry run: that would be)
-    due: int  # records past expiry and under no active hold, this batch included
-    held_back: int  # records past expiry that an active hold keeps
+    more: bool  # more records are due than this batch took: call `purge` again
     dry_run: bool = False
-
-    @property
-    def more(self) -> bool:
-        """More records are due than this batch took: call `purge` again."""
-        return self.due > len(self.purged)
+    due: int | None = None  # records past expiry and under no active hold, batch included
+    held_back: int | None = None  # records past expiry that an active hold keeps
 
 
 TOMBSTONE_OP = "tombstone"
@@ -389,7 +389,62 @@ class TokenStore(Protocol):
         ...
 
 
-class ArchiveStore(AuditStore, TokenStore, Protocol):
+# --- message view, conversations and dashboard (archive_api/routes; docs/api.md) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChainPosition:
+    """Where a record's RECORD entry sits: which chain, which seq."""
+
+    chain: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DayActivity:
+    """One UTC day of the archive: how many records, by verdict action."""
+
+    day: date
+    total: int
+    by_action: tuple[tuple[Action, int], ...]  # every action with a non-zero count
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What the dashboard shows for a time window (`since` inclusive, `until` exclusive)."""
+
+    days: tuple[DayActivity, ...]  # oldest first, days with records only
+    blocked_domains: tuple[tuple[str, int], ...]  # remote domains of reject/drop, biggest first
+    rules: tuple[tuple[str, int], ...]  # rule ids in the reasons of records not allowed
+
+
+MAX_LINKED_RECORDS = 100
+"""Most corrections and retractions `linked_records` returns for one record."""
+
+
+class ViewStore(Protocol):
+    """Reads the API's message, conversation and dashboard views need beyond `search`."""
+
+    async def record_position(self, record_id: str) -> ChainPosition | None:
+        """The chain and seq of a record's RECORD entry (None for an unknown record)."""
+        ...
+
+    async def linked_records(
+        self, record_ids: Sequence[str]
+    ) -> dict[str, tuple[ArchiveRecord, ...]]:
+        """Each record's edit history: the original it corrects or retracts (same sender,
+        XEP-0308/0424 id match) and every correction and retraction of that original, oldest
+        first, the record itself left out. Records without any are left out of the dict; at
+        most MAX_LINKED_RECORDS per record."""
+        ...
+
+    async def activity(self, since: datetime, until: datetime, *, top: int = 10) -> Activity:
+        """Per-day counts by action, the `top` remote domains of rejected and dropped
+        records, and the `top` rules named in the reasons of records not allowed."""
+        ...
+
+
+class ArchiveStore(AuditStore, TokenStore, ViewStore, Protocol):
     async def apply(self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN) -> None:
         """Ingest spool links in seq order as one atomic batch.
 
@@ -518,13 +573,16 @@ class ArchiveStore(AuditStore, TokenStore, Protocol):
         limit: int = 1000,
         dry_run: bool = False,
         record_ids: Sequence[str] | None = None,
+        counts: bool = False,
     ) -> PurgeBatch:
         """Purge up to `limit` records whose expiry is at or before `now` and that no active
         hold covers (only among `record_ids` when given: a batch planned by a dry run and
-        audited before it runs). Every chain entry of such a record keeps seq, prev_hash
-        and hash and gets a `Tombstone` payload; the record, its observations, status
-        changes, attachment fetches and full-text entry are deleted. Holds are evaluated in
-        the same transaction, so a record held when the batch runs is never purged.
+        audited before it runs). `counts` also counts what is due and what holds keep.
+
+        Every chain entry of such a record keeps seq, prev_hash and hash and gets a
+        `Tombstone` payload; the record, its observations, status changes, attachment
+        fetches and full-text entry are deleted. Holds are evaluated in the same
+        transaction, so a record held when the batch runs is never purged.
         """
         ...
 

@@ -1553,16 +1553,22 @@ class SqliteStore:
         limit: int = 1000,
         dry_run: bool = False,
         record_ids: Sequence[str] | None = None,
+        counts: bool = False,
     ) -> PurgeBatch:
         if not 1 <= limit <= 100_000:
             raise InvalidRequest("limit must be between 1 and 100000")
         only = tuple(sorted(set(record_ids))) if record_ids is not None else None
         if only is not None and len(only) > limit:
             raise InvalidRequest("more record ids than the batch limit")
-        return await self._run(self._purge, _to_us(now), limit, dry_run, only)
+        return await self._run(self._purge, _to_us(now), limit, dry_run, only, counts)
 
     def _purge(
-        self, now_us: int, limit: int, dry_run: bool, only: tuple[str, ...] | None
+        self,
+        now_us: int,
+        limit: int,
+        dry_run: bool,
+        only: tuple[str, ...] | None,
+        counts: bool,
     ) -> PurgeBatch:
         conn = self._conn
         # One transaction: the holds read here are the holds in force when the rows go.
@@ -1576,21 +1582,24 @@ class SqliteStore:
             if only is not None:
                 expired += f" AND t.record_id IN ({', '.join('?' * len(only))})"
                 base_params += only
-            (total,) = conn.execute(f"SELECT count(*) {expired}", base_params).fetchone()
-            (due,) = conn.execute(
-                f"SELECT count(*) {expired} AND {not_held}",
-                (*base_params, *held_params),
-            ).fetchone()
+            due = held_back = None
+            if counts:
+                (total,) = conn.execute(f"SELECT count(*) {expired}", base_params).fetchone()
+                (due,) = conn.execute(
+                    f"SELECT count(*) {expired} AND {not_held}",
+                    (*base_params, *held_params),
+                ).fetchone()
+                held_back = int(total) - int(due)
             rows = conn.execute(
                 f"SELECT p.id, p.record_id, p.entry, p.body, p.subject, t.class, t.expires_us "
                 f"{expired} AND {not_held} ORDER BY t.expires_us, p.id LIMIT ?",
-                (*base_params, *held_params, limit),
+                (*base_params, *held_params, limit + 1),
             ).fetchall()
             purged = []
-            for row in rows:
+            for row in rows[:limit]:
                 entries = 0 if dry_run else _purge_record(conn, row, now_us)
                 purged.append(PurgedRecord(row[1], row[5], _from_us(row[6]), entries))
-        return PurgeBatch(tuple(purged), int(due), int(total) - int(due), dry_run)
+        return PurgeBatch(tuple(purged), len(rows) > limit, dry_run, due, held_back)
 
     # -- audit log and API tokens (the work is in the module's section of that name) --
 
@@ -1659,6 +1668,41 @@ class SqliteStore:
     async def revoke_token(self, name: str, *, at: datetime) -> StoredToken:
         check_token_name(name)
         return await self._run(_token_revoke, self._conn, name, to_us(at))
+
+    # -- message view, conversations and dashboard (the work is in the module's section) --
+
+    async def record_position(self, record_id: str) -> ChainPosition | None:
+        return await self._run(_record_position, self._conn, record_id)
+
+    async def linked_records(
+        self, record_ids: Sequence[str]
+    ) -> dict[str, tuple[ArchiveRecord, ...]]:
+        ids = list(dict.fromkeys(record_ids))
+        if len(ids) > MAX_PAGE_SIZE:
+            raise InvalidRequest(f"at most {MAX_PAGE_SIZE} record ids at once")
+        if not ids:
+            return {}
+
+        def run() -> dict[str, tuple[ArchiveRecord, ...]]:
+            links = _linked_ids(self._conn, ids)
+            wanted = sorted({rid for found in links.values() for rid in found})
+            records: dict[str, ArchiveRecord] = {}
+            for start in range(0, len(wanted), 500):
+                records.update(self._load_records(wanted[start : start + 500]))
+            return {
+                rid: tuple(records[other] for other in found if other in records)
+                for rid, found in links.items()
+            }
+
+        return await self._run(run)
+
+    async def activity(self, since: datetime, until: datetime, *, top: int = 10) -> Activity:
+        if not 1 <= top <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"top must be between 1 and {MAX_PAGE_SIZE}")
+        since_us, until_us = _to_us(since), _to_us(until)
+        if until_us <= since_us:
+            raise InvalidRequest("the window must end after it starts")
+        return await self._run(_activity, self._conn, since_us, until_us, top)
 
     # -- verification --
 
@@ -2724,6 +2768,136 @@ def _token_revoke(conn: sqlite3.Connection, name: str, at_us: int) -> StoredToke
 
 
 # --- end of audit log and API tokens ----------------------------------------------------------
+
+
+# --- message view, conversations and dashboard ------------------------------------------------
+#
+# Reads for the API's views (archive_api/routes). An edit history is found the way the search
+# language's is:edited finds it: a correction or retraction names its original by the
+# original's message id or origin id, from the same sender; the partial indexes on
+# replaces_id and retracts_id make "what corrects this" cheap. "What does this correct" has
+# no index of its own: it walks the sender's index from the newest record down and stops at
+# the first match, which is normally close to the correction.
+
+_LINKED_ROW: Final = "record_id, id, sender, message_id, origin_id, replaces_id, retracts_id"
+
+
+def _record_position(conn: sqlite3.Connection, record_id: str) -> ChainPosition | None:
+    found = conn.execute(
+        "SELECT c.name, r.entry FROM records AS r JOIN chains AS c "
+        f"ON c.id = (r.entry >> {_SEQ_BITS}) WHERE r.record_id = ?",
+        (record_id,),
+    ).fetchone()
+    if found is None:
+        return None
+    return ChainPosition(str(found[0]), int(found[1]) & _SEQ_MASK)
+
+
+def _original_of(
+    conn: sqlite3.Connection, sender: str, ref: str, not_id: int
+) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = conn.execute(
+        f"SELECT {_LINKED_ROW} FROM records INDEXED BY records_sender "  # noqa: S608
+        "WHERE sender = ? AND (message_id = ? OR origin_id = ?) AND id <> ? "
+        "ORDER BY id DESC LIMIT 1",
+        (sender, ref, ref, not_id),
+    ).fetchone()
+    return row
+
+
+def _children_of(conn: sqlite3.Connection, root: tuple[Any, ...]) -> list[tuple[int, str]]:
+    """(rowid, record_id) of every correction and retraction of `root`."""
+    _, _, sender, message_id, origin_id, _, _ = root
+    refs = [ref for ref in (message_id, origin_id) if ref]
+    if not refs:
+        return []
+    marks = ", ".join("?" * len(refs))
+    out: list[tuple[int, str]] = []
+    for column, index in (("replaces_id", "records_replaces"), ("retracts_id", "records_retracts")):
+        out += conn.execute(
+            f"SELECT id, record_id FROM records INDEXED BY {index} "  # noqa: S608
+            f"WHERE {column} IN ({marks}) AND sender = ? ORDER BY id LIMIT ?",
+            (*refs, sender, MAX_LINKED_RECORDS),
+        ).fetchall()
+    return out
+
+
+def _linked_ids(conn: sqlite3.Connection, record_ids: Sequence[str]) -> dict[str, list[str]]:
+    """record_id -> the ids of its history (original first, then by time), itself left out."""
+    rows = conn.execute(
+        f"SELECT {_LINKED_ROW} FROM records "  # noqa: S608
+        f"WHERE record_id IN ({', '.join('?' * len(record_ids))})",
+        tuple(record_ids),
+    ).fetchall()
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        rid, rowid, sender, _, _, replaces_id, retracts_id = row
+        root = row
+        ref = replaces_id or retracts_id
+        if ref:
+            original = _original_of(conn, sender, ref, rowid)
+            if original is not None:
+                root = original
+        members = {int(root[1]): str(root[0])}
+        members.update(_children_of(conn, root))
+        found = [other for _, other in sorted(members.items()) if other != rid]
+        if found:
+            out[rid] = found[:MAX_LINKED_RECORDS]
+    return out
+
+
+def _activity(conn: sqlite3.Connection, since_us: int, until_us: int, top: int) -> Activity:
+    # A time window as a rowid range (fast) and the exact bounds, as the query plan does it.
+    spill = _max_spill(conn)
+    low = _slot(since_us) * _TIES
+    high = (min(_slot(until_us) + spill, _MAX_SLOT + spill)) * _TIES
+    window = "r.id >= ? AND r.id < ? AND r.occurred_us >= ? AND r.occurred_us < ?"
+    params = (low, high, since_us, until_us)
+    day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
+    per_day: dict[int, dict[str, int]] = {}
+    for day_number, action, count in conn.execute(
+        f"SELECT {day} AS d, r.action, count(*) FROM records AS r "  # noqa: S608
+        f"WHERE {window} GROUP BY d, r.action",
+        params,
+    ):
+        per_day.setdefault(int(day_number), {})[str(action)] = int(count)
+    severity = {a.value: a.severity for a in Action}
+    days = tuple(
+        DayActivity(
+            date(1970, 1, 1) + timedelta(days=number),
+            sum(counts.values()),
+            tuple(
+                (Action(a), n) for a, n in sorted(counts.items(), key=lambda i: severity[i[0]])
+            ),
+        )
+        for number, counts in sorted(per_day.items())
+    )
+    # Repeating the partial index's condition lets the planner use records_action.
+    not_allowed = "r.action <> 'allow'"
+    blocked = conn.execute(
+        f"SELECT r.remote_domain, count(*) AS n FROM records AS r "  # noqa: S608
+        f"WHERE {window} AND r.action IN ('reject', 'drop') AND {not_allowed} "
+        "GROUP BY r.remote_domain ORDER BY n DESC, r.remote_domain LIMIT ?",
+        (*params, top),
+    ).fetchall()
+    # The reasons are only in the record's canonical document; the records read are the
+    # few that were not allowed. CAST: SQLite's JSON functions do not read BLOBs.
+    rules = conn.execute(
+        "SELECT json_extract(j.value, '$.rule_id') AS rule, count(DISTINCT r.id) AS n "  # noqa: S608
+        "FROM records AS r JOIN ledger AS l ON l.id = r.entry, "
+        "json_each(CAST(l.payload AS TEXT), '$.record.verdict.reasons') AS j "
+        f"WHERE {window} AND {not_allowed} AND rule IS NOT NULL "
+        "GROUP BY rule ORDER BY n DESC, rule LIMIT ?",
+        (*params, top),
+    ).fetchall()
+    return Activity(
+        days,
+        tuple((str(d), int(n)) for d, n in blocked),
+        tuple((str(rule), int(n)) for rule, n in rules),
+    )
+
+
+# --- end of message view, conversations and dashboard -----------------------------------------
 
 
 if TYPE_CHECKING:  # mypy proves SqliteStore implements the protocol

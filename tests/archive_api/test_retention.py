@@ -325,7 +325,7 @@ async def test_applying_a_shorter_policy_keeps_the_longer_retention(store: Sqlit
     assert state is not None and (state.retention_class, state.assigned_at) == ("c7y", NOW)
     # The shorter policy cannot make anything purgeable: nothing is due even years on.
     await apply_policy(store, one_class("90d"), now=NOW)
-    assert (await store.purge(datetime(2030, 1, 1, tzinfo=UTC), dry_run=True)).due == 0
+    assert (await store.purge(datetime(2030, 1, 1, tzinfo=UTC), dry_run=True)).purged == ()
 
 
 async def test_new_records_are_classified_on_their_own(store: SqliteStore) -> None:
@@ -344,11 +344,11 @@ async def test_new_records_are_classified_on_their_own(store: SqliteStore) -> No
 async def test_due_records_are_reexamined_before_a_purge(store: SqliteStore) -> None:
     await apply_policy(store, one_class("90d"), now=NOW)
     later = T0 + timedelta(days=200)
-    due = await store.purge(later, dry_run=True)
+    due = await store.purge(later, dry_run=True, counts=True)
     assert due.due == len(ALL)
     # The policy was lengthened meanwhile: re-examining the due records saves them all.
     outcome = await apply_policy(store, one_class("1y"), now=later, which="due")
     assert outcome.update == RetentionUpdate(extended=len(ALL))
-    assert (await store.purge(later, dry_run=True)).due == 0
+    assert (await store.purge(later, dry_run=True, counts=True)).due == 0
     with pytest.raises(ValueError):
         await apply_policy(store, one_class("1y"), now=later, which="some")  # type: ignore[arg-type]

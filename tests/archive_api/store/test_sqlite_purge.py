@@ -176,8 +176,9 @@ async def test_retention_subjects_page_and_filter(loaded: SqliteStore) -> None:
 async def test_purge_takes_only_expired_records(loaded: SqliteStore) -> None:
     await expire(loaded, "r02", "r03")
     await expire(loaded, "r05", at=LATER)
-    dry = await loaded.purge(NOW, dry_run=True)
+    dry = await loaded.purge(NOW, dry_run=True, counts=True)
     assert ({p.record_id for p in dry.purged}, dry.due, dry.held_back) == ({"r02", "r03"}, 2, 0)
+    assert (await loaded.purge(NOW, dry_run=True)).due is None  # counted only when asked
     assert all(p.entries == 0 for p in dry.purged)
     assert await loaded.get("r02") is not None  # a dry run changes nothing
     batch = await loaded.purge(NOW)
@@ -196,7 +197,7 @@ async def test_purge_takes_only_expired_records(loaded: SqliteStore) -> None:
 
 async def test_purge_at_exactly_the_expiry_and_in_batches(loaded: SqliteStore) -> None:
     await expire(loaded, *(f"r{i:02d}" for i in range(1, 11)), at=NOW)
-    first = await loaded.purge(NOW, limit=4)
+    first = await loaded.purge(NOW, limit=4, counts=True)
     assert len(first.purged) == 4 and first.due == 10 and first.more
     rest: list[PurgedRecord] = []
     while True:
@@ -316,7 +317,7 @@ async def test_a_hold_keeps_expired_records(loaded: SqliteStore) -> None:
     await expire(loaded, *(f"r{i:02d}" for i in range(1, 16)))
     await loaded.add_hold(hold("h1", "from:*@spam.example"))
     await loaded.add_hold(hold("h2", '"guaranteed return"'))  # a full-text hold
-    batch = await loaded.purge(NOW)
+    batch = await loaded.purge(NOW, counts=True)
     kept = {"r05", "r06", "r01", "r08"}
     assert {p.record_id for p in batch.purged} == {f"r{i:02d}" for i in range(1, 16)} - kept
     assert batch.held_back == 4
