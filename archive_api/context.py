@@ -96,6 +96,11 @@ class ReviewOutcome:
         }
 
 
+class ReviewUnavailable(ArchiveApiError):
+    """A review action cannot be carried out now (the spool or the mailbox is unavailable)
+    (HTTP 503); nothing was changed."""
+
+
 class ReviewActions(Protocol):
     """Officer decisions on quarantined and flagged records; each feeds the classifier's
     learning. `actor` is the audit name of who decides (``token:desk-officer-1``)."""

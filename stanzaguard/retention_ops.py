@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from archive_api.audit import AuditAction, AuditLog, AuditOutcome
+from archive_api.auth import Identity
 from archive_api.errors import ArchiveApiError, RetentionPolicyError
 from archive_api.exports import ExportFormat, ExportResult, ExportSource, export_records
 from archive_api.holds import HoldService
@@ -95,10 +96,14 @@ async def purge(
     retention: RetentionPolicy | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
+    identity: Identity | None = None,
 ) -> PurgeOutcome:
     """Apply the retention policy (new records, and due records re-checked, extend-only),
-    then purge what is past its expiry and under no hold, one audited batch at a time."""
-    identity = cli_identity()
+    then purge what is past its expiry and under no hold, one audited batch at a time.
+
+    `identity`: who acts (the audit log's actor); the operator at the command line unless the
+    service's own retention job calls."""
+    identity = identity or cli_identity()
     outcome = PurgeOutcome(dry_run)
     async with _audited_store(paths, clock) as (store, audit):
         now = clock.now()

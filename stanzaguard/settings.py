@@ -84,6 +84,19 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1024 * 1024, description="Unindexed spool size at which to fail closed."
     )
     checkpoint_every: int = Field(1000, ge=1, description="Sign the chain head every N entries.")
+    retention_file: Path | None = Field(
+        None,
+        description="TOML file with the [retention] section; set: `stanzaguard run` classifies "
+        "new records and purges what is due every `retention_interval` seconds.",
+    )
+    retention_interval: float = Field(
+        3600.0, ge=1.0, description="Seconds between the service's retention rounds."
+    )
+    retention_purge: bool = Field(
+        True,
+        description="false: the retention job only classifies and reports (a dry run); purging "
+        "is left to `stanzaguard purge`.",
+    )
     index_worker: bool = Field(
         True,
         description="Index in a worker process (false: in the proxy's own process, which then "

@@ -37,13 +37,15 @@ from proxy.spool import Spool
 from proxy.stream import FramingLimits
 from proxy.trust import RosterObservers, TrustRosterObserver
 from stanzaguard.clock import SystemClock
-from stanzaguard.errors import SettingsError
+from stanzaguard.errors import SettingsError, StanzaGuardError
 from stanzaguard.index_worker import IndexWorker
 from stanzaguard.keys import load_or_create_signer
 from stanzaguard.learning import Learning
 from stanzaguard.model_runtime import MODEL_OFF, ModelWatcher, configured_model
+from stanzaguard.operations import Paths
 from stanzaguard.quarantine import DeliveryHook, QuarantineService
 from stanzaguard.registry import ModelRegistry
+from stanzaguard.retention_job import RetentionJob
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.tls import server_context, upstream_context
 
@@ -227,6 +229,7 @@ class ArchivingService:
         self.attachments: AttachmentFetcher | None = None
         self._hook_override = hook
         self.policy_watcher: PolicyFileWatcher | None = None
+        self.retention: RetentionJob | None = None
         self.bound: list[tuple[str, int]] = []
         self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
         # Learned state the policy's rules consult; it outlives policy reloads.
@@ -338,6 +341,20 @@ class ArchivingService:
         if settings.fail_open:
             log.warning("FAIL-OPEN is on: stanzas are delivered even when they cannot be archived")
         self.indexer.start()
+        if settings.retention_file is not None:
+            self.retention = RetentionJob(
+                Paths(settings.data_dir, DataLayout(settings.data_dir).evidence(settings)),
+                settings.retention_file,
+                policy_file=settings.policy,
+                clock=self.clock,
+                interval=settings.retention_interval,
+                purge_due=settings.retention_purge,
+            )
+            try:
+                self.retention.check()
+            except StanzaGuardError as exc:
+                raise SettingsError(f"retention_file: {exc}") from None
+            self.retention.start()
         if settings.policy is not None:
             self.policy_watcher = PolicyFileWatcher(settings.policy, self.policy, domains)
             self.policy_watcher.start()
@@ -378,6 +395,8 @@ class ArchivingService:
             await self.attachments.stop()
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self.model_watcher is not None:
             await self.model_watcher.stop()
         if self.rtbl is not None:

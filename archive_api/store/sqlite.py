@@ -90,10 +90,14 @@ from archive_api.store.base import (
     DEFAULT_CHAIN,
     HIGHLIGHT_END,
     HIGHLIGHT_START,
+    MAX_LINKED_RECORDS,
     MAX_PAGE_SIZE,
     SORT_ORDERS,
+    Activity,
     ArchiveStore,
+    ChainPosition,
     ChainState,
+    DayActivity,
     Facets,
     Hit,
     HoldRecord,
@@ -2784,7 +2788,7 @@ _LINKED_ROW: Final = "record_id, id, sender, message_id, origin_id, replaces_id,
 
 def _record_position(conn: sqlite3.Connection, record_id: str) -> ChainPosition | None:
     found = conn.execute(
-        "SELECT c.name, r.entry FROM records AS r JOIN chains AS c "
+        "SELECT c.name, r.entry FROM records AS r JOIN chains AS c "  # noqa: S608
         f"ON c.id = (r.entry >> {_SEQ_BITS}) WHERE r.record_id = ?",
         (record_id,),
     ).fetchone()
@@ -2849,8 +2853,8 @@ def _linked_ids(conn: sqlite3.Connection, record_ids: Sequence[str]) -> dict[str
 def _activity(conn: sqlite3.Connection, since_us: int, until_us: int, top: int) -> Activity:
     # A time window as a rowid range (fast) and the exact bounds, as the query plan does it.
     spill = _max_spill(conn)
-    low = _slot(since_us) * _TIES
-    high = (min(_slot(until_us) + spill, _MAX_SLOT + spill)) * _TIES
+    low = since_us * _TIES if _MIN_SLOT < since_us <= _MAX_SLOT else -(1 << 63)
+    high = (until_us + spill) * _TIES if _MIN_SLOT < until_us < _MAX_SLOT - spill else (1 << 63) - 1
     window = "r.id >= ? AND r.id < ? AND r.occurred_us >= ? AND r.occurred_us < ?"
     params = (low, high, since_us, until_us)
     day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
@@ -2866,9 +2870,7 @@ def _activity(conn: sqlite3.Connection, since_us: int, until_us: int, top: int) 
         DayActivity(
             date(1970, 1, 1) + timedelta(days=number),
             sum(counts.values()),
-            tuple(
-                (Action(a), n) for a, n in sorted(counts.items(), key=lambda i: severity[i[0]])
-            ),
+            tuple((Action(a), n) for a, n in sorted(counts.items(), key=lambda i: severity[i[0]])),
         )
         for number, counts in sorted(per_day.items())
     )
