@@ -308,12 +308,17 @@ class ExportJobs:
         if job.state is not JobState.DONE:
             raise ExportNotReady(f"export {job_id} is {job.state.value}; it has no files yet")
         files_dir = self.root / job_id / _FILES_DIR
+        found: tuple[Path, ExportedFile | None] | None = None
         if name == MANIFEST_NAME:
-            return files_dir / MANIFEST_NAME, None
+            found = (files_dir / MANIFEST_NAME, None)
         for exported in job.files:
             if exported.name == name:
-                return files_dir.joinpath(*exported.name.split("/")), exported
-        raise UnknownExport(f"export {job_id} has no file {name[:200]!r}")
+                found = (files_dir.joinpath(*exported.name.split("/")), exported)
+        if found is None:
+            raise UnknownExport(f"export {job_id} has no file {name[:200]!r}")
+        if not await asyncio.to_thread(found[0].is_file):
+            raise UnknownExport(f"export {job_id}: {name[:200]!r} is no longer on disk")
+        return found
 
     async def wait(self, job_id: str) -> ExportJob:
         """Wait for a job to finish (tests, the CLI); returns its final state."""

@@ -46,9 +46,10 @@ trap cleanup EXIT
 
 runuser -u prosody -- prosody --config "$demo/prosody/prosody.cfg.lua" -F >"$demo/prosody/stdout.log" 2>&1 &
 pids+=($!)
-.venv/bin/python - "$prosody_port" <<'PY'
+wait_port() {  # PORT WHAT: wait up to 30 s for a listener
+  .venv/bin/python - "$1" "$2" <<'PY'
 import socket, sys, time
-deadline = time.monotonic() + 20
+deadline = time.monotonic() + 30
 while time.monotonic() < deadline:
     try:
         socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
@@ -56,8 +57,10 @@ while time.monotonic() < deadline:
     except OSError:
         time.sleep(0.1)
 else:
-    sys.exit("prosody did not start")
+    sys.exit(f"{sys.argv[2]} did not start")
 PY
+}
+wait_port "$prosody_port" prosody
 
 cat > "$demo/policy.toml" <<POLICY
 version = 1
@@ -73,7 +76,7 @@ STANZAGUARD_LOG_FORMAT=text .venv/bin/stanzaguard run --policy "$demo/policy.tom
   --listen "127.0.0.1:$listen_port" --listen-tls "127.0.0.1:$listen_tls_port" \
   --data-dir "$demo/data" --environment development >"$demo/stanzaguard.log" 2>&1 &
 pids+=($!)
-sleep 1.5
+wait_port "$listen_port" "stanzaguard run (see $demo/stanzaguard.log)"
 
 echo "== go-sendxmpp → stanzaguard (STARTTLS :$listen_port) → Prosody :$prosody_port"
 echo "Quarterly numbers are in the shared folder." |
