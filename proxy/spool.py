@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -1036,11 +1036,7 @@ class Spool:
         out: list[ChainLink],
     ) -> tuple[int, int, bytes]:
         """Read frames of one segment into `out`; return (offset, next seq, prev hash)."""
-        try:
-            f = path.open("rb")
-        except FileNotFoundError:
-            raise ValueError(f"{path.name} was sealed out of the spool meanwhile") from None
-        with f:
+        with _open_unsealed(path) as f:
             f.seek(offset)
             while offset < size and len(out) < max_entries:
                 head = f.read(_FRAME_HEAD.size)
@@ -1192,6 +1188,14 @@ class Spool:
         self._sealed_seq, self._sealed_hash = state.sealed_seq, state.sealed_hash
         self._spool_bytes = sum(s.size for s in state.segments)
         self._reopen_active(self._segments[-1])
+
+
+def _open_unsealed(path: Path) -> BinaryIO:
+    """A segment for reading; ValueError if sealing removed it since it was listed."""
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise ValueError(f"{path.name} was sealed out of the spool meanwhile") from None
 
 
 def _report_behind(future: asyncio.Future[list[ChainLink]]) -> None:
@@ -1594,11 +1598,7 @@ class SpoolTail:
         last: int,
         out: list[ChainLink],
     ) -> tuple[int, int, bytes]:
-        try:
-            f = path.open("rb")
-        except FileNotFoundError:
-            raise ValueError(f"{path.name} was sealed out of the spool meanwhile") from None
-        with f:
+        with _open_unsealed(path) as f:
             size = os.fstat(f.fileno()).st_size
             f.seek(offset)
             buf = b""

@@ -9,30 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from archive_api.store.records import ArchiveRecord, Direction, EntryOp, RecordKind, SpoolEntry
 from archive_api.store.sqlite import SqliteStore
 from classifier.clock import ManualClock
 from proxy.spool import Spool
 from stanzaguard.index_worker import IndexWorker, _Worker
-
-
-def record_payload(n: int) -> bytes:
-    record = ArchiveRecord(
-        record_id=f"rec-{n:06d}",
-        kind=RecordKind.MESSAGE,
-        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
-        direction=Direction.FROM_CLIENT,
-        sender="alice@corp.example",
-        recipient="bob@partner.example",
-        stanza_type="chat",
-        body=f"indexed by the worker {n}",
-    )
-    return SpoolEntry(EntryOp.RECORD, record.record_id, record=record).payload()
+from tests.proxy.test_spool import entry_payload
 
 
 async def store_count(path: Path) -> int:
@@ -50,7 +35,7 @@ async def test_worker_indexes_restarts_after_a_kill_and_drains_on_stop(tmp_path:
     worker.start()
     try:
         for n in range(1, 121):
-            await spool.append([record_payload(n)])
+            await spool.append([entry_payload(n)])
             worker.notify()
         await asyncio.wait_for(worker.drain(), 60)
         assert await store_count(store_path) == 120
@@ -66,7 +51,7 @@ async def test_worker_indexes_restarts_after_a_kill_and_drains_on_stop(tmp_path:
             await asyncio.sleep(0.05)
         assert worker.restarts == 1
         for n in range(121, 201):
-            await spool.append([record_payload(n)])
+            await spool.append([entry_payload(n)])
             worker.notify()
         await asyncio.wait_for(worker.drain(), 60)
         assert await store_count(store_path) == 200
@@ -74,7 +59,7 @@ async def test_worker_indexes_restarts_after_a_kill_and_drains_on_stop(tmp_path:
         assert spool.sealed_through()[0] >= 150
 
         for n in range(201, 231):
-            await spool.append([record_payload(n)])
+            await spool.append([entry_payload(n)])
         worker.notify()
     finally:
         await worker.stop()  # indexes what is spooled, then the worker exits
@@ -89,8 +74,8 @@ async def test_drain_waits_for_entries_written_behind(tmp_path: Path) -> None:
     worker = IndexWorker(spool, store_path)
     worker.start()
     try:
-        await spool.append([record_payload(1)])
-        spool.append_behind([record_payload(2)], within=30.0)
+        await spool.append([entry_payload(1)])
+        spool.append_behind([entry_payload(2)], within=30.0)
         worker.notify()
         await asyncio.wait_for(worker.drain(), 60)
         assert await store_count(store_path) == 2
