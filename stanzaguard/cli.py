@@ -108,6 +108,43 @@ def run(
         raise _fail(exc) from None
 
 
+@app.command()
+def api(
+    config: ConfigOption = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="The data directory (default ./stanzaguard-data).")
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT to serve on (default: the api_listen setting, 127.0.0.1:8080)."
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Policy file (TOML) the editor writes.")
+    ] = None,
+    environment: Annotated[
+        str | None, typer.Option(help="'production' (default) or 'development'.")
+    ] = None,
+) -> None:
+    """Serve the search, review and audit API (and web UI) alone, without the proxy.
+
+    Review decisions reach a running `stanzaguard run` on the same data directory through
+    its review mailbox; policy versions written here are picked up by it within a second.
+    """
+    from stanzaguard.api_wiring import serve_api
+
+    try:
+        settings = load_settings(config, data_dir=data_dir, policy=policy, environment=environment)
+        address = listen or settings.api_listen
+        if not address:
+            raise StanzaGuardError("--listen: give HOST:PORT (api_listen is off)")
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(serve_api(settings, address))
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+
+
 @app.command("dev-cert")
 def dev_cert(
     domain: Annotated[str, typer.Argument(help="The XMPP domain.")],

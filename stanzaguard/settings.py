@@ -159,6 +159,11 @@ class Settings(BaseSettings):
             "active with `stanzaguard model activate` takes precedence."
         ),
     )
+    api_listen: HostPort | None = Field(
+        "127.0.0.1:8080",
+        description="Serve the search, review and audit API (and web UI) on HOST:PORT beside "
+        "the proxy in `stanzaguard run`; 'off' for none. `stanzaguard api` serves it alone.",
+    )
     session_secret: SecretStr | None = Field(
         None,
         description="Signs the web UI's session cookies; 32+ random characters, required "
@@ -169,6 +174,13 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("api_listen", mode="before")
+    @classmethod
+    def _api_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
+            return None
+        return value
 
     @field_validator("domain", "upload_hosts", mode="before")
     @classmethod

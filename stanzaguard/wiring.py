@@ -36,6 +36,7 @@ from proxy.rtbl import RtblConfig, RtblError, RtblSubscriber, TlsMode, rtbl_node
 from proxy.spool import Spool
 from proxy.stream import FramingLimits
 from proxy.trust import RosterObservers, TrustRosterObserver
+from stanzaguard.api_wiring import start_beside
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError, StanzaGuardError
 from stanzaguard.index_worker import IndexWorker
@@ -422,6 +423,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run the service until SIGINT or SIGTERM."""
     service = ArchivingService(settings)
     await service.start()
+    # The search, review and audit API beside the proxy (api_listen; stanzaguard/api_wiring.py).
+    api = await start_beside(settings, service)
     # What start-up built (policy, model, caches) lives as long as the process: keep it out
     # of every collection, and collect young objects less often (the pipeline makes many).
     gc.collect()
@@ -445,4 +448,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
     finally:
         log.info("stopping")
+        if api is not None:
+            await api.stop()
         await service.stop()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from archive_api.audit import AuditAction
 from archive_api.auth import Identity, Permission
+from archive_api.errors import InvalidInput
 from archive_api.holds import (
     MAX_CASE_NAME,
     MAX_REASON,
@@ -66,8 +67,6 @@ def _scope(given: PersonScopeIn | ConversationScopeIn | SearchScopeIn) -> HoldSc
     if isinstance(given, SearchScopeIn):
         return saved_search_scope(given.query)  # QuerySyntaxError keeps its position
     if given.participants is not None and any(len(p) > _JID for p in given.participants):
-        from archive_api.errors import InvalidInput
-
         raise InvalidInput("participants: a JID is at most 3071 characters")
     pair = (given.participants[0], given.participants[1]) if given.participants else None
     return conversation_scope(

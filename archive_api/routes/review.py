@@ -19,6 +19,8 @@ from archive_api.context import DEFAULT_PAGE_SIZE, ReviewLabel, ReviewOutcome
 from archive_api.routes.deps import Ctx, audited, error_body, require
 from archive_api.routes.search import Cursor, Limit, RecordId
 from archive_api.routes.views import record_summary
+from archive_api.store.base import SortOrder
+from archive_api.store.errors import NotFound
 from archive_api.store.query import Query, VerdictTerm
 from archive_api.store.records import RecordKind, RecordStatus
 from classifier.verdict import Action
@@ -42,7 +44,7 @@ async def _queue(
 ) -> dict[str, Any]:
     query = Query.of(VerdictTerm(action))
     params = {"queue": action.value, "query": str(query), "limit": limit, "held_only": held_only}
-    sort = "time_asc" if action is Action.QUARANTINE else "time"
+    sort: SortOrder = "time_asc" if action is Action.QUARANTINE else "time"
     async with audited(ctx, identity, AuditAction.SEARCH, params) as note:
         page = await ctx.store.search(query, limit=limit, cursor=cursor, sort=sort)
         records = [
@@ -89,9 +91,7 @@ async def flagged_queue(
     limit: Limit = DEFAULT_PAGE_SIZE,
 ) -> dict[str, Any]:
     """Messages delivered with a FLAG verdict, for an officer to confirm or clear."""
-    return await _queue(
-        ctx, identity, Action.FLAG, cursor=cursor, limit=limit, held_only=False
-    )
+    return await _queue(ctx, identity, Action.FLAG, cursor=cursor, limit=limit, held_only=False)
 
 
 async def _decide(
@@ -102,8 +102,6 @@ async def _decide(
         params["label"] = label
     async with audited(ctx, identity, action, params) as note:
         if await ctx.store.get(record_id) is None:
-            from archive_api.store.errors import NotFound
-
             raise NotFound(f"no record {record_id!r} in the archive")
         outcome: ReviewOutcome
         actor = identity.subject
@@ -114,7 +112,7 @@ async def _decide(
         elif action is AuditAction.NOT_SPAM:
             outcome = await ctx.review.not_spam(record_id, actor)
         else:
-            outcome = await ctx.review.label(record_id, ReviewLabel(label), actor)
+            outcome = await ctx.review.label(record_id, ReviewLabel(label or ""), actor)
         note.params.update(detail=outcome.detail[:500], queued=outcome.queued)
         note.count = 1 if outcome.ok else 0
         if not outcome.ok:

@@ -16,8 +16,8 @@ from archive_api.proofs import record_proof
 from archive_api.routes.deps import Ctx, audited, require
 from archive_api.routes.views import (
     facets_json,
-    hit_json,
     history_entry,
+    hit_json,
     record_detail,
     record_summary,
 )
@@ -171,8 +171,8 @@ async def conversation(
         for record in records:
             item = record_summary(record)
             # An original carries its corrections; a correction names what it corrects.
-            history = () if record.replaces_id or record.retracts_id else linked.get(
-                record.record_id, ()
+            history = (
+                () if record.replaces_id or record.retracts_id else linked.get(record.record_id, ())
             )
             item["edits"] = [history_entry(r) for r in history if r.replaces_id]
             item["retracted"] = any(r.retracts_id for r in history)

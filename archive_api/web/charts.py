@@ -79,7 +79,9 @@ def day_chart(
     """Lines of counts per day (one per series) over a shared y axis from zero."""
     for line in series:
         if len(line.counts) != len(days):
-            raise ValueError(f"series {line.name!r} has {len(line.counts)} counts for {len(days)} days")
+            raise ValueError(
+                f"series {line.name!r} has {len(line.counts)} counts for {len(days)} days"
+            )
     left, right, top, bottom = 48, 12, 12, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     peak = nice_ceiling(max((max(s.counts, default=0) for s in series), default=0))
