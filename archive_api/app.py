@@ -8,9 +8,9 @@ For other routers (the web UI): pass them as `routers=` or call `app.include_rou
 result. The context is `request.app.state.ctx` (or the `get_context` / `Ctx` dependency),
 and `require(permission)` authenticates (Bearer token or the session cookie) and checks
 the permission. Errors are JSON `{"error": WORD, "detail": TEXT, ...}` with the status
-`archive_api.routes.deps.classify` gives; a router that wants HTML error pages for its own
-paths sets `app.state.html_errors` to a callable `(request, status, body) -> Response`,
-used for requests outside `/api/` whose client accepts HTML.
+`archive_api.routes.deps.classify` gives; a router passed in `routers=` with an
+`html_errors` attribute (a callable `(request, status, body) -> Response`) has it installed
+as `app.state.html_errors`, used for requests outside `/api/` whose client accepts HTML.
 
 The app does not own the store, the audit log or the other parts of the context: whoever
 built the context closes them after the server stops. It does own its export jobs, which
@@ -308,6 +308,10 @@ def create_app(ctx: ApiContext, *, routers: Sequence[APIRouter] = ()) -> FastAPI
     app.include_router(dashboard.health)
     for router in routers:
         app.include_router(router)
+        # A router that renders pages (the web UI) brings its own error pages.
+        html_errors = getattr(router, "html_errors", None)
+        if callable(html_errors):
+            app.state.html_errors = html_errors
         # The web UI's router (archive_api.web) brings its handler for HTML error pages.
         app.state.html_errors = getattr(router, "html_errors", None) or app.state.html_errors
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from stanzaguard.errors import StanzaGuardError
 from stanzaguard.logs import configure_logging
 from stanzaguard.settings import load_settings
 from stanzaguard.tls import write_dev_cert
+
+if TYPE_CHECKING:
+    from stanzaguard.stores import StoreSpec
 
 app = typer.Typer(
     name="stanzaguard",
@@ -174,6 +177,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record a line.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Most hits to show.")] = 50,
     sort: Annotated[str, typer.Option(help="time, time_asc or relevance.")] = "time",
+    config: ConfigOption = None,
 ) -> None:
     """Search the archive: words, "phrases", -negation, from: to: with: after: before: ..."""
     from archive_api.store.errors import StoreError
@@ -182,8 +186,11 @@ def search(
     if sort not in ("time", "time_asc", "relevance"):
         raise _fail(StanzaGuardError("--sort must be time, time_asc or relevance"))
     try:
+        store_spec = _configured_store(config, data_dir)
         page = asyncio.run(
-            operations.search(operations.Paths(data_dir), query, limit=limit, sort=sort)
+            operations.search(
+                operations.Paths(data_dir), query, limit=limit, sort=sort, store_spec=store_spec
+            )
         )
     except (StanzaGuardError, StoreError) as exc:
         raise _fail(exc) from None
@@ -214,6 +221,14 @@ def search(
     )
 
 
+def _configured_store(config: Path | None, data_dir: Path) -> StoreSpec:
+    """The store the settings choose (`store`, `es_url`, ...; stanzaguard/stores.py)."""
+    from stanzaguard.stores import spec_from_settings
+
+    settings = load_settings(config, data_dir=data_dir)
+    return spec_from_settings(settings, data_dir / "archive.sqlite3")
+
+
 @app.command()
 def verify(
     data_dir: DataDirOption = Path("stanzaguard-data"),
@@ -223,6 +238,7 @@ def verify(
     audit: Annotated[
         bool, typer.Option("--audit", help="Verify the audit log instead of the archive.")
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Prove the archive whole: chain, signatures, and every spooled entry in the store.
 
@@ -236,7 +252,10 @@ def verify(
         _verify_audit(data_dir)
         return
     try:
-        outcome = asyncio.run(operations.verify(operations.Paths(data_dir, evidence_dir)))
+        store_spec = _configured_store(config, data_dir)
+        outcome = asyncio.run(
+            operations.verify(operations.Paths(data_dir, evidence_dir), store_spec=store_spec)
+        )
     except (StanzaGuardError, StoreError) as exc:
         raise _fail(exc) from None
     out = Console()
@@ -270,10 +289,37 @@ def reindex(
     replace: Annotated[
         bool, typer.Option(help="Swap the rebuilt store in for the current one.")
     ] = False,
+    move_from: Annotated[
+        str | None,
+        typer.Option("--from", help="Move an archive from this store: sqlite:PATH or es:URL."),
+    ] = None,
+    move_to: Annotated[
+        str | None, typer.Option("--to", help="...into this store: sqlite:PATH or es:URL.")
+    ] = None,
+    from_prefix: Annotated[
+        str | None, typer.Option(help="Index prefix of an es: source (default es_index_prefix).")
+    ] = None,
+    to_prefix: Annotated[
+        str | None, typer.Option(help="Index prefix of an es: target (default es_index_prefix).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Entries per write with --from/--to.")
+    ] = 1000,
+    config: ConfigOption = None,
 ) -> None:
-    """Rebuild the SQLite archive from the kept evidence and spool segments (proxy stopped)."""
+    """Rebuild the SQLite archive from the kept evidence and spool segments (proxy stopped).
+
+    With --from and --to, move an archive between stores instead (SQLite or Elasticsearch,
+    either way), then check that both hold the same chains and the target verifies.
+    Elasticsearch credentials come from the settings (STANZAGUARD_ES_API_KEY, ...).
+    """
     from stanzaguard import operations
 
+    if move_from is not None or move_to is not None:
+        _move_archive(move_from, move_to, from_prefix, to_prefix, batch_size, config, data_dir)
+        return
+    if from_prefix is not None or to_prefix is not None:
+        raise _fail(StanzaGuardError("--from-prefix/--to-prefix go with --from and --to"))
     paths = operations.Paths(data_dir, evidence_dir)
     target = data_dir / "archive.sqlite3.rebuild"
     with Progress(
@@ -296,6 +342,80 @@ def reindex(
                 old.rename(old.with_name(old.name + ".old"))
         target.rename(paths.store)
         typer.echo(f"replaced {paths.store} (previous kept as .old)")
+
+
+def _move_archive(
+    source: str | None,
+    target: str | None,
+    from_prefix: str | None,
+    to_prefix: str | None,
+    batch_size: int,
+    config: Path | None,
+    data_dir: Path,
+) -> None:
+    """`reindex --from SPEC --to SPEC`: copy, show progress, report the end-of-move check."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+
+    from archive_api.store.errors import StoreError
+    from stanzaguard import operations
+    from stanzaguard.stores import EsCredentials, parse_store_spec
+
+    if source is None or target is None:
+        raise _fail(StanzaGuardError("give both --from and --to (sqlite:PATH or es:URL)"))
+    try:
+        settings = load_settings(config)
+        credentials = EsCredentials.from_settings(settings)
+        source_spec = parse_store_spec(
+            source,
+            es_index_prefix=from_prefix or settings.es_index_prefix,
+            credentials=credentials,
+        )
+        target_spec = parse_store_spec(
+            target, es_index_prefix=to_prefix or settings.es_index_prefix, credentials=credentials
+        )
+        key = operations.public_key(operations.Paths(data_dir))
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task(f"moving to {target_spec}", total=None)
+        try:
+            outcome = asyncio.run(
+                operations.move_archive(
+                    source_spec,
+                    target_spec,
+                    batch_size=batch_size,
+                    public_key=key,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total),
+                )
+            )
+        except (StanzaGuardError, StoreError) as exc:
+            raise _fail(exc) from None
+    out = Console()
+    for move in outcome.chains:
+        out.print(
+            f"chain {move.chain}: {move.entries} entries ({move.already_there} already there), "
+            f"head {move.head.hex()[:16]}…",
+            highlight=False,
+        )
+    out.print(
+        f"copied {outcome.copied} entries and {outcome.checkpoints_copied} checkpoint(s); "
+        f"records: {outcome.source_records} in the source, {outcome.target_records} in the "
+        "target",
+        highlight=False,
+    )
+    if not outcome.ok:
+        out.print(f"[bold red]MISMATCH[/]: {outcome.problems[0]}", highlight=False)
+        for extra in outcome.problems[1:10]:
+            out.print(f"  also: {extra}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"[bold green]OK[/]: {target_spec} holds the same chains and verifies")
 
 
 # -- quarantine review and labels (applied by the running service: stanzaguard/quarantine.py) --
@@ -1056,6 +1176,75 @@ def export(
 
 
 # -- end of retention purge and export commands -------------------------------------------------
+
+
+# -- distributed mode: Celery worker and beat (docs/distributed.md) ------------------------------
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (the SQLite store lives there).")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Broker and result backend, redis://HOST:PORT/DB.")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Worker processes (worker_concurrency).")
+    ] = None,
+    pool: Annotated[
+        str, typer.Option(help="'prefork' (default) or 'solo' (one process, for debugging).")
+    ] = "prefork",
+) -> None:
+    """Run a Celery worker that indexes the proxies' spool batches into the archive store."""
+    from stanzaguard.celery_app import build_celery_app
+
+    if pool not in ("prefork", "solo"):
+        raise _fail(StanzaGuardError("--pool: give 'prefork' or 'solo'"))
+    try:
+        settings = load_settings(
+            config, data_dir=data_dir, redis_url=redis_url, worker_concurrency=concurrency
+        )
+        configure_logging(settings.log_level, settings.log_format)
+        celery_app = build_celery_app(settings)
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--pool={pool}",
+            f"--loglevel={settings.log_level.upper()}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def beat(
+    config: ConfigOption = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Broker, redis://HOST:PORT/DB.")] = None,
+) -> None:
+    """Run Celery beat: it schedules retention rounds (retention_file, retention_interval)."""
+    from stanzaguard.celery_app import build_celery_app
+
+    try:
+        settings = load_settings(config, data_dir=data_dir, redis_url=redis_url)
+        configure_logging(settings.log_level, settings.log_format)
+        celery_app = build_celery_app(settings)
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schedule_file = settings.data_dir / "celerybeat-schedule"
+    celery_app.start(
+        ["beat", f"--loglevel={settings.log_level.upper()}", f"--schedule={schedule_file}"]
+    )
+
+
+# -- end of distributed mode ---------------------------------------------------------------------
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ applies them to the store. They talk over the child's stdin and stdout, one line
                       D <token> <seq>    the drain `token` is done (store through seq)
                       F <text>           indexing failed (it retries with backoff)
 
+The store is named by a spec (`--store sqlite:PATH`, or `--store es:URL --es-prefix P`
+with credentials in `STANZAGUARD_ES_*` variables the parent sets; a bare path is SQLite).
 The child exits when its stdin closes (the proxy stopped, or was killed). The store applies
 entries idempotently, so a child that dies mid-batch and its successor do no harm; the
 spool cursor moves only on the child's `A` and only the proxy's process moves it.
@@ -27,9 +29,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from archive_api.store.base import ArchiveStore
-from archive_api.store.sqlite import SqliteStore
 from proxy.errors import SpoolCorrupt
 from proxy.spool import Spool, SpoolTail, read_checkpoints
+from stanzaguard.errors import StanzaGuardError
+from stanzaguard.stores import (
+    EsCredentials,
+    SqliteSpec,
+    StoreSpec,
+    open_store_spec,
+    parse_store_spec,
+    worker_arguments,
+    worker_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +133,19 @@ class _Worker:
                 await self.store.add_checkpoint(checkpoint)
 
 
-async def _child_main(store_path: Path, spool_dir: Path, batch_size: int) -> None:
+def child_store_spec(store: str, es_prefix: str | None) -> StoreSpec:
+    """The worker's `--store` (and `--es-prefix`); a value without a scheme is a SQLite path."""
+    scheme = store.partition(":")[0]
+    if scheme not in ("sqlite", "es"):
+        return SqliteSpec(Path(store))
+    return parse_store_spec(
+        store,
+        es_index_prefix=es_prefix or "stanzaguard",
+        credentials=EsCredentials.from_environment(os.environ),
+    )
+
+
+async def _child_main(spec: StoreSpec, spool_dir: Path, batch_size: int) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=4096)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -132,7 +155,7 @@ async def _child_main(store_path: Path, spool_dir: Path, batch_size: int) -> Non
         out.write(line.encode() + b"\n")
         out.flush()
 
-    store = await SqliteStore.open(store_path)
+    store = await open_store_spec(spec)
     worker = _Worker(store, SpoolTail(spool_dir), spool_dir, batch_size, send)
     task = asyncio.create_task(worker.run())
     try:
@@ -157,7 +180,8 @@ async def _child_main(store_path: Path, spool_dir: Path, batch_size: int) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stanzaguard.index_worker")
-    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--store", required=True, help="sqlite:PATH, es:URL, or a SQLite path")
+    parser.add_argument("--es-prefix", default=None, help="index prefix with --store es:URL")
     parser.add_argument("--spool", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--log-level", default="INFO")
@@ -170,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="index-worker %(levelname)s %(message)s"
     )
-    asyncio.run(_child_main(args.store, args.spool, args.batch_size))
+    try:
+        spec = child_store_spec(args.store, args.es_prefix)
+    except StanzaGuardError as exc:
+        parser.error(str(exc))
+    asyncio.run(_child_main(spec, args.spool, args.batch_size))
     return 0
 
 
@@ -187,7 +215,7 @@ class IndexWorker:
     def __init__(
         self,
         spool: Spool,
-        store_path: Path,
+        store_path: Path | StoreSpec,
         *,
         batch_size: int = 5000,
         cursor_interval: float = 0.5,
@@ -199,7 +227,10 @@ class IndexWorker:
         self.notify_interval = notify_interval
         self.stop_timeout = stop_timeout
         self.spool = spool
-        self.store_path = store_path
+        # A bare path is the SQLite store (how the worker was first configured).
+        self.store: StoreSpec = (
+            SqliteSpec(store_path) if isinstance(store_path, Path) else store_path
+        )
         self.batch_size = batch_size
         self.cursor_interval = cursor_interval
         self.seal = seal
@@ -298,12 +329,12 @@ class IndexWorker:
     async def _supervise(self) -> None:
         backoff = 0.5
         while not self._stopping:
+            store_args, store_env = worker_arguments(self.store)
             self._proc = await asyncio.create_subprocess_exec(
                 self.python,
                 "-m",
                 "stanzaguard.index_worker",
-                "--store",
-                str(self.store_path),
+                *store_args,
                 "--spool",
                 str(self.spool.directory),
                 "--batch-size",
@@ -312,6 +343,7 @@ class IndexWorker:
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                env=worker_environment(store_env),
             )
             self._sent = 0
             self._ready.set()

@@ -1,4 +1,7 @@
-"""Archive operations behind the CLI: search, verify, rebuild. Composition of store and spool."""
+"""Archive operations behind the CLI: search, verify, rebuild, move between stores.
+
+Composition of store and spool.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from archive_api.store.base import SearchPage, Tombstone, VerifyReport
+from archive_api.store.base import ArchiveStore, SearchPage, Tombstone, VerifyReport
 from archive_api.store.chain import ChainLink
+from archive_api.store.errors import StoreError, StoreUnavailable
 from archive_api.store.sqlite import SqliteStore
 from proxy.errors import SpoolCorrupt
 from proxy.spool import iter_evidence, iter_spool_segments, read_checkpoints
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.keys import load_public_key
+from stanzaguard.stores import EsSpec, SqliteSpec, StoreSpec, open_store_spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +62,26 @@ async def open_existing_store(paths: Paths) -> SqliteStore:
     return await SqliteStore.open(paths.store)
 
 
-async def search(paths: Paths, query: str, *, limit: int, sort: str = "time") -> SearchPage:
-    store = await open_existing_store(paths)
+async def open_chosen_store(paths: Paths, spec: StoreSpec | None) -> ArchiveStore:
+    """The store `spec` names (the settings' choice), else the data directory's SQLite."""
+    if spec is None or (isinstance(spec, SqliteSpec) and spec.path == paths.store):
+        return await open_existing_store(paths)
+    return await open_store_spec(spec, create=False)
+
+
+async def search(
+    paths: Paths,
+    query: str,
+    *,
+    limit: int,
+    sort: str = "time",
+    store_spec: StoreSpec | None = None,
+) -> SearchPage:
+    opened = await open_chosen_store(paths, store_spec)
     try:
-        return await store.search(query, limit=limit, sort=sort)  # type: ignore[arg-type]
+        return await opened.search(query, limit=limit, sort=sort)  # type: ignore[arg-type]
     finally:
-        await store.close()
+        await opened.close()
 
 
 @dataclass
@@ -91,9 +110,9 @@ def spooled_links(paths: Paths, key: Ed25519PublicKey | None) -> Iterator[ChainL
             yield link
 
 
-async def verify(paths: Paths) -> VerifyOutcome:
+async def verify(paths: Paths, *, store_spec: StoreSpec | None = None) -> VerifyOutcome:
     key = public_key(paths)
-    store = await open_existing_store(paths)
+    store = await open_chosen_store(paths, store_spec)
     try:
         for checkpoint in read_checkpoints(paths.spool) if paths.spool.is_dir() else []:
             if key is not None and not checkpoint.verify(key):
@@ -189,3 +208,182 @@ async def rebuild(
     finally:
         await store.close()
     return applied
+
+
+# --- moving an archive between stores (`stanzaguard reindex --from SPEC --to SPEC`) ---
+
+
+@dataclass(frozen=True, slots=True)
+class ChainMove:
+    chain: str
+    entries: int  # the source's last seq
+    already_there: int  # entries the target held before (a re-run continues after them)
+    head: bytes
+
+
+@dataclass
+class MoveOutcome:
+    chains: list[ChainMove]
+    copied: int
+    checkpoints_copied: int
+    source_records: int
+    target_records: int
+    target_report: VerifyReport
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.target_report.ok
+
+
+def _same_store(a: StoreSpec, b: StoreSpec) -> bool:
+    if isinstance(a, SqliteSpec) and isinstance(b, SqliteSpec):
+        return a.path.resolve() == b.path.resolve()
+    if isinstance(a, EsSpec) and isinstance(b, EsSpec):
+        return bool(set(a.urls) & set(b.urls)) and a.index_prefix == b.index_prefix
+    return False
+
+
+async def _link_at(store: ArchiveStore, chain: str, seq: int) -> ChainLink | None:
+    async for link in store.chain_links(seq, seq, chain=chain):
+        return link
+    return None
+
+
+async def _open_end(spec: StoreSpec, role: str, *, create: bool) -> ArchiveStore:
+    try:
+        return await open_store_spec(spec, create=create)
+    except StoreUnavailable as exc:
+        raise StanzaGuardError(f"cannot reach the {role} {spec}: {exc}") from None
+    except StoreError as exc:
+        raise StanzaGuardError(f"cannot open the {role} {spec}: {exc}") from None
+
+
+async def _plan(
+    source: ArchiveStore, target: ArchiveStore, target_spec: StoreSpec
+) -> list[ChainMove]:
+    """Per chain: how far the source goes and where the target stands; refuses a target
+    holding another archive's chain (it could never verify with this one's entries)."""
+    plan = []
+    for chain in sorted(await source.chains()):
+        last = await source.last_seq(chain=chain)
+        there = await target.last_seq(chain=chain)
+        if there > last:
+            raise StanzaGuardError(
+                f"the target {target_spec} holds {there} entries of chain {chain!r}, the source "
+                f"only {last}: it holds a different archive"
+            )
+        if there:
+            theirs, ours = (
+                await _link_at(target, chain, there),
+                await _link_at(source, chain, there),
+            )
+            if theirs is None or ours is None or theirs.hash != ours.hash:
+                raise StanzaGuardError(
+                    f"the target {target_spec} holds a different chain {chain!r} (its entry "
+                    f"{there} differs from the source's)"
+                )
+        head = await _link_at(source, chain, last)
+        if head is None:
+            raise StanzaGuardError(f"the source's chain {chain!r} has no entry {last}")
+        plan.append(ChainMove(chain, last, there, head.hash))
+    return plan
+
+
+async def move_archive(
+    source_spec: StoreSpec,
+    target_spec: StoreSpec,
+    *,
+    batch_size: int = 1000,
+    public_key: Ed25519PublicKey | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MoveOutcome:
+    """Copy every chain (and signed checkpoint) of one store into another, then check it.
+
+    Entries go through the target's `apply` in batches, read from the source with
+    `chain_links`; what the target already holds of a chain is skipped, so a re-run after a
+    failure continues where the last one stopped. At the end each chain's entry count and
+    head hash must be equal on both sides, the record counts equal, and the target's own
+    `verify` must pass; the outcome lists every difference.
+    """
+    if batch_size < 1:
+        raise StanzaGuardError("--batch-size must be at least 1")
+    if _same_store(source_spec, target_spec):
+        raise StanzaGuardError("the source and the target are the same store")
+    source = await _open_end(source_spec, "source", create=False)
+    try:
+        target = await _open_end(target_spec, "target", create=True)
+        try:
+            return await _move(source, target, target_spec, batch_size, public_key, progress)
+        except StoreUnavailable as exc:
+            raise StanzaGuardError(f"a store became unreachable: {exc}") from None
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+
+
+async def _move(
+    source: ArchiveStore,
+    target: ArchiveStore,
+    target_spec: StoreSpec,
+    batch_size: int,
+    key: Ed25519PublicKey | None,
+    progress: Callable[[int, int], None] | None,
+) -> MoveOutcome:
+    plan = await _plan(source, target, target_spec)
+    total = sum(move.entries - move.already_there for move in plan)
+    copied = 0
+    if progress is not None:
+        progress(copied, total)
+    for move in plan:
+        batch: list[ChainLink] = []
+        async for link in source.chain_links(
+            move.already_there + 1, move.entries, chain=move.chain
+        ):
+            if _is_tombstone(link.payload):
+                raise StanzaGuardError(
+                    f"chain {move.chain!r} entry {link.seq} was purged by retention; archives "
+                    "with purged entries cannot be moved yet"
+                )
+            batch.append(link)
+            if len(batch) >= batch_size:
+                await target.apply(batch, chain=move.chain)
+                copied += len(batch)
+                batch = []
+                if progress is not None:
+                    progress(copied, total)
+        if batch:
+            await target.apply(batch, chain=move.chain)
+            copied += len(batch)
+            if progress is not None:
+                progress(copied, total)
+    known = {(c.chain_name, c.seq, c.signature) for c in await target.checkpoints()}
+    checkpoints_copied = 0
+    for checkpoint in await source.checkpoints():
+        if (checkpoint.chain_name, checkpoint.seq, checkpoint.signature) not in known:
+            await target.add_checkpoint(checkpoint)
+            checkpoints_copied += 1
+    outcome = MoveOutcome(
+        chains=plan,
+        copied=copied,
+        checkpoints_copied=checkpoints_copied,
+        source_records=await source.count(""),
+        target_records=await target.count(""),
+        target_report=await target.verify(public_key=key),
+    )
+    for move in plan:
+        there = await target.last_seq(chain=move.chain)
+        head = await _link_at(target, move.chain, there) if there else None
+        if there != move.entries:
+            outcome.problems.append(
+                f"chain {move.chain!r}: the target has {there} entries, the source {move.entries}"
+            )
+        elif head is None or head.hash != move.head:
+            outcome.problems.append(f"chain {move.chain!r}: the target's head differs")
+    if outcome.source_records != outcome.target_records:
+        outcome.problems.append(
+            f"the target has {outcome.target_records} records, the source {outcome.source_records}"
+        )
+    outcome.problems.extend(str(problem) for problem in outcome.target_report.problems)
+    return outcome

@@ -7,10 +7,18 @@ Precedence, highest first: command-line options, environment variables, the TOML
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -37,6 +45,49 @@ HostPort = Annotated[str, AfterValidator(_host_port)]
 def split_host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+# -- the archive store's location (stanzaguard/stores.py opens it) --
+
+#: Longest Elasticsearch node URL accepted (a URL is a host, a port and maybe a path).
+MAX_ES_URL_LENGTH = 2048
+#: What `ElasticsearchStore.open` accepts as an index prefix (its own check, repeated here so
+#: a bad prefix is a settings error at start-up rather than a store error later).
+ES_INDEX_PREFIX_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,60}")
+
+
+def check_es_url(value: str) -> str:
+    """An Elasticsearch node URL, `http(s)://HOST[:PORT][/PATH]`, or ValueError saying why not.
+
+    Credentials never go in the URL (it is logged and passed on command lines); a query or
+    fragment would be ignored by the client, so they are refused rather than silently dropped.
+    """
+    from urllib.parse import urlsplit
+
+    if len(value) > MAX_ES_URL_LENGTH:
+        raise ValueError(f"Elasticsearch URL too long (at most {MAX_ES_URL_LENGTH} characters)")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise ValueError("Elasticsearch URL contains spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"malformed Elasticsearch URL {value[:80]!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"Elasticsearch URL must start with http:// or https://, got {value[:80]!r}"
+        )
+    if not parts.hostname:
+        raise ValueError(f"Elasticsearch URL has no host: {value[:80]!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "Elasticsearch URL must not hold credentials (use es_api_key or es_username)"
+        )
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ValueError(f"Elasticsearch URL must not have a query or fragment: {value[:80]!r}")
+    if port == 0:
+        raise ValueError("Elasticsearch URL port must be 1 to 65535")
+    return value
 
 
 class Settings(BaseSettings):
@@ -97,11 +148,50 @@ class Settings(BaseSettings):
         description="false: the retention job only classifies and reports (a dry run); purging "
         "is left to `stanzaguard purge`.",
     )
+    store: Literal["sqlite", "elasticsearch"] = Field(
+        "sqlite",
+        description="Archive store: 'sqlite' (DATA_DIR/archive.sqlite3) or 'elasticsearch' "
+        "(es_url; docs/elasticsearch.md).",
+    )
+    es_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Elasticsearch node URL(s), http(s)://HOST:PORT, comma-separated.",
+    )
+    es_index_prefix: str = Field(
+        "stanzaguard",
+        description="Prefix of the store's indices and templates (lower-case letters, digits, "
+        "'-', '_').",
+    )
+    es_api_key: SecretStr | None = Field(None, description="Elasticsearch API key (encoded).")
+    es_username: str | None = Field(None, description="Elasticsearch user (with es_password).")
+    es_password: SecretStr | None = Field(None, description="Password of es_username.")
+    es_ca_file: Path | None = Field(None, description="CA bundle for Elasticsearch's TLS.")
     index_worker: bool = Field(
         True,
         description="Index in a worker process (false: in the proxy's own process, which then "
         "shares its CPU and GIL with indexing).",
     )
+    # -- distributed mode (docs/distributed.md) --
+    indexing: Literal["process", "celery"] = Field(
+        "process",
+        description="'process': this machine indexes (index_worker); 'celery': spool batches "
+        "go to `stanzaguard worker` processes over Redis (redis_url).",
+    )
+    counters: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where rate and fan-out counters live: 'memory' (this proxy) or 'redis' "
+        "(shared by every proxy on redis_url).",
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[:PASSWORD@]HOST:PORT/DB (or rediss://) for celery/redis."
+    )
+    index_task_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Seconds a shipped batch may take before it is resent."
+    )
+    worker_concurrency: int = Field(
+        2, ge=1, le=256, description="Processes per `stanzaguard worker`."
+    )
+    # -- end distributed mode --
     upload_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="HTTP upload (XEP-0363) hosts whose files are fetched."
     )
@@ -190,6 +280,60 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [str(part).strip().lower() for part in value]
         return value
+
+    @field_validator("es_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("es_url")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        if len(value) > 64:
+            raise ValueError("at most 64 Elasticsearch URLs")
+        return [check_es_url(url) for url in value]
+
+    @field_validator("es_index_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not ES_INDEX_PREFIX_RE.fullmatch(value):
+            raise ValueError(
+                "lower-case letters, digits, '-' or '_', starting with a letter or digit "
+                "(at most 61)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_store(self) -> Self:
+        if self.store == "elasticsearch" and not self.es_url:
+            raise ValueError("es_url: required with store=elasticsearch")
+        if (self.es_username is None) != (self.es_password is None):
+            raise ValueError("es_username/es_password: give both or neither")
+        if self.es_api_key is not None and self.es_username is not None:
+            raise ValueError("es_api_key/es_username: give an API key or a user, not both")
+        has_credentials = self.es_api_key is not None or self.es_username is not None
+        plain = [url for url in self.es_url if url.lower().startswith("http://")]
+        if has_credentials and plain and self.environment == "production":
+            raise ValueError(
+                "es_url: credentials over plain http are refused outside "
+                "environment=development (use https://)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> Self:
+        if self.redis_url is None:
+            if self.indexing == "celery" or self.counters == "redis":
+                raise ValueError("redis_url: required with indexing=celery or counters=redis")
+            return self
+        url = self.redis_url.get_secret_value()
+        if len(url) > 2048 or not url.isprintable() or any(c.isspace() for c in url):
+            raise ValueError("redis_url: too long, or spaces or control characters")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url: must start with redis://, rediss:// or unix://")
+        return self
 
     @field_validator("rtbl_nodes", "blocklist_files", mode="before")
     @classmethod

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from archive_api.store.sqlite import SqliteStore
+from archive_api.store.base import ArchiveStore
 from classifier.blocklists import BlockList
 from classifier.clock import Clock
 from classifier.errors import PolicyError
+from classifier.limits import CounterStore
 from classifier.policy import ActivePolicy, PolicyHolder
 from classifier.reputation import ReputationLedger
 from classifier.trust import InMemoryTrustStore
@@ -48,6 +49,7 @@ from stanzaguard.quarantine import DeliveryHook, QuarantineService
 from stanzaguard.registry import ModelRegistry
 from stanzaguard.retention_job import RetentionJob
 from stanzaguard.settings import Settings, split_host_port
+from stanzaguard.stores import open_store_spec, spec_from_settings
 from stanzaguard.tls import server_context, upstream_context
 
 log = logging.getLogger(__name__)
@@ -195,10 +197,41 @@ def build_blocklist_files(settings: Settings) -> tuple[ListFile, ...]:
         raise SettingsError(f"blocklist_files: {exc}") from None
 
 
-async def open_store(settings: Settings) -> SqliteStore:
+async def open_store(settings: Settings) -> ArchiveStore:
+    """The archive store the settings choose (`store`): SQLite in the data directory, or
+    Elasticsearch (`es_url`, ...; stanzaguard/stores.py)."""
     layout = DataLayout(settings.data_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
-    return await SqliteStore.open(layout.store)
+    return await open_store_spec(spec_from_settings(settings, layout.store))
+
+
+def refuse_unsupported_store_features(settings: Settings, *, api: bool) -> None:
+    """Parts of the service that still need the SQLite store (docs/elasticsearch.md).
+
+    The API's audit log, tokens and holds and the retention job are not on Elasticsearch
+    yet; starting them would quietly use a second, SQLite archive beside the real one.
+    """
+    if settings.store != "elasticsearch":
+        return
+    if settings.retention_file is not None:
+        raise SettingsError("retention_file: retention is not supported on store=elasticsearch yet")
+    if api and settings.api_listen is not None:
+        raise SettingsError(
+            "api_listen: the API needs the audit log, which store=elasticsearch does not have "
+            "yet; set api_listen=off"
+        )
+
+
+def build_counter_store(settings: Settings) -> CounterStore | None:
+    """Rate and fan-out counters: None (the policy's own, in memory) or shared in Redis."""
+    if settings.counters != "redis" or settings.redis_url is None:
+        return None
+    from proxy.redis_state import RedisCounterStore, SharedStateUnavailable
+
+    try:
+        return RedisCounterStore.from_url(settings.redis_url.get_secret_value())
+    except SharedStateUnavailable as exc:
+        raise SettingsError(f"redis_url: {exc}") from None
 
 
 async def open_spool(settings: Settings, clock: Clock) -> Spool:
@@ -225,6 +258,7 @@ class ArchivingService:
         self.settings = settings
         self.clock = clock or SystemClock()
         tune_tls_buffers(settings)
+        refuse_unsupported_store_features(settings, api=False)
         self.proxy_config = build_proxy_config(settings)
         self.fetcher_config = build_fetcher_config(settings)
         self.attachments: AttachmentFetcher | None = None
@@ -269,6 +303,7 @@ class ArchivingService:
                 reputation=self.reputation,
                 blocklists=self.blocklist,
                 model=model,
+                counters=build_counter_store(settings),
             )
         except PolicyError as exc:
             raise SettingsError(f"policy: {exc}") from None
@@ -284,8 +319,17 @@ class ArchivingService:
         self.store = await open_store(settings)
         self.spool = await open_spool(settings, self.clock)
         self.indexer: IndexControl
-        if settings.index_worker:
-            self.indexer = IndexWorker(self.spool, DataLayout(settings.data_dir).store)
+        if settings.indexing == "celery":  # distributed mode (docs/distributed.md)
+            from stanzaguard.celery_app import build_celery_app
+            from stanzaguard.celery_indexer import CeleryIndexer
+
+            self.indexer = CeleryIndexer(
+                self.spool, build_celery_app(settings), task_timeout=settings.index_task_timeout
+            )
+        elif settings.index_worker:
+            self.indexer = IndexWorker(
+                self.spool, spec_from_settings(settings, DataLayout(settings.data_dir).store)
+            )
         else:
             self.indexer = Indexer(self.spool, self.store)
         # -- attachments: fetch upload-service files of new records in the background --
@@ -421,6 +465,7 @@ class ArchivingService:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run the service until SIGINT or SIGTERM."""
+    refuse_unsupported_store_features(settings, api=True)
     service = ArchivingService(settings)
     await service.start()
     # The search, review and audit API beside the proxy (api_listen; stanzaguard/api_wiring.py).

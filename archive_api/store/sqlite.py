@@ -53,6 +53,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -665,18 +666,30 @@ class _Plan:
     match: str | None  # FTS5 expression of the positive text terms, bound as the first param
     where: str
     params: tuple[Any, ...]
+    # With text: which side drives the join. Text first (the default) walks the FTS5 matches
+    # in time order; filter first walks an index of a selective filter (a person, a domain)
+    # and asks FTS5 about each of its rows. Same rows, same order; see _choose_plan.
+    filter_first: bool = False
 
     @property
     def id_col(self) -> str:
-        return "fts.rowid" if self.match is not None else "r.id"
+        return "fts.rowid" if self.match is not None and not self.filter_first else "r.id"
 
     @property
     def source(self) -> str:
-        # CROSS JOIN keeps fts as the outer loop: it yields rowids already in time order and
-        # honours rowid ranges, which is what makes LIMIT cheap.
+        # CROSS JOIN fixes the outer loop. fts outside yields rowids already in time order and
+        # honours rowid ranges, which is what makes LIMIT cheap; records outside yields them
+        # in time order from an equality index (sender = ?, ...) and FTS5 seeks each rowid.
+        if self.match is not None and self.filter_first:
+            return "records AS r CROSS JOIN fts ON fts.rowid = r.id"
         if self.match is not None:
             return "fts CROSS JOIN records AS r ON r.id = fts.rowid"
         return "records AS r"
+
+    @property
+    def text_only(self) -> bool:
+        """Positive text and nothing else: the FTS5 table alone answers a count."""
+        return self.match is not None and self.where == "fts MATCH ?" and not self.params
 
     def all_params(self) -> tuple[Any, ...]:
         return ((self.match,) if self.match is not None else ()) + self.params
@@ -752,7 +765,7 @@ def _filter_sql(clause: Clause, id_col: str, max_spill: int) -> tuple[str, list[
             raise AssertionError("text terms are translated to FTS5, not to filters")
 
 
-def _plan(query: Query, max_spill: int) -> _Plan:
+def _plan(query: Query, max_spill: int, *, filter_first: bool = False) -> _Plan:
     positive: list[str] = []
     negative: list[str] = []
     for clause in query.text_clauses:
@@ -769,13 +782,14 @@ def _plan(query: Query, max_spill: int) -> _Plan:
     elif negative:
         where.append("r.id NOT IN (SELECT rowid FROM fts WHERE fts MATCH ?)")
         params.append(" OR ".join(negative))
-    id_col = "fts.rowid" if match is not None else "r.id"
+    filter_first = filter_first and match is not None
+    id_col = "fts.rowid" if match is not None and not filter_first else "r.id"
     for clause in query.filter_clauses:
         sql, clause_params = _filter_sql(clause, id_col, max_spill)
         # `IS NOT 1` rather than NOT: a NULL column (no room, say) must count as "not this".
         where.append(f"({sql}) IS NOT 1" if clause.negated else sql)
         params.extend(clause_params)
-    return _Plan(match, " AND ".join(where) or "1", tuple(params))
+    return _Plan(match, " AND ".join(where) or "1", tuple(params), filter_first)
 
 
 # Document-local relevance: matched spans (subject counts double) per length of body. No
@@ -785,6 +799,191 @@ _SCORE_SQL: Final = (
     " + coalesce(length(highlight(fts, 0, char(2), '')) - length(r.body), 0))"
     " / (1.0 + length(coalesce(r.body, '')) / 500.0))"
 )
+
+
+# --- choosing the join order -----------------------------------------------------------------
+
+# A probe counts at most this many rows: enough to tell a person's few hundred messages from
+# a word in tens of thousands, in a millisecond or two.
+_PROBE_CAP: Final = 20_000
+# Below this many text matches, walking all of them is cheap whatever the filters are.
+_FEW_TEXT_MATCHES: Final = 2_000
+# An FTS5 seek for one rowid costs about ten lookups of a records row by rowid (it visits
+# every index segment); filter first only pays when the filter keeps that many times fewer.
+_SEEK_COST_RATIO: Final = 10
+
+
+_SIDES: Final = {
+    Party.FROM: ("sender",),
+    Party.TO: ("recipient",),
+    Party.WITH: ("sender", "recipient"),
+}
+
+
+def _probe_sql(clause: Clause) -> tuple[str, list[Any]] | None:
+    """An indexed condition that a positive filter implies, to count its rows from the index
+    alone; None for a filter that no index answers by itself."""
+    if clause.negated:
+        return None
+    match clause.term:
+        case PartyTerm(party=party, jid=jid):
+            # A full JID is counted by its bare part: an upper bound, and index-only.
+            pattern = JidPattern(JidKind.BARE, jid.bare) if jid.kind is JidKind.FULL else jid
+            parts = [_party_sql(side, pattern) for side in _SIDES[party]]
+            return "(" + " OR ".join(sql for sql, _ in parts) + ")", [
+                value for _, values in parts for value in values
+            ]
+        case RoomTerm(room=room) if room.kind is not JidKind.DOMAIN:
+            return "r.room = ?", [room.value]
+        case VerdictTerm(action=action) if action is not Action.ALLOW:
+            return _filter_sql(clause, "r.id", 0)
+        case _:
+            return None
+
+
+def _by_severity(counted: tuple[Action, int]) -> int:
+    return counted[0].severity
+
+
+def _capped_count(conn: sqlite3.Connection, source: str, params: Sequence[Any]) -> int:
+    (total,) = conn.execute(
+        f"SELECT count(*) FROM (SELECT 1 FROM {source} LIMIT ?)",  # noqa: S608
+        (*params, _PROBE_CAP),
+    ).fetchone()
+    return int(total)
+
+
+def _choose_plan(conn: sqlite3.Connection, query: Query) -> _Plan:
+    """The plan of a search, count or facets: text first unless a filter is far narrower.
+
+    Text first is right for rare words and for filters most records pass; for a common word
+    and one person (`trade from:alice`) it walks every match of the word to find the few
+    that are hers, where filter first reads her rows from an index and asks FTS5 about each.
+    Both give the same rows in the same order; bounded counts decide which is cheaper.
+    """
+    max_spill = _max_spill(conn)
+    plan = _plan(query, max_spill)
+    if plan.match is None:
+        return plan
+    probes = [probe for clause in query.filter_clauses if (probe := _probe_sql(clause))]
+    if not probes:
+        return plan
+    text_rows = _capped_count(conn, "fts WHERE fts MATCH ?", (plan.match,))
+    if text_rows < _FEW_TEXT_MATCHES:
+        return plan
+    filter_rows = min(
+        _capped_count(conn, f"records AS r WHERE {sql}", params) for sql, params in probes
+    )
+    if filter_rows * _SEEK_COST_RATIO < text_rows:
+        return _plan(query, max_spill, filter_first=True)
+    return plan
+
+
+# --- relevance without scoring every match ---------------------------------------------------
+
+_INSTANCES_TABLE: Final = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.fts_instances USING fts5vocab(main, fts, instance)"
+)
+# What unicode61 makes of ASCII text: runs of letters and digits, lower-cased.
+_ASCII_TOKEN: Final = re.compile(r"[0-9a-z]+")
+
+
+def _instance_probe(term: TextTerm) -> tuple[str, list[Any]] | None:
+    """A condition on fts5vocab's `term` that one token of every instance of the phrase meets.
+
+    Only for ASCII text, whose tokens the regex finds exactly as FTS5 does; None for other
+    text (its folding is FTS5's own) and for a term without a token.
+    """
+    if not term.text.isascii():
+        return None
+    tokens = _ASCII_TOKEN.findall(term.text.lower())
+    if not tokens:
+        return None
+    whole = tokens[:-1] if term.prefix else tokens
+    if whole:
+        return "term = ?", [max(whole, key=len)]  # the longest: likely the rarest
+    prefix = tokens[-1]  # every term that starts with these bytes
+    return "term >= ? AND term < ?", [prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)]
+
+
+def _relevance_sql(
+    plan: _Plan,
+    after: tuple[int, float | None] | None,
+    limit: int,
+    *,
+    candidates: Sequence[int] | None = None,
+    floor: float | None = None,
+) -> tuple[str, list[Any]]:
+    """The page after `after` by relevance; only among `candidates` and above `floor` if given."""
+    score_sql = _SCORE_SQL if plan.match is not None else "0.0"
+    params = list(plan.all_params())
+    where = plan.where
+    if candidates is not None:
+        # `+` keeps FTS5 from taking the list as rowids to seek one by one (a seek costs a
+        # visit to every index segment); each match is looked up in the list instead.
+        where += f" AND +{plan.id_col} IN (SELECT value FROM json_each(?))"  # noqa: S608
+        params.append(json.dumps(list(candidates)))
+    outer = []
+    if floor is not None:
+        outer.append("score > ?")
+        params.append(float(floor))
+    if after is not None:
+        outer.append("(score < ? OR (score = ? AND id < ?))")
+        params += [after[1], after[1], after[0]]
+    sql = (
+        f"SELECT id, record_id, score FROM (SELECT {plan.id_col} AS id, r.record_id AS "  # noqa: S608
+        f"record_id, {score_sql} AS score FROM {plan.source} WHERE {where}) "
+        f"{'WHERE ' + ' AND '.join(outer) if outer else ''} ORDER BY score DESC, id DESC LIMIT ?"
+    )
+    params.append(limit + 1)
+    return sql, params
+
+
+def _relevance_shortcut(
+    conn: sqlite3.Connection,
+    query: Query,
+    plan: _Plan,
+    limit: int,
+    after: tuple[int, float | None] | None,
+) -> list[tuple[int, str, float]] | None:
+    """The page by relevance from the few records that can top it, or None to score them all.
+
+    The score (_SCORE_SQL) is matched spans, subject ones twice, over 1 + len(body)/500, and
+    a phrase has no more instances in a column than any one of its tokens. So a record whose
+    tokens (one per phrase) occur n times, subject ones twice, scores at most n, and below n
+    unless it has no body. fts5vocab counts the tokens from the index alone, without reading
+    a record; only records with n above a floor are scored. If more than `limit` of them
+    score above the floor, nothing else can come before them: they are the page, exactly.
+    """
+    probes = []
+    for clause in query.text_clauses:
+        if isinstance(clause.term, TextTerm) and not clause.negated:
+            probe = _instance_probe(clause.term)
+            if probe is None:
+                return None
+            probes.append(probe)
+    if not probes or plan.filter_first:
+        return None
+    conn.execute(_INSTANCES_TABLE)
+    union = " UNION ALL ".join(
+        f"SELECT doc, col FROM temp.fts_instances WHERE {sql}"  # noqa: S608
+        for sql, _ in probes
+    )
+    floors = (2 * len(probes), len(probes))
+    counted = conn.execute(
+        f"SELECT doc, count(*) + count(*) FILTER (WHERE col = 'subject') AS n "  # noqa: S608
+        f"FROM ({union}) GROUP BY doc HAVING n > ?",
+        (*(value for _, values in probes for value in values), floors[-1]),
+    ).fetchall()
+    for floor in floors:
+        candidates = [doc for doc, n in counted if n > floor]
+        if len(candidates) <= limit:
+            continue
+        sql, params = _relevance_sql(plan, after, limit, candidates=candidates, floor=floor)
+        rows: list[tuple[int, str, float]] = conn.execute(sql, params).fetchall()
+        if len(rows) > limit:
+            return rows
+    return None
 
 
 # --- cursors -----------------------------------------------------------------------------
@@ -1126,21 +1325,18 @@ class SqliteStore:
         sort: SortOrder,
     ) -> SearchPage:
         conn = self._conn
-        plan = _plan(query, _max_spill(conn))
+        plan = _choose_plan(conn, query)
         id_col = plan.id_col
-        score_sql = _SCORE_SQL if plan.match is not None else "0.0"
-        params = list(plan.all_params())
+        rows: list[tuple[int, str, float | None]]
         if sort == "relevance":
-            keyset = ""
-            if after is not None:
-                keyset = "WHERE score < ? OR (score = ? AND id < ?)"
-                params += [after[1], after[1], after[0]]
-            sql = (
-                f"SELECT id, record_id, score FROM (SELECT {id_col} AS id, r.record_id AS "  # noqa: S608
-                f"record_id, {score_sql} AS score FROM {plan.source} WHERE {plan.where}) "
-                f"{keyset} ORDER BY score DESC, id DESC LIMIT ?"
-            )
+            shortcut = _relevance_shortcut(conn, query, plan, limit, after)
+            if shortcut is not None:
+                rows = list(shortcut)
+            else:
+                sql, params = _relevance_sql(plan, after, limit)
+                rows = conn.execute(sql, params).fetchall()
         else:
+            params = list(plan.all_params())
             direction, compare = ("DESC", "<") if sort == "time" else ("ASC", ">")
             keyset = f" AND {id_col} {compare} ?" if after is not None else ""
             if after is not None:
@@ -1149,8 +1345,8 @@ class SqliteStore:
                 f"SELECT {id_col}, r.record_id, NULL FROM {plan.source} "  # noqa: S608
                 f"WHERE {plan.where}{keyset} ORDER BY {id_col} {direction} LIMIT ?"
             )
-        params.append(limit + 1)
-        rows: list[tuple[int, str, float | None]] = conn.execute(sql, params).fetchall()
+            params.append(limit + 1)
+            rows = conn.execute(sql, params).fetchall()
         page, more = rows[:limit], len(rows) > limit
         records = self._load_records([rid for _, rid, _ in page])
         snippets = self._snippets(plan, [rowid for rowid, _, _ in page])
@@ -1205,8 +1401,11 @@ class SqliteStore:
         parsed = as_query(query)
 
         def run() -> int:
-            plan = _plan(parsed, _max_spill(self._conn))
-            sql = f"SELECT count(*) FROM {plan.source} WHERE {plan.where}"  # noqa: S608
+            plan = _choose_plan(self._conn, parsed)
+            # Every FTS5 row has its records row (apply inserts both, purge deletes both,
+            # verify checks it), so text alone is counted in the index without the join.
+            source = "fts" if plan.text_only else plan.source
+            sql = f"SELECT count(*) FROM {source} WHERE {plan.where}"  # noqa: S608
             (total,) = self._conn.execute(sql, plan.all_params()).fetchone()
             return int(total)
 
@@ -1220,28 +1419,32 @@ class SqliteStore:
 
     def _facets(self, query: Query, top: int) -> Facets:
         conn = self._conn
-        plan = _plan(query, _max_spill(conn))
+        plan = _choose_plan(conn, query)
         base = f"FROM {plan.source} WHERE {plan.where}"
         params = plan.all_params()
-        by_action = conn.execute(
-            f"SELECT r.action, count(*) {base} GROUP BY r.action", params
+        # Two facets from one pass: each remote domain's count split by action. A GROUP BY
+        # sorts every matching row, so it is the cost of a facet; FILTER counts need none.
+        actions = tuple(Action)
+        split = ", ".join("count(*) FILTER (WHERE r.action = ?)" for _ in actions)
+        per_domain = conn.execute(
+            f"SELECT r.remote_domain, count(*), {split} {base} GROUP BY r.remote_domain",
+            (*(a.value for a in actions), *params),
         ).fetchall()
-        by_domain = conn.execute(
-            f"SELECT r.remote_domain, count(*) AS n {base} GROUP BY r.remote_domain "
-            "ORDER BY n DESC, r.remote_domain LIMIT ?",
-            (*params, top),
-        ).fetchall()
+        action_counts = [sum(row[2 + i] for row in per_domain) for i in range(len(actions))]
+        # Python orders str by code point, as SQLite orders UTF-8 text byte by byte.
+        by_domain = sorted(((d, int(n)) for d, n, *_ in per_domain), key=lambda r: (-r[1], r[0]))
         # Floor division that is also right before 1970 (SQLite's / truncates toward zero).
         day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
         by_day = conn.execute(
             f"SELECT {day} AS d, count(*) {base} GROUP BY d ORDER BY d", params
         ).fetchall()
-        severity = {a.value: a.severity for a in Action}
         return Facets(
             by_action=tuple(
-                (Action(a), int(n)) for a, n in sorted(by_action, key=lambda r: severity[r[0]])
+                (a, int(n))
+                for a, n in sorted(zip(actions, action_counts, strict=True), key=_by_severity)
+                if n
             ),
-            by_remote_domain=tuple((d, int(n)) for d, n in by_domain),
+            by_remote_domain=tuple(by_domain[:top]),
             by_day=tuple((date(1970, 1, 1) + timedelta(days=int(d)), int(n)) for d, n in by_day),
         )
 

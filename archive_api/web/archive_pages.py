@@ -127,7 +127,16 @@ RECORD_FIELDS: Final = (
     ("recipient", "Recipient (bare)"),
 )
 _SHOWN_APART: Final = frozenset(
-    {"body", "raw_xml", "raw_base64", "verdict", "observations", "attachments", "stanza_ids"}
+    {
+        "body",
+        "raw_xml",
+        "raw_base64",
+        "verdict",
+        "observations",
+        "attachments",
+        "stanza_ids",
+        "stanza_type",  # shown as "Type"
+    }
 )
 
 
@@ -135,7 +144,7 @@ def record_fields(record: dict[str, Any]) -> list[tuple[str, Any]]:
     known = dict(RECORD_FIELDS)
     fields = [(label, record.get(key)) for key, label in RECORD_FIELDS if key in record]
     extra = [
-        (key, value)
+        (key.replace("_", " ").capitalize(), value)
         for key, value in record.items()
         if key not in known and key not in _SHOWN_APART
     ]

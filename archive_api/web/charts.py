@@ -73,8 +73,8 @@ def day_chart(
     *,
     title: str,
     chart_id: str = "days",
-    width: int = 640,
-    height: int = 240,
+    width: int = 960,
+    height: int = 280,
 ) -> Markup:
     """Lines of counts per day (one per series) over a shared y axis from zero."""
     for line in series:
@@ -88,9 +88,10 @@ def day_chart(
     totals = ", ".join(f"{s.name} {sum(s.counts)}" for s in series)
     span = f"{days[0].isoformat()} to {days[-1].isoformat()}" if days else "no days"
     parts = [_svg_open(width, height, title, f"Per day, {span}: {totals}.", chart_id)]
-    for step in range(5):  # horizontal grid lines and y labels at 0, 25, 50, 75, 100 %
-        value = peak * step // 4
-        y = top + plot_h - plot_h * step / 4
+    intervals = min(5, peak)  # peak is 1, 2 or 5 times a power of ten: whole-number ticks
+    for step in range(intervals + 1):
+        value = peak * step // intervals
+        y = top + plot_h - plot_h * step / intervals
         parts.append(
             f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" '
             f'stroke="{GRID_COLOUR}" stroke-width="1"/>'
@@ -138,11 +139,11 @@ def bar_chart(
     *,
     title: str,
     chart_id: str,
-    width: int = 640,
+    width: int = 560,
     bar_height: int = 22,
 ) -> Markup:
     """Horizontal bars, biggest first as given, each labelled with its name and count."""
-    label_w, gap, top = 230, 6, 4
+    label_w, gap, top = 200, 6, 4
     plot_w = width - label_w - 60
     height = max(top * 2 + len(rows) * (bar_height + gap), 30)
     peak = max((count for _, count in rows), default=0) or 1

@@ -47,7 +47,7 @@ CONTENT_SECURITY_POLICY: Final = "; ".join(
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make Chrome send `Origin: null`
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
@@ -284,9 +284,15 @@ class HtmlErrors:
         if status == 401:
             back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             target = url(SIGN_IN_PATH, next=safe_next(back) if request.method == "GET" else None)
-            response: Response = redirect(target)
+            response: Response
             if is_htmx(request):
-                response.headers["HX-Redirect"] = target
+                # A redirect would be followed inside the XHR and its page swapped into a
+                # fragment's place; htmx itself loads the page named by HX-Redirect.
+                response = Response(
+                    status_code=401, headers={**SECURITY_HEADERS, "HX-Redirect": SIGN_IN_PATH}
+                )
+            else:
+                response = redirect(target)
             forget_session(response, request)
             return response
         title = _ERROR_TITLES.get(status, "Something went wrong" if status >= 500 else "Error")

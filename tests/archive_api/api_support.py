@@ -60,7 +60,12 @@ def seed_records() -> list[ArchiveRecord]:
             direction=Direction.TO_CLIENT,
             body="sounds good, lunch on friday",
         ),
-        record("r-alice-2", at=at(2), body="we guarantee returns (corrected)", replaces_id="id-r-alice-1"),
+        record(
+            "r-alice-2",
+            at=at(2),
+            body="we guarantee returns (corrected)",
+            replaces_id="id-r-alice-1",
+        ),
         record(
             "r-bob-2",
             at=at(3),
@@ -165,7 +170,9 @@ class ApiEnv:
 
     async def checkpoint(self) -> None:
         """Sign the chain's head, as the spool does at its checkpoints."""
-        await self.store.add_checkpoint(self.signer.sign("spool", self.writer.seq, self.writer.head))
+        await self.store.add_checkpoint(
+            self.signer.sign("spool", self.writer.seq, self.writer.head)
+        )
 
     async def events(self) -> list[AuditEvent]:
         """Every audit event, oldest first (read from the store, not through the API)."""
@@ -197,8 +204,8 @@ async def api_env(
         data_dir=data_dir,
         policy=policy_path,
         domain=["corp.example"],
-        environment=environment,  # type: ignore[arg-type]
-        session_secret=SESSION_SECRET,  # type: ignore[arg-type]
+        environment=environment,
+        session_secret=SESSION_SECRET,
     )
     clock = ManualClock(NOW)
     service = await ApiService.open(settings, clock, routers=())
@@ -206,7 +213,9 @@ async def api_env(
     try:
         secrets = {}
         for role in ROLES:
-            issued = await service.context.tokens.create(OPERATOR, name=f"{role.value}-1", role=role)
+            issued = await service.context.tokens.create(
+                OPERATOR, name=f"{role.value}-1", role=role
+            )
             secrets[role] = issued.secret
         transport = httpx.ASGITransport(app=service.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, routing
-from fastapi.routing import APIRoute
 
 from archive_api.app import PUBLIC_PATHS
 from archive_api.audit import AuditOutcome
@@ -39,9 +38,7 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        return re.sub(
-            r"\{(\w+)(?::\w+)?\}", lambda m: SAMPLE_PARAMS[m.group(1)], self.path
-        )
+        return re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: SAMPLE_PARAMS[m.group(1)], self.path)
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -77,15 +74,15 @@ async def env(tmp_path: Path) -> AsyncIterator[ApiEnv]:
 
 
 async def call(env: ApiEnv, endpoint: Endpoint, headers: dict[str, str]) -> Any:
-    body = {"json": {}} if endpoint.method in ("POST", "PUT", "PATCH") else {}
-    return await env.client.request(endpoint.method, endpoint.url, headers=headers, **body)
+    body: dict[str, Any] | None = {} if endpoint.method in ("POST", "PUT", "PATCH") else None
+    return await env.client.request(endpoint.method, endpoint.url, headers=headers, json=body)
 
 
 async def test_every_route_is_public_or_needs_exactly_one_permission(env: ApiEnv) -> None:
     found, mounts = endpoints(env.service.app)
     assert mounts <= STATIC_MOUNTS
     paths = {e.path for e in found}
-    assert PUBLIC_PATHS <= paths
+    assert paths >= PUBLIC_PATHS
     assert len(found) >= 25  # the whole API, not an empty router
     for endpoint in found:
         if endpoint.path in PUBLIC_PATHS:

@@ -112,8 +112,10 @@ async def test_conversation_and_saved_search_holds(env: ApiEnv) -> None:
             None,
         ),
         (
-            {"case_name": "x", "scope": {"kind": "conversation", "participants": ["a@b", "c@d"],
-                                          "room": "r@m"}},
+            {
+                "case_name": "x",
+                "scope": {"kind": "conversation", "participants": ["a@b", "c@d"], "room": "r@m"},
+            },
             400,
             None,
         ),
@@ -157,7 +159,7 @@ async def test_an_export_runs_in_the_background_and_downloads_with_its_manifest(
 ) -> None:
     job = await run_export(env, {"query": "from:alice@corp.example", "format": "jsonl"})
     assert (job["state"], job["written"], job["total"]) == ("done", 3, 3)
-    started = [e for e in await env.events() if e.action == "export"][0]
+    started = next(e for e in await env.events() if e.action == "export")
     assert (started.result_count, started.params["job_id"]) == (3, job["job_id"])
     job_id = job["job_id"]
     manifest = await env.get(Role.OFFICER, f"{API}/exports/{job_id}/files/manifest.json")
@@ -308,7 +310,8 @@ async def test_policy_validate_put_and_versions(env: ApiEnv) -> None:
     valid = await env.post(Role.ADMIN, f"{API}/policy/validate", json={"text": GOOD})
     assert valid.json() == {"valid": True, "problems": []}
     put = await env.client.put(
-        f"{API}/policy", json={"text": GOOD, "comment": "deny spam.example"},
+        f"{API}/policy",
+        json={"text": GOOD, "comment": "deny spam.example"},
         headers=env.auth(Role.ADMIN),
     )
     assert put.status_code == 200, put.text
@@ -342,8 +345,11 @@ async def test_policy_validate_put_and_versions(env: ApiEnv) -> None:
     ("text", "line", "key"),
     [
         ("version = 1\nlocal_domains = [\n", 3, None),  # at the end of the document
-        ('version = 1\nlocal_domains = ["corp.example"]\n[federation]\nmode = "maybe"\n', 4,
-         "federation.mode"),
+        (
+            'version = 1\nlocal_domains = ["corp.example"]\n[federation]\nmode = "maybe"\n',
+            4,
+            "federation.mode",
+        ),
         ("version = 1\nlocal_domains = ['corp.example']\nunknown_thing = 3\n", 3, None),
         ("version = 99\n", 1, "version"),
         ("\x00", 1, None),

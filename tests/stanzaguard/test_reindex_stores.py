@@ -1,0 +1,276 @@
+"""Issue 6: `stanzaguard reindex --from SPEC --to SPEC` moves an archive between stores.
+
+SQLite to Elasticsearch (osmem-server) and back, SQLite to SQLite; a re-run continues where
+the last one stopped; at the end the chains, heads and record counts are compared and the
+target verifies, so a tampered target document is reported; a target holding another
+archive, unknown schemes, unreachable servers and hostile specs get clear errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import pytest
+from elasticsearch import Elasticsearch
+from typer.testing import CliRunner
+
+from archive_api.store.chain import CheckpointSigner
+from archive_api.store.elasticsearch import ElasticsearchStore
+from archive_api.store.sqlite import SqliteStore
+from stanzaguard.cli import app
+from stanzaguard.errors import StanzaGuardError
+from stanzaguard.operations import move_archive
+from stanzaguard.stores import EsSpec, SqliteSpec
+from tests.archive_api.store.conformance import T0, ChainWriter, record
+from tests.stanzaguard import es_support
+from tests.stanzaguard.conftest import run_cli
+from tests.stanzaguard.es_support import EsLocation
+from tests.support.services import free_port
+
+osmem_server = es_support.osmem_server
+es_client = es_support.es_client
+es_location = es_support.es_location
+
+ENTRIES = 250
+runner = CliRunner()
+
+
+def build_sqlite_archive(path: Path, *, words: str = "figures", entries: int = ENTRIES) -> bytes:
+    """A SQLite archive of `entries` records plus a signed checkpoint; returns the head."""
+
+    async def build() -> bytes:
+        writer = ChainWriter()
+        links = writer.records(
+            *(record(f"r{i:04d}", body=f"{words} number {i}", at=T0) for i in range(entries))
+        )
+        store = await SqliteStore.open(path)
+        try:
+            await store.apply(links)
+            signer = CheckpointSigner.generate()
+            at = min(100, entries)
+            await store.add_checkpoint(signer.sign("spool", at, links[at - 1].hash))
+        finally:
+            await store.close()
+        return writer.head
+
+    return asyncio.run(build())
+
+
+def reindex(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["reindex", *args])
+    return result.exit_code, result.output
+
+
+async def _es_summary(location: EsLocation) -> tuple[int, int, int]:
+    store = await ElasticsearchStore.open(location.url, index_prefix=location.prefix)
+    try:
+        return await store.last_seq(), await store.count(""), len(await store.checkpoints())
+    finally:
+        await store.close()
+
+
+def es_summary(location: EsLocation) -> tuple[int, int, int]:
+    return asyncio.run(_es_summary(location))
+
+
+def test_sqlite_to_elasticsearch_and_back(tmp_path: Path, es_location: EsLocation) -> None:
+    source = tmp_path / "archive.sqlite3"
+    head = build_sqlite_archive(source)
+    to_es = ("--to", es_location.spec, "--to-prefix", es_location.prefix)
+    code, out = reindex("--from", f"sqlite:{source}", *to_es, "--batch-size", "64")
+    assert code == 0, out
+    assert f"chain spool: {ENTRIES} entries (0 already there), head {head.hex()[:16]}" in out
+    assert f"copied {ENTRIES} entries and 1 checkpoint(s)" in out
+    assert "OK" in out
+    assert es_summary(es_location) == (ENTRIES, ENTRIES, 1)
+
+    back = tmp_path / "back.sqlite3"
+    from_es = ("--from", es_location.spec, "--from-prefix", es_location.prefix)
+    code, out = reindex(*from_es, "--to", f"sqlite:{back}")
+    assert code == 0, out
+    assert "OK" in out
+
+    async def read_back() -> tuple[int, int, bool, list[str | None]]:
+        store = await SqliteStore.open(back)
+        try:
+            page = await store.search('"number 7"', limit=5)
+            return (
+                await store.last_seq(),
+                await store.count(""),
+                (await store.verify()).ok,
+                [hit.record.body for hit in page.hits],
+            )
+        finally:
+            await store.close()
+
+    assert asyncio.run(read_back()) == (ENTRIES, ENTRIES, True, ["figures number 7"])
+
+
+def test_sqlite_to_sqlite_then_a_rerun_copies_nothing(tmp_path: Path) -> None:
+    source, target = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    build_sqlite_archive(source)
+    args = ("--from", f"sqlite:{source}", "--to", f"sqlite:{target}")
+    code, out = reindex(*args)
+    assert code == 0, out
+    code, out = reindex(*args)
+    assert code == 0, out
+    assert f"{ENTRIES} entries ({ENTRIES} already there)" in out
+    assert "copied 0 entries and 0 checkpoint(s)" in out
+
+
+async def test_an_interrupted_move_continues_where_it_stopped(
+    tmp_path: Path, es_location: EsLocation
+) -> None:
+    source = tmp_path / "archive.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source)
+    # The target already got the first 90 entries (a run that stopped there).
+    partial = await ElasticsearchStore.open(es_location.url, index_prefix=es_location.prefix)
+    store = await SqliteStore.open(source)
+    try:
+        await partial.apply([link async for link in store.chain_links(1, 90)])
+    finally:
+        await store.close()
+        await partial.close()
+    seen: list[tuple[int, int]] = []
+    outcome = await move_archive(
+        SqliteSpec(source),
+        EsSpec((es_location.url,), es_location.prefix),
+        batch_size=50,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert outcome.ok, outcome.problems
+    assert outcome.copied == ENTRIES - 90
+    assert [move.already_there for move in outcome.chains] == [90]
+    assert seen[0] == (0, ENTRIES - 90)
+    assert seen[-1] == (ENTRIES - 90, ENTRIES - 90)
+    assert all(total == ENTRIES - 90 for _, total in seen)
+
+
+def test_a_tampered_target_document_is_reported(
+    tmp_path: Path, es_location: EsLocation, es_client: Elasticsearch
+) -> None:
+    source = tmp_path / "archive.sqlite3"
+    build_sqlite_archive(source)
+    args = (
+        "--from",
+        f"sqlite:{source}",
+        "--to",
+        es_location.spec,
+        "--to-prefix",
+        es_location.prefix,
+    )
+    assert reindex(*args)[0] == 0
+    ledger = es_location.index("ledger")
+    hits = es_client.search(index=ledger, query={"term": {"seq": 42}}, size=2)["hits"]["hits"]
+    assert len(hits) == 1
+    doc = hits[0]["_source"]
+    payload = base64.b64decode(doc["payload"]).replace(b"number 41", b"number 99")
+    doc["payload"] = base64.b64encode(payload).decode()
+    es_client.index(index=ledger, id=hits[0]["_id"], document=doc, refresh=True)
+    code, out = reindex(*args)
+    assert code == 1, out
+    assert "MISMATCH" in out
+    assert "42" in out.split("MISMATCH", 1)[1].splitlines()[0]
+
+
+def test_a_target_holding_another_archive_is_refused(
+    tmp_path: Path, es_location: EsLocation
+) -> None:
+    first, second = tmp_path / "first.sqlite3", tmp_path / "second.sqlite3"
+    build_sqlite_archive(first, words="figures")
+    build_sqlite_archive(second, words="other words", entries=ENTRIES + 10)
+    to_es = ("--to", es_location.spec, "--to-prefix", es_location.prefix)
+    assert reindex("--from", f"sqlite:{first}", *to_es)[0] == 0
+    code, out = reindex("--from", f"sqlite:{second}", *to_es)
+    assert code == 2
+    assert "holds a different chain 'spool'" in " ".join(out.split())
+    assert es_summary(es_location)[:2] == (ENTRIES, ENTRIES)  # nothing of the second written
+    # A target further along than the source is another archive too.
+    small = tmp_path / "small.sqlite3"
+    build_sqlite_archive(small, entries=120)
+    code, out = reindex("--from", f"sqlite:{small}", *to_es)
+    assert code == 2
+    assert "holds a different archive" in " ".join(out.split())
+
+
+def test_moving_into_the_source_itself_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "archive.sqlite3"
+    build_sqlite_archive(source, entries=3)
+    code, out = reindex(
+        "--from", f"sqlite:{source}", "--to", f"sqlite:{tmp_path}/./archive.sqlite3"
+    )
+    assert code == 2
+    assert "the same store" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("--from", "mongodb://x", "--to", "sqlite:/tmp/x"), "unknown store scheme"),
+        (("--from", "sqlite:/nonexistent/a.sqlite3", "--to", "es:ftp://x"), "http:// or"),
+        (("--from", "sqlite:/nonexistent/a.sqlite3", "--to", "es:https://u:p@x"), "credentials"),
+        (("--to", "sqlite:/tmp/x"), "give both --from and --to"),
+        (("--from", "sqlite:/tmp/x"), "give both --from and --to"),
+        (("--from-prefix", "x"), "go with --from and --to"),
+        (("--from", "sqlite:/a\x07b", "--to", "sqlite:/tmp/x"), "control characters"),
+        (("--from", "es:https://x:9200", "--from-prefix", "UP", "--to", "sqlite:/x"), "prefix"),
+        (("--from", "es:https://x:9200/" + "a" * 9000, "--to", "sqlite:/x"), "too long"),
+    ],
+)
+def test_bad_specs_are_clear_errors(args: tuple[str, ...], why: str) -> None:
+    code, out = reindex(*args)
+    assert code == 2, out
+    assert why in " ".join(out.split())
+
+
+def test_a_missing_source_and_an_unreachable_target(tmp_path: Path) -> None:
+    code, out = reindex("--from", f"sqlite:{tmp_path}/none.sqlite3", "--to", f"sqlite:{tmp_path}/b")
+    assert code == 2
+    assert "no archive at" in out
+    source = tmp_path / "archive.sqlite3"
+    build_sqlite_archive(source, entries=3)
+    closed = f"es:http://127.0.0.1:{free_port()}"
+    code, out = reindex("--from", f"sqlite:{source}", "--to", closed)
+    assert code == 2
+    assert "cannot reach the target" in " ".join(out.split())
+
+
+async def test_checkpoint_signatures_are_checked_with_the_archives_key(
+    tmp_path: Path, es_location: EsLocation
+) -> None:
+    source = tmp_path / "archive.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source, entries=120)
+    # The checkpoint was signed by another key than this one: the target does not verify.
+    outcome = await move_archive(
+        SqliteSpec(source),
+        EsSpec((es_location.url,), es_location.prefix),
+        public_key=CheckpointSigner.generate().public_key,
+    )
+    assert not outcome.ok
+    assert any("signature" in problem for problem in outcome.problems), outcome.problems
+
+
+def test_the_real_command_moves_into_osmem(tmp_path: Path, es_location: EsLocation) -> None:
+    source = tmp_path / "archive.sqlite3"
+    build_sqlite_archive(source, entries=40)
+    result = run_cli(
+        "reindex",
+        "--from",
+        f"sqlite:{source}",
+        "--to",
+        es_location.spec,
+        "--to-prefix",
+        es_location.prefix,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+    assert es_summary(es_location)[:2] == (40, 40)
+
+
+def test_move_refuses_a_zero_batch(tmp_path: Path) -> None:
+    with pytest.raises(StanzaGuardError, match="batch-size"):
+        asyncio.run(
+            move_archive(SqliteSpec(tmp_path / "a"), SqliteSpec(tmp_path / "b"), batch_size=0)
+        )
