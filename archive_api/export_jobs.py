@@ -11,6 +11,9 @@ Jobs survive a restart of the service: finished ones are read back from `job.jso
 that was queued or running when the process stopped is marked failed ("interrupted"),
 since `export_records` removes a partial export only in the process that wrote it.
 
+One process serves the exports of a data directory: a second API process on the same
+directory would read the first one's running jobs as interrupted when it starts.
+
 A file is served only when the job finished and the file is `manifest.json` or listed in
 it; the name is matched against that list, never joined to a path as given, so no request
 can reach outside the job's directory.

@@ -30,7 +30,7 @@ import secrets
 import signal
 import socket
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -115,31 +115,33 @@ class ServiceReview:
         self._quarantine = quarantine
         self._store = store
 
-    async def _do(self, work: Callable[[], Any]) -> ReviewOutcome:
+    async def _do(self, record_id: str, work: Awaitable[Outcome]) -> ReviewOutcome:
         try:
-            outcome = await work()
+            outcome = await work
         except SpoolUnavailable as exc:
             raise ReviewUnavailable(f"the spool is unavailable: {exc}") from None
         except StanzaGuardError as exc:
-            return ReviewOutcome(False, str(exc), "")
-        assert isinstance(outcome, Outcome)
+            return ReviewOutcome(False, str(exc), record_id)
         return _review_outcome(outcome)
 
     async def release(self, record_id: str, actor: str) -> ReviewOutcome:
-        return await self._do(lambda: self._quarantine.release(record_id, actor))
+        return await self._do(record_id, self._quarantine.release(record_id, actor))
 
     async def confirm_spam(self, record_id: str, actor: str) -> ReviewOutcome:
+        quarantine = self._quarantine
         if _quarantined(await self._store.get(record_id)):
-            return await self._do(lambda: self._quarantine.confirm_spam(record_id, actor))
-        return await self._do(lambda: self._quarantine.label(record_id, Label.SPAM, actor))
+            return await self._do(record_id, quarantine.confirm_spam(record_id, actor))
+        return await self._do(record_id, quarantine.label(record_id, Label.SPAM, actor))
 
     async def not_spam(self, record_id: str, actor: str) -> ReviewOutcome:
+        quarantine = self._quarantine
         if _quarantined(await self._store.get(record_id)):
-            return await self._do(lambda: self._quarantine.release(record_id, actor))
-        return await self._do(lambda: self._quarantine.label(record_id, Label.HAM, actor))
+            return await self._do(record_id, quarantine.release(record_id, actor))
+        return await self._do(record_id, quarantine.label(record_id, Label.HAM, actor))
 
     async def label(self, record_id: str, label: ReviewLabel, actor: str) -> ReviewOutcome:
-        return await self._do(lambda: self._quarantine.label(record_id, Label(label.value), actor))
+        work = self._quarantine.label(record_id, Label(label.value), actor)
+        return await self._do(record_id, work)
 
 
 class MailboxReview:

@@ -970,13 +970,28 @@ def _relevance_shortcut(
         for sql, _ in probes
     )
     floors = (2 * len(probes), len(probes))
-    counted = conn.execute(
-        f"SELECT doc, count(*) + count(*) FILTER (WHERE col = 'subject') AS n "  # noqa: S608
-        f"FROM ({union}) GROUP BY doc HAVING n > ?",
-        (*(value for _, values in probes for value in values), floors[-1]),
-    ).fetchall()
+    tokens: dict[int, int] = dict(
+        conn.execute(
+            f"SELECT doc, count(*) + count(*) FILTER (WHERE col = 'subject') AS n "  # noqa: S608
+            f"FROM ({union}) GROUP BY doc HAVING n > ?",
+            (*(value for _, values in probes for value in values), floors[-1]),
+        ).fetchall()
+    )
+    if len(tokens) <= limit:
+        return None
+    # Which of them match the whole query, and their body lengths: the length of the body,
+    # read without tokenising it, bounds the score further (highlight() is the costly part).
+    sql = (
+        f"SELECT {plan.id_col}, length(coalesce(r.body, '')) FROM {plan.source} "  # noqa: S608
+        f"WHERE {plan.where} AND +{plan.id_col} IN (SELECT value FROM json_each(?))"
+    )
+    matching = conn.execute(sql, (*plan.all_params(), json.dumps(list(tokens)))).fetchall()
     for floor in floors:
-        candidates = [doc for doc, n in counted if n > floor]
+        # The same float operations as _SCORE_SQL, with the token count for the spans: an
+        # upper bound of the score that SQLite will compute, never below it.
+        candidates = [
+            rowid for rowid, length in matching if tokens[rowid] / (1.0 + length / 500.0) > floor
+        ]
         if len(candidates) <= limit:
             continue
         sql, params = _relevance_sql(plan, after, limit, candidates=candidates, floor=floor)
@@ -1422,22 +1437,29 @@ class SqliteStore:
         plan = _choose_plan(conn, query)
         base = f"FROM {plan.source} WHERE {plan.where}"
         params = plan.all_params()
-        # Two facets from one pass: each remote domain's count split by action. A GROUP BY
-        # sorts every matching row, so it is the cost of a facet; FILTER counts need none.
+        # One pass over the matches for all three facets: a GROUP BY sorts every matching
+        # row (and with text, each pass looks up every match's row), so that pass is what a
+        # facet costs. It counts per (remote domain, day), split by action with FILTER, which
+        # needs no sort; the domain and day totals then sort only those groups.
         actions = tuple(Action)
         split = ", ".join("count(*) FILTER (WHERE r.action = ?)" for _ in actions)
-        per_domain = conn.execute(
-            f"SELECT r.remote_domain, count(*), {split} {base} GROUP BY r.remote_domain",
+        columns = ", ".join(f"a{i}" for i in range(len(actions)))
+        sums = ", ".join(f"sum(a{i})" for i in range(len(actions)))
+        zeros = ", ".join("0" for _ in actions)
+        # Floor division that is also right before 1970 (SQLite's / truncates toward zero).
+        day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
+        totals = conn.execute(
+            f"WITH g(domain, d, n, {columns}) AS MATERIALIZED ("  # noqa: S608
+            f"SELECT r.remote_domain, {day}, count(*), {split} {base} GROUP BY 1, 2) "
+            f"SELECT 0, domain, sum(n), {sums} FROM g GROUP BY domain "
+            f"UNION ALL SELECT 1, d, sum(n), {zeros} FROM g GROUP BY d",
             (*(a.value for a in actions), *params),
         ).fetchall()
+        per_domain = [row[1:] for row in totals if row[0] == 0]
         action_counts = [sum(row[2 + i] for row in per_domain) for i in range(len(actions))]
         # Python orders str by code point, as SQLite orders UTF-8 text byte by byte.
         by_domain = sorted(((d, int(n)) for d, n, *_ in per_domain), key=lambda r: (-r[1], r[0]))
-        # Floor division that is also right before 1970 (SQLite's / truncates toward zero).
-        day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
-        by_day = conn.execute(
-            f"SELECT {day} AS d, count(*) {base} GROUP BY d ORDER BY d", params
-        ).fetchall()
+        by_day = sorted((int(d), int(n)) for kind, d, n, *_ in totals if kind == 1)
         return Facets(
             by_action=tuple(
                 (a, int(n))

@@ -13,7 +13,6 @@ sees the UI's routes too) that also
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -56,12 +55,3 @@ def page(permission: Permission) -> PageAccess:
 def action(permission: Permission) -> PageAccess:
     """A form that changes something (POST): CSRF-checked."""
     return PageAccess(permission, csrf=True)
-
-
-def same_origin(request: Request) -> bool:
-    """True unless the browser says the request came from another origin (Origin header)."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    parts = urlsplit(origin)
-    return bool(parts.netloc) and parts.netloc.lower() == request.headers.get("host", "").lower()

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import secrets
 from typing import Final
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
@@ -79,3 +80,12 @@ async def check_session_csrf(request: Request, session_value: str | None) -> Non
             "the form is out of date or did not come from this service; reload the page "
             "and try again"
         )
+
+
+def same_origin(request: Request) -> bool:
+    """True unless the browser says the request came from another origin (Origin header)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return bool(parts.netloc) and parts.netloc.lower() == request.headers.get("host", "").lower()

@@ -26,7 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from archive_api.auth import SESSION_COOKIE, Identity, Permission
 from archive_api.routes.deps import get_context
-from archive_api.web.csrf import session_csrf_token
+from archive_api.web.csrf import same_origin, session_csrf_token
 
 WEB_PREFIX: Final = "/ui"
 SIGN_IN_PATH: Final = f"{WEB_PREFIX}/sign-in"
@@ -293,7 +293,8 @@ class HtmlErrors:
                 )
             else:
                 response = redirect(target)
-            forget_session(response, request)
+            if same_origin(request):  # another site must not be able to sign anyone out
+                forget_session(response, request)
             return response
         title = _ERROR_TITLES.get(status, "Something went wrong" if status >= 500 else "Error")
         detail = str(body.get("detail", ""))[:2000]

@@ -20,7 +20,6 @@ from archive_api.audit import ANONYMOUS, AuditAction, AuditOutcome
 from archive_api.auth import MAX_CREDENTIAL_CHARS, SESSION_COOKIE
 from archive_api.errors import AuthConfigError, AuthenticationFailed
 from archive_api.routes.deps import authenticate, get_context
-from archive_api.web.access import same_origin
 from archive_api.web.csrf import (
     CSRF_FIELD,
     MAX_TOKEN_CHARS,
@@ -28,6 +27,7 @@ from archive_api.web.csrf import (
     SIGN_IN_COOKIE_MAX_AGE,
     check_session_csrf,
     new_sign_in_nonce,
+    same_origin,
     tokens_match,
 )
 from archive_api.web.rendering import (

@@ -154,7 +154,7 @@ async def test_a_redis_restart_during_a_burst_loses_nothing(
         cursor_during_outage = spool.cursor()
         # The proxy keeps spooling while Redis is away; nothing moves the cursor.
         await spool_burst(spool, shipper, ENTRIES // 2 + 1, ENTRIES)
-        for _ in range(100):
+        for _ in range(200):
             if shipper.failures > failures_before:
                 break
             await asyncio.sleep(0.05)
