@@ -312,8 +312,6 @@ def create_app(ctx: ApiContext, *, routers: Sequence[APIRouter] = ()) -> FastAPI
         html_errors = getattr(router, "html_errors", None)
         if callable(html_errors):
             app.state.html_errors = html_errors
-        # The web UI's router (archive_api.web) brings its handler for HTML error pages.
-        app.state.html_errors = getattr(router, "html_errors", None) or app.state.html_errors
 
     app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
 

@@ -1,0 +1,275 @@
+{{/*
+Names, labels, the image, the settings passed as STANZAGUARD_* variables, and the checks of
+combinations that values.schema.json cannot express.
+*/}}
+
+{{- define "stanzaguard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "stanzaguard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "stanzaguard.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "stanzaguard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stanzaguard
+{{- end }}
+
+{{/* Selector labels of one component: pass (dict "root" $ "component" "proxy"). */}}
+{{- define "stanzaguard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stanzaguard.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "stanzaguard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "stanzaguard.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "stanzaguard.image" -}}
+{{- $image := .Values.image }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "stanzaguard.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "stanzaguard.fullname" .)) .Values.proxy.tls.secretName }}
+{{- end }}
+
+{{/* Where things are inside the containers. */}}
+{{- define "stanzaguard.dataDir" -}}/var/lib/stanzaguard{{- end }}
+{{- define "stanzaguard.configDir" -}}/etc/stanzaguard/config{{- end }}
+{{- define "stanzaguard.tlsDir" -}}/etc/stanzaguard/tls{{- end }}
+{{- define "stanzaguard.esCaDir" -}}/etc/stanzaguard/es-ca{{- end }}
+
+{{/* True (non-empty) when the API is served beside the proxy, inside the proxy pod. */}}
+{{- define "stanzaguard.apiBesideProxy" -}}
+{{- if and .Values.api.enabled (eq .Values.store "sqlite") }}true{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when the API runs as a Deployment of its own. */}}
+{{- define "stanzaguard.apiDeployment" -}}
+{{- if and .Values.api.enabled (eq .Values.store "elasticsearch") }}true{{- end }}
+{{- end }}
+
+{{/*
+Every setting of stanzaguard.settings.Settings (tests/helm/test_chart.py checks this list
+against Settings.model_fields): a key of `settings:` outside it is refused, because the program
+ignores environment variables it does not know and a typo would pass unnoticed.
+*/}}
+{{- define "stanzaguard.knownSettings" -}}
+environment domain upstream upstream_tls upstream_ca_file cert key listen listen_tls
+allow_plaintext data_dir policy keep_evidence evidence_dir fail_open spool_segment_bytes
+spool_max_bytes checkpoint_every retention_file retention_interval retention_purge store es_url
+es_index_prefix es_api_key es_username es_password es_ca_file index_worker indexing counters
+redis_url index_task_timeout worker_concurrency upload_hosts attachment_max_bytes
+attachment_timeout attachment_retries attachment_allow_http max_stanza_bytes max_depth
+max_attributes auth_timeout idle_timeout stanza_timeout tls_buffer_bytes max_sessions
+metrics_listen rtbl_jid rtbl_password rtbl_server rtbl_tls rtbl_ca_file rtbl_nodes
+blocklist_files model api_listen session_secret session_max_age log_level log_format
+{{- end }}
+
+{{/* Settings the chart sets itself from its own values (or from the Secret). */}}
+{{- define "stanzaguard.managedSettings" -}}
+environment domain upstream upstream_tls cert key listen listen_tls data_dir policy
+retention_file store es_url es_index_prefix es_api_key es_username es_password es_ca_file
+indexing counters redis_url worker_concurrency metrics_listen api_listen session_secret
+rtbl_password log_level
+{{- end }}
+
+{{/* One value of `settings:` as environment text: lists comma-joined, whole numbers exact. */}}
+{{- define "stanzaguard.settingText" -}}
+{{- $value := . }}
+{{- if kindIs "slice" $value }}
+{{- $parts := list }}
+{{- range $value }}{{ $parts = append $parts (include "stanzaguard.settingText" .) }}{{ end }}
+{{- join "," $parts }}
+{{- else if kindIs "float64" $value }}
+{{- if eq ($value | int64 | float64) $value }}{{ $value | int64 }}{{ else }}{{ $value }}{{ end }}
+{{- else if kindIs "invalid" $value }}
+{{- else }}
+{{- $value }}
+{{- end }}
+{{- end }}
+
+{{/* A variable from a key of the user's Secret: pass (dict "root" $ "env" NAME "key" KEY). */}}
+{{- define "stanzaguard.secretEnv" -}}
+{{- if .key }}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .root.Values.secrets.existingSecret | quote }}
+      key: {{ .key | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Settings every component shares: archive store, Redis, logging, data directory. */}}
+{{- define "stanzaguard.commonEnv" -}}
+{{- $v := .Values }}
+- name: STANZAGUARD_ENVIRONMENT
+  value: {{ $v.environment | quote }}
+- name: STANZAGUARD_LOG_LEVEL
+  value: {{ $v.logLevel | quote }}
+- name: STANZAGUARD_DATA_DIR
+  value: {{ include "stanzaguard.dataDir" . | quote }}
+- name: STANZAGUARD_DOMAIN
+  value: {{ join "," $v.xmpp.domains | quote }}
+- name: STANZAGUARD_STORE
+  value: {{ $v.store | quote }}
+{{- if eq $v.store "elasticsearch" }}
+- name: STANZAGUARD_ES_URL
+  value: {{ join "," $v.elasticsearch.urls | quote }}
+- name: STANZAGUARD_ES_INDEX_PREFIX
+  value: {{ $v.elasticsearch.indexPrefix | quote }}
+{{- if $v.elasticsearch.caSecret.name }}
+- name: STANZAGUARD_ES_CA_FILE
+  value: {{ printf "%s/%s" (include "stanzaguard.esCaDir" .) $v.elasticsearch.caSecret.key | quote }}
+{{- end }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_ES_API_KEY" "key" $v.secrets.keys.esApiKey) }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_ES_USERNAME" "key" $v.secrets.keys.esUsername) }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_ES_PASSWORD" "key" $v.secrets.keys.esPassword) }}
+{{- end }}
+- name: STANZAGUARD_INDEXING
+  value: {{ $v.indexing | quote }}
+- name: STANZAGUARD_COUNTERS
+  value: {{ $v.counters | quote }}
+{{- if $v.secrets.keys.redisUrl }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_REDIS_URL" "key" $v.secrets.keys.redisUrl) }}
+{{- else if $v.redis.url }}
+- name: STANZAGUARD_REDIS_URL
+  value: {{ $v.redis.url | quote }}
+{{- end }}
+{{- range $name := keys $v.settings | sortAlpha }}
+- name: {{ printf "STANZAGUARD_%s" (upper $name) }}
+  value: {{ include "stanzaguard.settingText" (get $v.settings $name) | quote }}
+{{- end }}
+# Python and its libraries may want a writable home (the root filesystem is read-only).
+- name: HOME
+  value: /tmp
+{{- end }}
+
+{{/* The policy (and retention) files: the ConfigMap, mounted as a directory so updates show. */}}
+{{- define "stanzaguard.configEnv" -}}
+{{- if .Values.policy.enabled }}
+- name: STANZAGUARD_POLICY
+  value: {{ printf "%s/policy.toml" (include "stanzaguard.configDir" .) | quote }}
+{{- end }}
+{{- if .Values.retention.enabled }}
+- name: STANZAGUARD_RETENTION_FILE
+  value: {{ printf "%s/retention.toml" (include "stanzaguard.configDir" .) | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "stanzaguard.hasConfigMap" -}}
+{{- if or .Values.policy.enabled .Values.retention.enabled }}true{{- end }}
+{{- end }}
+
+{{/* Volumes every pod has: /tmp, and the Elasticsearch CA when given. */}}
+{{- define "stanzaguard.commonVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 256Mi
+{{- if and (eq .Values.store "elasticsearch") .Values.elasticsearch.caSecret.name }}
+- name: es-ca
+  secret:
+    secretName: {{ .Values.elasticsearch.caSecret.name | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "stanzaguard.commonMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if and (eq .Values.store "elasticsearch") .Values.elasticsearch.caSecret.name }}
+- name: es-ca
+  mountPath: {{ include "stanzaguard.esCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Combinations the schema cannot check. Each message names the value to change and why, so a
+refused install says what to do.
+*/}}
+{{- define "stanzaguard.validate" -}}
+{{- $v := .Values }}
+{{- if and (eq $v.indexing "celery") (ne $v.store "elasticsearch") }}
+{{- fail "indexing=celery needs store=elasticsearch: Celery workers are stateless and write to a shared archive; with store=sqlite each worker would keep its own file" }}
+{{- end }}
+{{- if and (eq $v.store "elasticsearch") (not $v.elasticsearch.urls) }}
+{{- fail "store=elasticsearch needs elasticsearch.urls (https://HOST:PORT of an existing cluster)" }}
+{{- end }}
+{{- $redisNeeded := or (eq $v.indexing "celery") (eq $v.counters "redis") }}
+{{- $redisGiven := or $v.redis.url $v.secrets.keys.redisUrl }}
+{{- if and $redisNeeded (not $redisGiven) }}
+{{- fail "indexing=celery and counters=redis need Redis: set redis.url, or secrets.existingSecret and secrets.keys.redisUrl" }}
+{{- end }}
+{{- if and $v.redis.url $v.secrets.keys.redisUrl }}
+{{- fail "give the Redis URL once: redis.url or secrets.keys.redisUrl, not both" }}
+{{- end }}
+{{- if contains "@" $v.redis.url }}
+{{- fail "redis.url must not hold a password: put the whole URL in the Secret (secrets.keys.redisUrl)" }}
+{{- end }}
+{{- $secretKeys := list }}
+{{- range $field, $key := $v.secrets.keys }}{{ if $key }}{{ $secretKeys = append $secretKeys $field }}{{ end }}{{ end }}
+{{- if and $secretKeys (not $v.secrets.existingSecret) }}
+{{- fail (printf "secrets.keys.%s is set but secrets.existingSecret (the Secret's name) is empty" (first (sortAlpha $secretKeys))) }}
+{{- end }}
+{{- if ne (empty $v.secrets.keys.esUsername) (empty $v.secrets.keys.esPassword) }}
+{{- fail "secrets.keys.esUsername and secrets.keys.esPassword: give both or neither" }}
+{{- end }}
+{{- if and $v.secrets.keys.esApiKey $v.secrets.keys.esUsername }}
+{{- fail "secrets.keys.esApiKey and secrets.keys.esUsername: an API key or a user, not both" }}
+{{- end }}
+{{- if and (gt (int $v.proxy.replicas) 1) (eq $v.store "sqlite") }}
+{{- fail "proxy.replicas > 1 needs store=elasticsearch: with store=sqlite every replica would keep a separate archive on its own volume" }}
+{{- end }}
+{{- if and (gt (int $v.proxy.replicas) 1) (not $v.preview.multipleProxies) }}
+{{- fail "proxy.replicas > 1 is not safe yet: every proxy names its hash chain `spool`, so the archive refuses all but one replica's batches and the others fail closed once their spools fill (docs/distributed.md). Set preview.multipleProxies=true to deploy it anyway" }}
+{{- end }}
+{{- if and (include "stanzaguard.apiDeployment" .) (not $v.preview.apiOnElasticsearch) }}
+{{- fail "api.enabled with store=elasticsearch: `stanzaguard api` cannot read an Elasticsearch archive yet (it opens SQLite in its own data directory). Set api.enabled=false, or preview.apiOnElasticsearch=true to deploy it anyway" }}
+{{- end }}
+{{- if and $v.retention.enabled (eq $v.store "elasticsearch") }}
+{{- fail "retention.enabled needs store=sqlite: retention is not on the Elasticsearch store yet (docs/elasticsearch.md)" }}
+{{- end }}
+{{- if and $v.retention.enabled (not $v.retention.content) }}
+{{- fail "retention.enabled needs retention.content (the [retention] section, docs/retention.md)" }}
+{{- end }}
+{{- if and $v.policy.enabled (not $v.policy.content) }}
+{{- fail "policy.enabled needs policy.content (docs/policy.md), or policy.enabled=false for the built-in allow-all policy" }}
+{{- end }}
+{{- if eq $v.image.tag "latest" }}
+{{- fail "image.tag=latest is refused: pin a version (or image.digest) so a restarted proxy runs the code it ran before" }}
+{{- end }}
+{{- $known := splitList " " (include "stanzaguard.knownSettings" . | replace "\n" " ") }}
+{{- $managed := splitList " " (include "stanzaguard.managedSettings" . | replace "\n" " ") }}
+{{- range $name, $value := $v.settings }}
+{{- if not (has $name $known) }}
+{{- fail (printf "settings.%s: no such setting (docs/configuration.md lists them)" $name) }}
+{{- end }}
+{{- if has $name $managed }}
+{{- fail (printf "settings.%s: the chart sets this one from its own values (see values.yaml); secrets come from secrets.existingSecret" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
