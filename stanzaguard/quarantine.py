@@ -520,7 +520,12 @@ class QuarantineService:
         if self.learning is not None:
             await self.learning.officer_label(record, Label.SPAM, actor)
         log.info("quarantine: confirmed spam", extra={"record": record_id, "actor": actor})
-        return Outcome(True, "confirmed spam; it will never be delivered", record_id, status)
+        return Outcome(
+            True,
+            "confirmed spam; it will never be delivered",
+            record_id,
+            RecordStatus.CONFIRMED_SPAM,
+        )
 
     async def label(self, record_id: str, label: Label, actor: str) -> Outcome:
         """An officer labels any archived message spam or ham (a training example)."""

@@ -234,6 +234,7 @@ async def test_the_api_beside_the_proxy_releases_through_its_quarantine_service(
             assert "next login" in released.json()["detail"]  # nobody is connected
             spam = await client.post("/api/v1/review/h2/confirm-spam", headers=officer)
             assert spam.status_code == 200 and spam.json()["detail"].startswith("confirmed spam")
+            assert spam.json()["status"] == "confirmed-spam"
             again = await client.post("/api/v1/review/h2/release", headers=officer)
             assert again.status_code == 409 and again.json()["error"] == "refused"
             flagged = await client.post("/api/v1/review/f1/not-spam", headers=officer)

@@ -73,7 +73,8 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[LiveServer]:
+    # `chromium` first: without a browser there is no point starting the service
     live = LiveServer(tmp_path_factory.mktemp("web-ui"))
     live.start()
     try:
