@@ -68,7 +68,7 @@ from archive_api.store.chain import ChainLink
 from archive_api.store.query import parse_query
 from archive_api.store.sqlite import SqliteStore
 from benchmarks._archive_gen import ARCHIVE, SEED, Profile, iter_entries, iter_links, make_world
-from benchmarks._services import OtherLoad
+from benchmarks._services import OtherLoad, wait_quiet
 from stanzaguard.clock import SystemClock
 
 # Bump when the generator's output changes, so an old cached archive is not reused.
@@ -675,6 +675,15 @@ def main() -> int:
         help="what is exported (default: five working weeks, ~100,000 records at 1M)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.3,
+        help="before the mix, wait until other processes use fewer cores than this",
+    )
+    parser.add_argument(
+        "--quiet-timeout", type=float, default=120.0, help="longest wait (0 = do not wait)"
+    )
     args = parser.parse_args()
     count = 20_000 if args.quick else args.count
     repeats = 5 if args.quick else args.repeats
@@ -689,7 +698,9 @@ def main() -> int:
     load.start()
     archive = ensure_archive(args.cache_dir, count, args.seed, ARCHIVE, args.rebuild)
     if archive.generated_s is not None:
-        out["generation"] = {"seconds": archive.generated_s, "other_cores_busy": load.stop()}
+        others = load.stop()
+        out["generation"] = {"seconds": archive.generated_s, "other_cores_busy": others}
+        print(f"other processes kept {others:.2f} cores busy during the generation")
     out["archive"] = {
         "path": str(archive.path),
         "size_bytes": archive.size_bytes,
@@ -705,6 +716,13 @@ def main() -> int:
 
     queries = officer_queries(args.seed, ARCHIVE)
     gc.collect()
+    if args.quiet_timeout > 0:
+        started = time.monotonic()
+        others = wait_quiet([], args.quiet_threshold, args.quiet_timeout)
+        print(
+            f"waited {time.monotonic() - started:.0f} s for a quiet machine: other processes "
+            f"at {others:.2f} cores (threshold {args.quiet_threshold})"
+        )
     load.start()
     timings = asyncio.run(run_mix(archive.path, queries, repeats))
     mix_load = load.stop()

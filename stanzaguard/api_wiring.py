@@ -707,6 +707,11 @@ async def start_beside(settings: Settings, service: ArchivingService) -> Running
 
 async def serve_api(settings: Settings, listen: str, ready: asyncio.Event | None = None) -> None:
     """`stanzaguard api`: serve the API alone until SIGINT or SIGTERM."""
+    if settings.store == "elasticsearch":
+        # Its audit log, tokens and holds would quietly live in a second, SQLite archive.
+        raise SettingsError(
+            "store: the API needs the audit log, which store=elasticsearch does not have yet"
+        )
     running = await start_api(settings, SystemClock(), listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
