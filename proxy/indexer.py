@@ -99,13 +99,13 @@ class Indexer:
         """Index one batch; return how many entries moved."""
         # The store's own last seq, not the cursor: a power loss can roll back the store's
         # newest commits (synchronous=NORMAL), and those entries must be applied again.
-        start = await self.store.last_seq() + 1
+        start = await self.store.last_seq(chain=self.spool.chain_name) + 1
         links = await self.spool.read_from(start, self.batch_size)
         if not links:
             if self.seal:
                 await self._seal()
             return 0
-        await self.store.apply(links)
+        await self.store.apply(links, chain=self.spool.chain_name)
         await self.spool.commit_cursor(links[-1].seq)
         self.indexed += len(links)
         if len(links) < self.batch_size and self.seal:

@@ -6,6 +6,7 @@ A spool directory holds:
     checkpoints.jsonl                    signed chain heads, one JSON object a line
     cursor.json                          the indexer's cursor: every seq <= it is indexed
     sealed.json                          the newest entry sealed out of the spool (seq, hash)
+    chain.json                           the name of the hash chain the entries belong to
 
 Segment file (integers big-endian):
 
@@ -84,6 +85,10 @@ _SEGMENT_NAME = re.compile(r"^segment-(\d{20})\.log$")
 _CHECKPOINTS = "checkpoints.jsonl"
 _CURSOR = "cursor.json"
 _SEALED = "sealed.json"
+_CHAIN = "chain.json"
+#: The chain of a spool directory made before chain names were recorded (the only name then).
+LEGACY_CHAIN_NAME = "spool"
+_MAX_CHAIN_NAME = 128  # what the stores accept
 _SEAL_SUFFIX = ".seal.json"
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -453,7 +458,7 @@ class Spool:
         max_spool_bytes: int | None = None,
         keep_evidence: bool = False,
         evidence_dir: str | os.PathLike[str] | None = None,
-        chain_name: str = "spool",
+        chain_name: str = LEGACY_CHAIN_NAME,
     ) -> Spool:
         """Open (or create) the spool in `directory`, recovering from a crash.
 
@@ -473,7 +478,12 @@ class Spool:
             max_spool_bytes: refuse appends (fail closed) while the segments in the spool
                 directory would exceed this; `seal_indexed` frees space.
             keep_evidence: move sealed segments to `evidence_dir` instead of deleting them.
+            chain_name: the hash chain the entries belong to in the store (one per proxy
+                writing to a shared store). Recorded in a new spool; reopening a spool with
+                another name is a ValueError.
         """
+        if not chain_name or len(chain_name) > _MAX_CHAIN_NAME or not chain_name.isprintable():
+            raise ValueError(f"invalid chain name {chain_name[:40]!r}")
         if segment_max_bytes <= SEGMENT_HEADER_SIZE + FRAME_OVERHEAD:
             raise ValueError("segment_max_bytes is too small to hold one entry")
         if segment_max_entries is not None and segment_max_entries < 1:
@@ -937,6 +947,11 @@ class Spool:
     def directory(self) -> Path:
         return self._dir
 
+    @property
+    def chain_name(self) -> str:
+        """The hash chain this spool's entries belong to (one per proxy sharing a store)."""
+        return self._chain_name
+
     def head(self) -> tuple[int, bytes]:
         """The newest durable entry: (seq, hash); (0, GENESIS) when nothing was written."""
         with self._lock:
@@ -1265,6 +1280,53 @@ def read_checkpoints(directory: str | os.PathLike[str]) -> list[Checkpoint]:
     return checkpoints
 
 
+def read_chain_name(directory: str | os.PathLike[str]) -> str | None:
+    """The chain a spool directory's entries belong to, as recorded when it was created.
+
+    None when nothing is recorded: a new directory, or one made before chain names were
+    recorded (its chain is `LEGACY_CHAIN_NAME`). `SpoolCorrupt` for an unreadable record.
+    """
+    path = Path(directory) / _CHAIN
+    data = _load_json(path)
+    if data is None:
+        return None
+    name = data.get("chain")
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > _MAX_CHAIN_NAME
+        or not name.isprintable()
+    ):
+        raise SpoolCorrupt(f"{path} does not name a chain")
+    return name
+
+
+def _claim_chain(directory: Path, chain_name: str, *, fsync: bool) -> None:
+    """Record the chain of a new spool; refuse to continue a spool under another chain name.
+
+    Continuing a spool's entries under a new name would start that chain at a seq past 1 (or
+    repeat the old chain's entries under the new name), which no store can verify.
+    """
+    recorded = read_chain_name(directory)
+    if recorded is None:
+        has_entries = (directory / _SEALED).exists() or any(
+            _SEGMENT_NAME.match(path.name) for path in directory.iterdir()
+        )
+        if has_entries:
+            recorded = LEGACY_CHAIN_NAME
+        _write_file_atomic(
+            directory / _CHAIN,
+            canonical_json({"chain": recorded or chain_name}) + b"\n",
+            fsync=fsync,
+        )
+    if recorded is not None and recorded != chain_name:
+        raise ValueError(
+            f"the spool in {directory} holds chain {recorded[:_MAX_CHAIN_NAME]!r}, not "
+            f"{chain_name[:_MAX_CHAIN_NAME]!r}: a spool keeps the chain name it was created "
+            f"with (set chain_name to {recorded[:_MAX_CHAIN_NAME]!r} for this data directory)"
+        )
+
+
 def _recover_directory(directory: Path, *, fsync: bool, chain_name: str) -> _RecoveredState:
     """Bring a spool directory to a consistent state after any crash and describe it."""
     if not directory.exists():
@@ -1273,6 +1335,7 @@ def _recover_directory(directory: Path, *, fsync: bool, chain_name: str) -> _Rec
             _fsync_dir(directory.parent)
     for tmp in directory.glob("*.tmp"):
         tmp.unlink()
+    _claim_chain(directory, chain_name, fsync=fsync)
 
     state = _RecoveredState()
     try:
@@ -1426,7 +1489,7 @@ def iter_evidence(
     evidence_dir: str | os.PathLike[str],
     *,
     public_key: Ed25519PublicKey | None = None,
-    chain_name: str = "spool",
+    chain_name: str = LEGACY_CHAIN_NAME,
 ) -> Iterator[ChainLink]:
     """Every entry of the sealed segments in an evidence directory, in order, verified.
 

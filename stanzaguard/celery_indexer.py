@@ -23,7 +23,6 @@ from typing import Any
 
 from celery import Celery
 
-from archive_api.store.base import DEFAULT_CHAIN
 from archive_api.store.chain import ChainLink
 from archive_api.tasks import INDEX_BATCH, links_to_json
 from proxy.spool import Spool
@@ -47,7 +46,6 @@ class CeleryIndexer:
         spool: Spool,
         app: Celery,
         *,
-        chain: str = DEFAULT_CHAIN,
         batch_size: int = 2000,
         batch_bytes: int = 8 * 1024 * 1024,
         task_timeout: float = 30.0,
@@ -60,7 +58,9 @@ class CeleryIndexer:
             raise ValueError("batch_size, batch_bytes, task_timeout and idle_wait must be positive")
         self.spool = spool
         self.app = app
-        self.chain = chain
+        # The spool's own chain, never another: one proxy's entries under another name would
+        # break both chains in the store.
+        self.chain = spool.chain_name
         self.batch_size = batch_size
         self.batch_bytes = batch_bytes
         self.task_timeout = task_timeout

@@ -229,6 +229,11 @@ def _configured_store(config: Path | None, data_dir: Path) -> StoreSpec:
     return spec_from_settings(settings, data_dir / "archive.sqlite3")
 
 
+def _configured_chain(config: Path | None, data_dir: Path) -> str:
+    """The chain_name setting: the spool's chain when its directory does not record one."""
+    return load_settings(config, data_dir=data_dir).chain_name
+
+
 @app.command()
 def verify(
     data_dir: DataDirOption = Path("stanzaguard-data"),
@@ -254,16 +259,24 @@ def verify(
     try:
         store_spec = _configured_store(config, data_dir)
         outcome = asyncio.run(
-            operations.verify(operations.Paths(data_dir, evidence_dir), store_spec=store_spec)
+            operations.verify(
+                operations.Paths(data_dir, evidence_dir),
+                store_spec=store_spec,
+                chain_name=_configured_chain(config, data_dir),
+            )
         )
     except (StanzaGuardError, StoreError) as exc:
         raise _fail(exc) from None
     out = Console()
     report = outcome.store
     for chain in report.chains:
+        signatures = "signed checkpoint(s) checked"
+        if chain.chain in outcome.foreign_signatures:
+            # Another proxy's chain: its key is on that proxy's volume, not here.
+            signatures = "checkpoint(s) checked, signed by another proxy's key"
         out.print(
             f"chain {chain.chain}: {chain.last_seq} entries, head {chain.head.hex()[:16]}…, "
-            f"{chain.checkpoints} signed checkpoint(s) checked"
+            f"{chain.checkpoints} {signatures}"
         )
     out.print(
         f"{report.records_checked} records and {outcome.spool_entries_checked} spooled "
@@ -322,6 +335,10 @@ def reindex(
         raise _fail(StanzaGuardError("--from-prefix/--to-prefix go with --from and --to"))
     paths = operations.Paths(data_dir, evidence_dir)
     target = data_dir / "archive.sqlite3.rebuild"
+    try:
+        chain_name = _configured_chain(config, data_dir)
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} entries")
     ) as progress:
@@ -329,7 +346,10 @@ def reindex(
         try:
             applied = asyncio.run(
                 operations.rebuild(
-                    paths, target, progress=lambda n: progress.update(task, completed=n)
+                    paths,
+                    target,
+                    progress=lambda n: progress.update(task, completed=n),
+                    chain_name=chain_name,
                 )
             )
         except StanzaGuardError as exc:

@@ -12,6 +12,8 @@ applies them to the store. They talk over the child's stdin and stdout, one line
 
 The store is named by a spec (`--store sqlite:PATH`, or `--store es:URL --es-prefix P`
 with credentials in `STANZAGUARD_ES_*` variables the parent sets; a bare path is SQLite).
+`--chain` names the spool's hash chain in the store (the parent passes its spool's; it must
+match the name the spool directory records).
 The child exits when its stdin closes (the proxy stopped, or was killed). The store applies
 entries idempotently, so a child that dies mid-batch and its successor do no harm; the
 spool cursor moves only on the child's `A` and only the proxy's process moves it.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from archive_api.store.base import ArchiveStore
 from proxy.errors import SpoolCorrupt
-from proxy.spool import Spool, SpoolTail, read_checkpoints
+from proxy.spool import LEGACY_CHAIN_NAME, Spool, SpoolTail, read_chain_name, read_checkpoints
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.stores import (
     EsCredentials,
@@ -58,7 +60,9 @@ class _Worker:
         spool_dir: Path,
         batch_size: int,
         send: Callable[[str], None],
+        chain: str = LEGACY_CHAIN_NAME,
     ) -> None:
+        self.chain = chain
         self.store = store
         self.tail = tail
         self.spool_dir = spool_dir
@@ -83,7 +87,7 @@ class _Worker:
         self.wake.set()
 
     async def run(self) -> None:
-        self.applied = await self.store.last_seq()
+        self.applied = await self.store.last_seq(chain=self.chain)
         backoff = 0.2
         while True:
             try:
@@ -110,7 +114,7 @@ class _Worker:
             await self._answer_drains()
             return False
         links = self.tail.read(self.applied + 1, self.batch_size, self.through)
-        await self.store.apply(links)
+        await self.store.apply(links, chain=self.chain)
         self.applied = links[-1].seq
         self.send(f"A {self.applied}")
         if self.applied >= self.through:
@@ -145,7 +149,7 @@ def child_store_spec(store: str, es_prefix: str | None) -> StoreSpec:
     )
 
 
-async def _child_main(spec: StoreSpec, spool_dir: Path, batch_size: int) -> None:
+async def _child_main(spec: StoreSpec, spool_dir: Path, batch_size: int, chain: str) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=4096)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -156,7 +160,7 @@ async def _child_main(spec: StoreSpec, spool_dir: Path, batch_size: int) -> None
         out.flush()
 
     store = await open_store_spec(spec)
-    worker = _Worker(store, SpoolTail(spool_dir), spool_dir, batch_size, send)
+    worker = _Worker(store, SpoolTail(spool_dir), spool_dir, batch_size, send, chain)
     task = asyncio.create_task(worker.run())
     try:
         while True:
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", required=True, help="sqlite:PATH, es:URL, or a SQLite path")
     parser.add_argument("--es-prefix", default=None, help="index prefix with --store es:URL")
     parser.add_argument("--spool", type=Path, required=True)
+    parser.add_argument(
+        "--chain", default=LEGACY_CHAIN_NAME, help="the spool's hash chain name in the store"
+    )
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--nice", type=int, default=5)
@@ -198,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = child_store_spec(args.store, args.es_prefix)
     except StanzaGuardError as exc:
         parser.error(str(exc))
-    asyncio.run(_child_main(spec, args.spool, args.batch_size))
+    recorded = read_chain_name(args.spool)
+    if recorded is not None and recorded != args.chain:
+        # Applying one chain's entries under another name would corrupt the store's chains.
+        parser.error(f"the spool {args.spool} holds chain {recorded!r}, not {args.chain[:80]!r}")
+    asyncio.run(_child_main(spec, args.spool, args.batch_size, args.chain))
     return 0
 
 
@@ -337,6 +348,8 @@ class IndexWorker:
                 *store_args,
                 "--spool",
                 str(self.spool.directory),
+                # One word, so a name starting with '-' is not taken for an option.
+                f"--chain={self.spool.chain_name}",
                 "--batch-size",
                 str(self.batch_size),
                 "--log-level",

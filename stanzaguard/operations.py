@@ -5,6 +5,7 @@ Composition of store and spool.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,12 +14,24 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from archive_api.store.base import ArchiveStore, SearchPage, Tombstone, VerifyReport
+from archive_api.store.base import (
+    ArchiveStore,
+    SearchPage,
+    Tombstone,
+    VerifyProblem,
+    VerifyReport,
+)
 from archive_api.store.chain import ChainLink
 from archive_api.store.errors import StoreError, StoreUnavailable
 from archive_api.store.sqlite import SqliteStore
 from proxy.errors import SpoolCorrupt
-from proxy.spool import iter_evidence, iter_spool_segments, read_checkpoints
+from proxy.spool import (
+    LEGACY_CHAIN_NAME,
+    iter_evidence,
+    iter_spool_segments,
+    read_chain_name,
+    read_checkpoints,
+)
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.keys import load_public_key
 from stanzaguard.stores import EsSpec, SqliteSpec, StoreSpec, open_store_spec
@@ -90,18 +103,34 @@ class VerifyOutcome:
     spool_problems: list[str] = field(default_factory=list)
     spool_entries_checked: int = 0
     not_yet_indexed: int = 0
+    #: Chains whose checkpoints another key signed (another proxy's, on its own volume):
+    #: checked against their hashes, their signatures only from that proxy's data directory.
+    foreign_signatures: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.store.ok and not self.spool_problems
 
 
-def spooled_links(paths: Paths, key: Ed25519PublicKey | None) -> Iterator[ChainLink]:
+def spool_chain(paths: Paths, configured: str = LEGACY_CHAIN_NAME) -> str:
+    """The chain this data directory's spool writes: the name its spool records, else
+    `configured` (the chain_name setting; a spool made before names were recorded is the
+    default chain)."""
+    try:
+        recorded = read_chain_name(paths.spool) if paths.spool.is_dir() else None
+    except SpoolCorrupt as exc:
+        raise StanzaGuardError(f"cannot tell the spool's chain: {exc}") from None
+    return recorded or configured
+
+
+def spooled_links(
+    paths: Paths, key: Ed25519PublicKey | None, chain: str = LEGACY_CHAIN_NAME
+) -> Iterator[ChainLink]:
     """Evidence first, then what is still in the spool; each seq once, in order."""
     last = 0
     sources: list[Iterator[ChainLink]] = []
     if paths.evidence.is_dir():
-        sources.append(iter_evidence(paths.evidence, public_key=key))
+        sources.append(iter_evidence(paths.evidence, public_key=key, chain_name=chain))
     if paths.spool.is_dir():
         sources.append(iter_spool_segments(paths.spool))
     for link in itertools.chain(*sources):
@@ -110,8 +139,13 @@ def spooled_links(paths: Paths, key: Ed25519PublicKey | None) -> Iterator[ChainL
             yield link
 
 
-async def verify(paths: Paths, *, store_spec: StoreSpec | None = None) -> VerifyOutcome:
+async def verify(
+    paths: Paths, *, store_spec: StoreSpec | None = None, chain_name: str = LEGACY_CHAIN_NAME
+) -> VerifyOutcome:
+    """The store's own verify (every chain), then this data directory's spool and evidence
+    against the store's copy of their chain (`spool_chain`: recorded, else `chain_name`)."""
     key = public_key(paths)
+    chain = spool_chain(paths, chain_name)
     store = await open_chosen_store(paths, store_spec)
     try:
         for checkpoint in read_checkpoints(paths.spool) if paths.spool.is_dir() else []:
@@ -119,16 +153,48 @@ async def verify(paths: Paths, *, store_spec: StoreSpec | None = None) -> Verify
                 raise StanzaGuardError(
                     f"spool checkpoint at seq {checkpoint.seq} is not signed by this archive's key"
                 )
-        outcome = VerifyOutcome(await store.verify(public_key=key))
-        last_indexed = await store.last_seq()
-        stored = store.chain_links(1)
+        outcome = await _verify_store(store, key, chain)
+        last_indexed = await store.last_seq(chain=chain)
+        stored = store.chain_links(1, chain=chain)
         try:
-            await _compare(spooled_links(paths, key), stored, last_indexed, outcome)
+            await _compare(spooled_links(paths, key, chain), stored, last_indexed, outcome)
         except SpoolCorrupt as exc:
             outcome.spool_problems.append(f"spool or evidence: {exc}")
         return outcome
     finally:
         await store.close()
+
+
+async def _verify_store(
+    store: ArchiveStore, key: Ed25519PublicKey | None, own_chain: str
+) -> VerifyOutcome:
+    """The store's own verify, signatures checked with this data directory's key.
+
+    Proxies sharing a store each sign their chain with the key on their own volume. When the
+    store holds other chains, their checkpoints are checked with this key only if it signed
+    them (then all must verify); a chain signed by another key is left to that proxy's
+    `verify` and named in `foreign_signatures`. This data directory's chain must verify.
+    """
+    chains = await store.chains()
+    if key is None or all(chain == own_chain for chain in chains):
+        return VerifyOutcome(await store.verify(public_key=key))
+    report = await store.verify()  # every chain's links, records and checkpoint hashes
+    bad: list[VerifyProblem] = []
+    foreign: list[str] = []
+    for chain in chains:
+        checkpoints = await store.checkpoints(chain)
+        valid = [checkpoint.verify(key) for checkpoint in checkpoints]
+        if chain != own_chain and not any(valid):
+            if checkpoints:
+                foreign.append(chain)
+            continue
+        bad.extend(
+            VerifyProblem("checkpoint signature does not verify", chain=chain, seq=checkpoint.seq)
+            for checkpoint, ok in zip(checkpoints, valid, strict=True)
+            if not ok
+        )
+    report = dataclasses.replace(report, problems=(*bad, *report.problems))
+    return VerifyOutcome(report, foreign_signatures=foreign)
 
 
 async def _compare(
@@ -178,30 +244,34 @@ async def rebuild(
     *,
     batch_size: int = 5000,
     progress: Callable[[int], None] | None = None,
+    chain_name: str = LEGACY_CHAIN_NAME,
 ) -> int:
-    """Build a fresh store at `target` from the evidence and spool segments; return entries."""
+    """Build a fresh store at `target` from the evidence and spool segments; return entries.
+
+    The entries go in as the spool's chain (`spool_chain`: recorded, else `chain_name`)."""
     if target.exists():
         raise StanzaGuardError(f"{target} exists; refusing to overwrite it")
     key = public_key(paths)
+    chain = spool_chain(paths, chain_name)
     store = await SqliteStore.open(target)
     applied = 0
     try:
         batch: list[ChainLink] = []
-        for link in spooled_links(paths, key):
+        for link in spooled_links(paths, key, chain):
             batch.append(link)
             if len(batch) >= batch_size:
-                await store.apply(batch)
+                await store.apply(batch, chain=chain)
                 applied += len(batch)
                 batch = []
                 if progress is not None:
                     progress(applied)
         if batch:
-            await store.apply(batch)
+            await store.apply(batch, chain=chain)
             applied += len(batch)
             if progress is not None:
                 progress(applied)
         for checkpoint in read_checkpoints(paths.spool) if paths.spool.is_dir() else []:
-            if checkpoint.seq <= applied:
+            if checkpoint.chain_name == chain and checkpoint.seq <= applied:
                 await store.add_checkpoint(checkpoint)
     except SpoolCorrupt as exc:
         raise StanzaGuardError(f"cannot rebuild: {exc}") from None

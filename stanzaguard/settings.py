@@ -27,6 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from archive_api.store.audit import AUDIT_CHAIN
 from stanzaguard.errors import SettingsError
 
 
@@ -54,6 +55,9 @@ MAX_ES_URL_LENGTH = 2048
 #: What `ElasticsearchStore.open` accepts as an index prefix (its own check, repeated here so
 #: a bad prefix is a settings error at start-up rather than a store error later).
 ES_INDEX_PREFIX_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,60}")
+#: A proxy's hash chain name: a StatefulSet pod name (a DNS label) fits, and so does the
+#: default `spool`. ASCII only, so two names that look alike are alike.
+CHAIN_NAME_RE = re.compile(r"[a-z0-9._-]{1,63}")
 
 
 def check_es_url(value: str) -> str:
@@ -135,6 +139,11 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1024 * 1024, description="Unindexed spool size at which to fail closed."
     )
     checkpoint_every: int = Field(1000, ge=1, description="Sign the chain head every N entries.")
+    chain_name: str = Field(
+        "spool",
+        description="This proxy's hash chain in the store; one name per proxy sharing a store "
+        "(lower-case letters, digits, '-', '_', '.'; 1 to 63).",
+    )
     retention_file: Path | None = Field(
         None,
         description="TOML file with the [retention] section; set: `stanzaguard run` classifies "
@@ -294,6 +303,20 @@ class Settings(BaseSettings):
         if len(value) > 64:
             raise ValueError("at most 64 Elasticsearch URLs")
         return [check_es_url(url) for url in value]
+
+    @field_validator("chain_name")
+    @classmethod
+    def _check_chain_name(cls, value: str) -> str:
+        if not CHAIN_NAME_RE.fullmatch(value):
+            raise ValueError(
+                f"{value[:70]!r} is not a chain name: use 1 to 63 lower-case letters, digits, "
+                "'-', '_' or '.'"
+            )
+        if value == AUDIT_CHAIN:
+            # The same key signs both: a spool checkpoint of a chain named like the audit
+            # log's would read as a signed audit checkpoint.
+            raise ValueError(f"{AUDIT_CHAIN!r} is the audit log's chain; choose another name")
+        return value
 
     @field_validator("es_index_prefix")
     @classmethod

@@ -237,16 +237,20 @@ def build_counter_store(settings: Settings) -> CounterStore | None:
 async def open_spool(settings: Settings, clock: Clock) -> Spool:
     layout = DataLayout(settings.data_dir)
     signer = load_or_create_signer(layout.keys)
-    return await Spool.open(
-        layout.spool,
-        clock=clock,
-        signer=signer,
-        checkpoint_every=settings.checkpoint_every,
-        max_spool_bytes=settings.spool_max_bytes,
-        segment_max_bytes=settings.spool_segment_bytes,
-        keep_evidence=settings.keep_evidence,
-        evidence_dir=layout.evidence(settings),
-    )
+    try:
+        return await Spool.open(
+            layout.spool,
+            clock=clock,
+            signer=signer,
+            checkpoint_every=settings.checkpoint_every,
+            max_spool_bytes=settings.spool_max_bytes,
+            segment_max_bytes=settings.spool_segment_bytes,
+            keep_evidence=settings.keep_evidence,
+            evidence_dir=layout.evidence(settings),
+            chain_name=settings.chain_name,
+        )
+    except ValueError as exc:  # the spool's own checks of these settings (chain_name, sizes)
+        raise SettingsError(str(exc)) from None
 
 
 class ArchivingService:

@@ -55,6 +55,7 @@ import json
 import math
 import re
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -841,6 +842,12 @@ def _probe_sql(clause: Clause) -> tuple[str, list[Any]] | None:
             return None
 
 
+# Facets pass over slices of about this many records (see SqliteStore._facets); at most
+# this many slices, so a sparse query over a long archive stays a few hundred seeks.
+_FACET_SLICE_RECORDS: Final = 100_000
+_MAX_FACET_SLICES: Final = 1000
+
+
 def _by_severity(counted: tuple[Action, int]) -> int:
     return counted[0].severity
 
@@ -1432,42 +1439,46 @@ class SqliteStore:
             raise InvalidRequest(f"top must be between 1 and {MAX_PAGE_SIZE}")
         return await self._run(self._facets, parsed, top)
 
-    def _facets(self, query: Query, top: int) -> Facets:
+    def _facets(self, query: Query, top: int, slice_records: int = _FACET_SLICE_RECORDS) -> Facets:
         conn = self._conn
         plan = _choose_plan(conn, query)
-        base = f"FROM {plan.source} WHERE {plan.where}"
-        params = plan.all_params()
-        # One pass over the matches for all three facets: a GROUP BY sorts every matching
-        # row (and with text, each pass looks up every match's row), so that pass is what a
-        # facet costs. It counts per (remote domain, day), split by action with FILTER, which
-        # needs no sort; the domain and day totals then sort only those groups.
+        # SQLite aggregates by sorting: GROUP BY would sort every matching row once per
+        # facet. Instead one pass hands the domains and days over as JSON arrays, which
+        # Counter tallies in C, and counts actions with FILTER, which needs no sort. The
+        # pass runs over slices of the id (time) space that hold about `slice_records`
+        # records each, so the arrays stay small however many records match.
         actions = tuple(Action)
         split = ", ".join("count(*) FILTER (WHERE r.action = ?)" for _ in actions)
-        columns = ", ".join(f"a{i}" for i in range(len(actions)))
-        sums = ", ".join(f"sum(a{i})" for i in range(len(actions)))
-        zeros = ", ".join("0" for _ in actions)
         # Floor division that is also right before 1970 (SQLite's / truncates toward zero).
         day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
-        totals = conn.execute(
-            f"WITH g(domain, d, n, {columns}) AS MATERIALIZED ("  # noqa: S608
-            f"SELECT r.remote_domain, {day}, count(*), {split} {base} GROUP BY 1, 2) "
-            f"SELECT 0, domain, sum(n), {sums} FROM g GROUP BY domain "
-            f"UNION ALL SELECT 1, d, sum(n), {zeros} FROM g GROUP BY d",
-            (*(a.value for a in actions), *params),
-        ).fetchall()
-        per_domain = [row[1:] for row in totals if row[0] == 0]
-        action_counts = [sum(row[2 + i] for row in per_domain) for i in range(len(actions))]
+        sql = (
+            f"SELECT json_group_array(r.remote_domain), json_group_array({day}), {split} "  # noqa: S608
+            f"FROM {plan.source} WHERE {plan.where} "
+            f"AND {plan.id_col} >= ? AND {plan.id_col} < ?"
+        )
+        domains: Counter[str] = Counter()
+        days: Counter[int] = Counter()
+        action_counts = [0] * len(actions)
+        for low, high in _id_slices(conn, slice_records):
+            found = conn.execute(
+                sql, (*(a.value for a in actions), *plan.all_params(), low, high)
+            ).fetchone()
+            domains.update(_loads(found[0]))
+            days.update(_loads(found[1]))
+            for i, n in enumerate(found[2:]):
+                action_counts[i] += n
         # Python orders str by code point, as SQLite orders UTF-8 text byte by byte.
-        by_domain = sorted(((d, int(n)) for d, n, *_ in per_domain), key=lambda r: (-r[1], r[0]))
-        by_day = sorted((int(d), int(n)) for kind, d, n, *_ in totals if kind == 1)
+        by_domain = sorted(domains.items(), key=lambda r: (-r[1], r[0]))
         return Facets(
             by_action=tuple(
-                (a, int(n))
+                (a, n)
                 for a, n in sorted(zip(actions, action_counts, strict=True), key=_by_severity)
                 if n
             ),
             by_remote_domain=tuple(by_domain[:top]),
-            by_day=tuple((date(1970, 1, 1) + timedelta(days=int(d)), int(n)) for d, n in by_day),
+            by_day=tuple(
+                (date(1970, 1, 1) + timedelta(days=d), n) for d, n in sorted(days.items())
+            ),
         )
 
     # -- the chain --
@@ -2116,6 +2127,19 @@ def _chain_row(conn: sqlite3.Connection, chain: str, *, create: bool) -> _ChainR
 def _layout(conn: sqlite3.Connection) -> int:
     found = conn.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
     return int(found[0]) if found is not None else 0
+
+
+def _id_slices(conn: sqlite3.Connection, records_per_slice: int) -> list[tuple[int, int]]:
+    """Half-open ranges [low, high) that cover every records id, each holding about
+    `records_per_slice` records if they were spread evenly over time."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM records").fetchone()
+    if low is None:
+        return []
+    # Chain entries outnumber records (observations, statuses): slices come out smaller.
+    (entries,) = conn.execute("SELECT coalesce(sum(last_seq), 0) FROM chains").fetchone()
+    slices = max(1, min(_MAX_FACET_SLICES, -(-int(entries) // records_per_slice)))
+    width = -(-(high + 1 - low) // slices)
+    return [(start, min(start + width, high + 1)) for start in range(low, high + 1, width)]
 
 
 def _max_spill(conn: sqlite3.Connection) -> int:

@@ -185,6 +185,9 @@ SECRET_STAND_INS = {
     "es_password": "an-es-password",
 }
 
+#: What the downward API gives a pod: the longest pod name a StatefulSet makes (a DNS label).
+FIELD_STAND_INS = {"metadata.name": "t-stanzaguard-proxy-" + "9" * 43}
+
 
 # -- the chart itself ------------------------------------------------------------------------
 
@@ -303,7 +306,7 @@ def test_distributed_secrets_reach_the_components_that_need_them(
         refs = {
             name: entry["valueFrom"]["secretKeyRef"]["key"]
             for name, entry in env_of(container).items()
-            if "valueFrom" in entry
+            if "secretKeyRef" in entry.get("valueFrom", {})
         }
         assert variables <= set(refs), f"{suffix}: missing {variables - set(refs)}"
         for variable in variables:
@@ -319,6 +322,10 @@ def _settings_from(container: Manifest, monkeypatch: pytest.MonkeyPatch) -> Sett
             continue
         if "value" in entry:
             monkeypatch.setenv(variable, entry["value"])
+        elif "fieldRef" in entry["valueFrom"]:
+            monkeypatch.setenv(
+                variable, FIELD_STAND_INS[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+            )
         else:
             monkeypatch.setenv(variable, SECRET_STAND_INS[variable.removeprefix(PREFIX).lower()])
     return load_settings()
@@ -373,6 +380,38 @@ def test_distributed_proxies_ship_to_celery_on_elasticsearch(
     worker = one(distributed, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
     assert worker["args"] == ["worker"]
     assert _settings_from(worker, monkeypatch).worker_concurrency == 4
+
+
+# -- one hash chain per proxy replica -------------------------------------------------------
+
+
+def test_each_proxy_replica_names_its_chain_after_its_pod(
+    rendered: tuple[str, list[Manifest]],
+) -> None:
+    name, manifests = rendered
+    proxy = one(manifests, "StatefulSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(proxy)["STANZAGUARD_CHAIN_NAME"] == {
+        "name": "STANZAGUARD_CHAIN_NAME",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }, name
+    # Only the proxies spool; nothing else is handed a chain name.
+    for where, _, container in containers(manifests):
+        if not where.endswith("-proxy/proxy"):
+            assert "STANZAGUARD_CHAIN_NAME" not in env_of(container), where
+
+
+def test_several_proxies_on_elasticsearch_need_no_preview_flag(helm: str) -> None:
+    manifests = render(helm, *ES, "--set", "api.enabled=false", "--set", "proxy.replicas=4")
+    assert one(manifests, "StatefulSet", "-proxy")["spec"]["replicas"] == 4
+
+
+def test_a_single_proxy_can_keep_a_pinned_chain_name(
+    helm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifests = render(helm, "--set", "proxy.chainName=spool")
+    proxy = one(manifests, "StatefulSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(proxy)["STANZAGUARD_CHAIN_NAME"]["value"] == "spool"
+    assert _settings_from(proxy, monkeypatch).chain_name == "spool"
 
 
 # -- volumes, probes, security ---------------------------------------------------------------
@@ -532,9 +571,23 @@ REFUSED: list[tuple[str, tuple[str, ...], str]] = [
     ),
     ("replicas on sqlite", ("--set", "proxy.replicas=2"), "needs store=elasticsearch"),
     (
-        "replicas without preview",
-        (*ES, "--set", "api.enabled=false", "--set", "proxy.replicas=3"),
-        "preview.multipleProxies",
+        "one chain name for several replicas",
+        (
+            *ES,
+            "--set",
+            "api.enabled=false",
+            "--set",
+            "proxy.replicas=3",
+            "--set",
+            "proxy.chainName=spool",
+        ),
+        "every replica needs its own",
+    ),
+    ("bad chain name", ("--set", "proxy.chainName=Proxy 0"), "proxy.chainName: Does not match"),
+    (
+        "overlong chain name",
+        ("--set", "proxy.chainName=" + "x" * 64),
+        "proxy.chainName: Does not match",
     ),
     ("api on es without preview", ES, "preview.apiOnElasticsearch"),
     (
@@ -620,9 +673,10 @@ def render_notes(helm: str, tmp_path: Path, *args: str) -> str:
 def test_notes_state_the_limits(helm: str, tmp_path: Path) -> None:
     notes = render_notes(helm, tmp_path, "-f", str(DISTRIBUTED))
     assert "Not distributed-safe yet" in notes
-    assert "hash chain `spool`" in notes
+    assert "Each proxy replica writes its own hash chain" in notes
+    assert "t-stanzaguard-proxy-0, -1, ..." in notes
     assert "XEP-0198" in notes
-    assert "WARNING: preview.multipleProxies is on with 3 replicas" in notes
+    assert "multipleProxies" not in notes
     assert "WARNING: preview.apiOnElasticsearch is on" in notes
 
 

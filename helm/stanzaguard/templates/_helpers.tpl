@@ -81,7 +81,7 @@ ignores environment variables it does not know and a typo would pass unnoticed.
 {{- define "stanzaguard.knownSettings" -}}
 environment domain upstream upstream_tls upstream_ca_file cert key listen listen_tls
 allow_plaintext data_dir policy keep_evidence evidence_dir fail_open spool_segment_bytes
-spool_max_bytes checkpoint_every retention_file retention_interval retention_purge store es_url
+spool_max_bytes checkpoint_every chain_name retention_file retention_interval retention_purge store es_url
 es_index_prefix es_api_key es_username es_password es_ca_file index_worker indexing counters
 redis_url index_task_timeout worker_concurrency upload_hosts attachment_max_bytes
 attachment_timeout attachment_retries attachment_allow_http max_stanza_bytes max_depth
@@ -95,7 +95,7 @@ blocklist_files model api_listen session_secret session_max_age log_level log_fo
 environment domain upstream upstream_tls cert key listen listen_tls data_dir policy
 retention_file store es_url es_index_prefix es_api_key es_username es_password es_ca_file
 indexing counters redis_url worker_concurrency metrics_listen api_listen session_secret
-rtbl_password log_level
+rtbl_password log_level chain_name
 {{- end }}
 
 {{/* One value of `settings:` as environment text: lists comma-joined, whole numbers exact. */}}
@@ -244,8 +244,8 @@ refused install says what to do.
 {{- if and (gt (int $v.proxy.replicas) 1) (eq $v.store "sqlite") }}
 {{- fail "proxy.replicas > 1 needs store=elasticsearch: with store=sqlite every replica would keep a separate archive on its own volume" }}
 {{- end }}
-{{- if and (gt (int $v.proxy.replicas) 1) (not $v.preview.multipleProxies) }}
-{{- fail "proxy.replicas > 1 is not safe yet: every proxy names its hash chain `spool`, so the archive refuses all but one replica's batches and the others fail closed once their spools fill (docs/distributed.md). Set preview.multipleProxies=true to deploy it anyway" }}
+{{- if and (gt (int $v.proxy.replicas) 1) $v.proxy.chainName }}
+{{- fail "proxy.chainName names one hash chain, and every replica needs its own: leave it empty with proxy.replicas > 1 (each replica's chain is then its pod name)" }}
 {{- end }}
 {{- if and (include "stanzaguard.apiDeployment" .) (not $v.preview.apiOnElasticsearch) }}
 {{- fail "api.enabled with store=elasticsearch: `stanzaguard api` cannot read an Elasticsearch archive yet (it opens SQLite in its own data directory). Set api.enabled=false, or preview.apiOnElasticsearch=true to deploy it anyway" }}
@@ -297,6 +297,16 @@ refused install says what to do.
   value: {{ printf "0.0.0.0:%d" (int .Values.api.port) | quote }}
 {{- else }}
   value: "off"
+{{- end }}
+{{- /* Each replica's spool is its own hash chain in the shared store: the pod's name
+(stable per ordinal, as its volume is) unless one name is pinned for a single replica. */}}
+- name: STANZAGUARD_CHAIN_NAME
+{{- if .Values.proxy.chainName }}
+  value: {{ .Values.proxy.chainName | quote }}
+{{- else }}
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
 {{- end }}
 {{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_SESSION_SECRET" "key" .Values.secrets.keys.sessionSecret) }}
 {{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_RTBL_PASSWORD" "key" .Values.secrets.keys.rtblPassword) }}

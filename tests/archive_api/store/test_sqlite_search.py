@@ -9,6 +9,7 @@ store big enough for every shortcut to fire, and the tests assert that it did fi
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -19,12 +20,14 @@ from typing import Any
 import pytest
 
 from archive_api.store.base import Facets, SortOrder
+from archive_api.store.errors import QuerySyntaxError
 from archive_api.store.query import TextTerm, parse_query
 from archive_api.store.records import Direction
 from archive_api.store.sqlite import (
     _DAY_US,
     SqliteStore,
     _choose_plan,
+    _id_slices,
     _instance_probe,
     _max_spill,
     _plan,
@@ -32,7 +35,7 @@ from archive_api.store.sqlite import (
     _relevance_sql,
 )
 from classifier.verdict import Action
-from tests.archive_api.store.conformance import T0, ChainWriter, record
+from tests.archive_api.store.conformance import HOSTILE_QUERIES, T0, ChainWriter, record
 
 # "deal" is in most records, often more than once; the Greek letters are rarer.
 WORDS = (
@@ -287,6 +290,23 @@ async def test_one_pass_facets_equal_group_by_facets(store: SqliteStore, top: in
         assert await store.facets(query, top=top) == expected, query
 
 
+@pytest.mark.parametrize("slice_records", [1, 97, 1000])
+async def test_facets_in_many_slices_add_up(store: SqliteStore, slice_records: int) -> None:
+    """The facet pass over id slices (one per record, a few, or one) counts each record once."""
+    slices = await store._run(_id_slices, store._conn, slice_records)
+    ids = await store._run(
+        lambda: [i for (i,) in store._conn.execute("SELECT id FROM records ORDER BY id")]
+    )
+    assert slices[0][0] == ids[0] and slices[-1][1] == ids[-1] + 1
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))
+    if slice_records == 1:
+        assert len(slices) == 1000  # the cap
+    for query in QUERIES[::3]:
+        expected = await store._run(_reference_facets, store._conn, query, 5)
+        found = await store._run(store._facets, parse_query(query), 5, slice_records)
+        assert found == expected, (query, slice_records)
+
+
 def _sample_queries() -> Iterator[str]:
     """More shapes, drawn at random, for the facets and counts of both join orders."""
     rng = random.Random(11)
@@ -312,3 +332,31 @@ async def test_counts_and_facets_agree_for_random_shapes(store: SqliteStore) -> 
         assert await store.facets(query) == expected, query
         total = sum(n for _, n in expected.by_action)
         assert await store.count(query) == total, query
+
+
+async def test_hostile_queries_take_the_shortcuts_safely(store: SqliteStore) -> None:
+    """Odd text reaches the probes (fts5vocab terms, bounded counts) and changes nothing."""
+    conn = store._conn
+    for text in [*HOSTILE_QUERIES, "deal NEAR(", 'deal "a""b"*', "deal ' OR 1=1 --", "DEAL z*"]:
+        try:
+            parsed = parse_query(text)
+        except QuerySyntaxError as exc:
+            assert 0 <= exc.position <= len(text)
+            continue
+        for sort in ("time", "relevance"):
+            page = await store.search(parsed, sort=sort)
+            plan = await store._run(_plan, parsed, 0)
+            if sort == "relevance":
+                sql, params = _relevance_sql(plan, None, len(page.hits))
+            else:
+                sql = (
+                    f"SELECT {plan.id_col}, r.record_id, NULL FROM {plan.source} "  # noqa: S608
+                    f"WHERE {plan.where} ORDER BY {plan.id_col} DESC LIMIT ?"
+                )
+                params = [*plan.all_params(), len(page.hits) + 1]
+            rows = await store._run(lambda s=sql, p=params: conn.execute(s, p).fetchall())
+            assert [h.record.record_id for h in page.hits] == [r[1] for r in rows][
+                : len(page.hits)
+            ], (text, sort)
+        assert await store.count(parsed) >= len(page.hits)
+        await store.facets(parsed)
