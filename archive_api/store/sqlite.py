@@ -721,6 +721,16 @@ _RETRACTED_SQL: Final = (
 )
 
 
+def _rowid_bound(term: TimeTerm, max_spill: int) -> int | None:
+    """The rowid an `after:` (>=) or `before:` (<) bound implies, None where slots clamp."""
+    us = _to_us(term.at)
+    if term.bound is TimeBound.AFTER and _MIN_SLOT < us <= _MAX_SLOT:
+        return us * _TIES
+    if term.bound is TimeBound.BEFORE and _MIN_SLOT < us < _MAX_SLOT - max_spill:
+        return (us + max_spill) * _TIES
+    return None
+
+
 def _filter_sql(clause: Clause, id_col: str, max_spill: int) -> tuple[str, list[Any]]:
     term = clause.term
     match term:
@@ -741,10 +751,10 @@ def _filter_sql(clause: Clause, id_col: str, max_spill: int) -> tuple[str, list[
             exact = "r.occurred_us >= ?" if bound is TimeBound.AFTER else "r.occurred_us < ?"
             # The rowid bound is what makes the window fast; it is a superset of the exact
             # one (spills only move records later), so both together are exact.
-            if bound is TimeBound.AFTER and _MIN_SLOT < us <= _MAX_SLOT:
-                return f"({id_col} >= ? AND {exact})", [us * _TIES, us]
-            if bound is TimeBound.BEFORE and _MIN_SLOT < us < _MAX_SLOT - max_spill:
-                return f"({id_col} < ? AND {exact})", [(us + max_spill) * _TIES, us]
+            rowid = _rowid_bound(term, max_spill)
+            if rowid is not None:
+                compare = ">=" if bound is TimeBound.AFTER else "<"
+                return f"({id_col} {compare} ? AND {exact})", [rowid, us]
             return exact, [us]
         case TypeTerm(type=record_type):
             if record_type is RecordType.FILE:
@@ -891,6 +901,10 @@ def _choose_plan(conn: sqlite3.Connection, query: Query) -> _Plan:
 _INSTANCES_TABLE: Final = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS temp.fts_instances USING fts5vocab(main, fts, instance)"
 )
+# Per term: in how many records, and how many times in all.
+_TERMS_TABLE: Final = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.fts_terms USING fts5vocab(main, fts, row)"
+)
 # What unicode61 makes of ASCII text: runs of letters and digits, lower-cased.
 _ASCII_TOKEN: Final = re.compile(r"[0-9a-z]+")
 
@@ -972,6 +986,30 @@ def _relevance_shortcut(
     if not probes or plan.filter_first:
         return None
     conn.execute(_INSTANCES_TABLE)
+    conn.execute(_TERMS_TABLE)
+    # Counting the tokens costs a microsecond or two per instance, scoring a match about
+    # ten. The shortcut counts every instance of the tokens and scores the records with
+    # more than one; it loses when many records have several (`the`), or when the phrases
+    # meet in few records (`deal price`): then scoring those few is the cheaper way.
+    stats = [
+        conn.execute(
+            f"SELECT coalesce(sum(doc), 0), coalesce(sum(cnt), 0) FROM temp.fts_terms "  # noqa: S608
+            f"WHERE {sql}",
+            probe_values,
+        ).fetchone()
+        for sql, probe_values in probes
+    ]
+    instances = sum(cnt for _, cnt in stats)
+    # Records with a token more than once (the candidates, bar subject matches) number at
+    # most the instances beyond one per record.
+    extra = sum(cnt - docs for docs, cnt in stats)
+    if extra <= limit or 4 * extra > min(docs for docs, _ in stats):
+        return None
+    if len(probes) > 1:  # one phrase: its token's records are about its matches
+        matches = _capped_count(conn, "fts WHERE fts MATCH ?", (plan.match,))
+        if matches < _PROBE_CAP and matches * 10 < instances:
+            return None
+    values = [value for _, probe_values in probes for value in probe_values]
     union = " UNION ALL ".join(
         f"SELECT doc, col FROM temp.fts_instances WHERE {sql}"  # noqa: S608
         for sql, _ in probes
@@ -981,7 +1019,7 @@ def _relevance_shortcut(
         conn.execute(
             f"SELECT doc, count(*) + count(*) FILTER (WHERE col = 'subject') AS n "  # noqa: S608
             f"FROM ({union}) GROUP BY doc HAVING n > ?",
-            (*(value for _, values in probes for value in values), floors[-1]),
+            (*values, floors[-1]),
         ).fetchall()
     )
     if len(tokens) <= limit:
@@ -1451,17 +1489,18 @@ class SqliteStore:
         split = ", ".join("count(*) FILTER (WHERE r.action = ?)" for _ in actions)
         # Floor division that is also right before 1970 (SQLite's / truncates toward zero).
         day = f"(r.occurred_us - ((r.occurred_us % {_DAY_US}) + {_DAY_US}) % {_DAY_US}) / {_DAY_US}"
+        # The slice's bounds come first: SQLite seeks on the first rowid range it is given.
         sql = (
             f"SELECT json_group_array(r.remote_domain), json_group_array({day}), {split} "  # noqa: S608
-            f"FROM {plan.source} WHERE {plan.where} "
-            f"AND {plan.id_col} >= ? AND {plan.id_col} < ?"
+            f"FROM {plan.source} WHERE {plan.id_col} >= ? AND {plan.id_col} < ? "
+            f"AND {plan.where}"
         )
         domains: Counter[str] = Counter()
         days: Counter[int] = Counter()
         action_counts = [0] * len(actions)
-        for low, high in _id_slices(conn, slice_records):
+        for low, high in _id_slices(conn, query, _max_spill(conn), slice_records):
             found = conn.execute(
-                sql, (*(a.value for a in actions), *plan.all_params(), low, high)
+                sql, (*(a.value for a in actions), low, high, *plan.all_params())
             ).fetchone()
             domains.update(_loads(found[0]))
             days.update(_loads(found[1]))
@@ -2129,17 +2168,34 @@ def _layout(conn: sqlite3.Connection) -> int:
     return int(found[0]) if found is not None else 0
 
 
-def _id_slices(conn: sqlite3.Connection, records_per_slice: int) -> list[tuple[int, int]]:
-    """Half-open ranges [low, high) that cover every records id, each holding about
-    `records_per_slice` records if they were spread evenly over time."""
-    low, high = conn.execute("SELECT min(id), max(id) FROM records").fetchone()
+def _id_slices(
+    conn: sqlite3.Connection, query: Query, max_spill: int, records_per_slice: int
+) -> list[tuple[int, int]]:
+    """Half-open id ranges [low, high) covering every record the query's time window lets
+    through, each holding about `records_per_slice` records if they were spread evenly."""
+    # Two subqueries: min() and max() in one SELECT would scan the table instead of
+    # reading the two ends of the rowid b-tree.
+    low, high = conn.execute(
+        "SELECT (SELECT min(id) FROM records), (SELECT max(id) FROM records)"
+    ).fetchone()
     if low is None:
+        return []
+    start, stop = low, high + 1
+    for clause in query.filter_clauses:
+        if isinstance(clause.term, TimeTerm) and not clause.negated:
+            rowid = _rowid_bound(clause.term, max_spill)
+            if rowid is not None and clause.term.bound is TimeBound.AFTER:
+                start = max(start, rowid)
+            elif rowid is not None:
+                stop = min(stop, rowid)
+    if start >= stop:
         return []
     # Chain entries outnumber records (observations, statuses): slices come out smaller.
     (entries,) = conn.execute("SELECT coalesce(sum(last_seq), 0) FROM chains").fetchone()
-    slices = max(1, min(_MAX_FACET_SLICES, -(-int(entries) // records_per_slice)))
-    width = -(-(high + 1 - low) // slices)
-    return [(start, min(start + width, high + 1)) for start in range(low, high + 1, width)]
+    expected = int(entries) * (stop - start) // (high + 1 - low)
+    slices = max(1, min(_MAX_FACET_SLICES, -(-expected // records_per_slice)))
+    width = -(-(stop - start) // slices)
+    return [(edge, min(edge + width, stop)) for edge in range(start, stop, width)]
 
 
 def _max_spill(conn: sqlite3.Connection) -> int:

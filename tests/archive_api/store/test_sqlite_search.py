@@ -55,8 +55,15 @@ def _body(rng: random.Random) -> str | None:
         return None  # subject only: a subject match then scores exactly 2.0
     if roll < 0.05:
         return ""
+    if roll < 0.15:  # short lines where two rarer words meet, a few more than once
+        lines = ["omega psi"] * 20 + ["omega psi omega", "psi omega psi psi", "psi"]
+        return rng.choice(lines)
     count = rng.choice([1, 2, 3, 5, 8, 13, 40, 150])
     words = rng.choices(WORDS, k=count)
+    # "sigma" is in about half the records, rarely more than once: the shape of most words.
+    sigma = rng.random()
+    for _ in range(3 if sigma < 0.02 else 2 if sigma < 0.07 else 1 if sigma < 0.5 else 0):
+        words.insert(rng.randint(0, len(words)), "sigma")
     if rng.random() < 0.05:
         words.append(rng.choice(["café", "Zürich", "dealer", "deal-breaker", "DEAL!"]))
     return " ".join(words)
@@ -119,9 +126,16 @@ async def store(archive: Path) -> AsyncIterator[SqliteStore]:
 
 
 QUERIES = [
+    "sigma",
+    "sig*",
+    "sigma -lunch",
+    "sigma -verdict:allow",
+    f"sigma with:{RARE}",
     "deal",
     "deal -lunch",
     "deal price",
+    "omega psi",
+    "psi -omega",
     '"deal deal"',
     "dea*",
     '"deal pri"*',
@@ -144,6 +158,9 @@ QUERIES = [
     "-deal",
     f"from:{RARE}",
     "after:2026-01-16 before:2026-01-17",
+    "deal before:2026-01-01",
+    "after:2027-01-01",
+    "deal after:2026-01-20 before:2026-01-18",
     "",
 ]
 
@@ -220,7 +237,7 @@ async def test_relevance_shortcut_is_exact(store: SqliteStore) -> None:
                 fired.add(query)
                 assert [(rid, score) for _, rid, score in first] == expected[: limit + 1]
     # The shortcut must really have answered the common-word queries.
-    assert {"deal", "deal -lunch", "dea*", "deal price"} <= fired
+    assert {"sigma", "sig*", "sigma -lunch", "omega psi"} <= fired
 
 
 def test_ascii_tokens_are_found_as_fts5_finds_them() -> None:
@@ -293,7 +310,7 @@ async def test_one_pass_facets_equal_group_by_facets(store: SqliteStore, top: in
 @pytest.mark.parametrize("slice_records", [1, 97, 1000])
 async def test_facets_in_many_slices_add_up(store: SqliteStore, slice_records: int) -> None:
     """The facet pass over id slices (one per record, a few, or one) counts each record once."""
-    slices = await store._run(_id_slices, store._conn, slice_records)
+    slices = await store._run(_id_slices, store._conn, parse_query(""), 0, slice_records)
     ids = await store._run(
         lambda: [i for (i,) in store._conn.execute("SELECT id FROM records ORDER BY id")]
     )
