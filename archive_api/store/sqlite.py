@@ -56,7 +56,7 @@ import math
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -2091,21 +2091,18 @@ def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connecti
                     conn.execute(f"PRAGMA user_version = {version}")
         if version != SCHEMA_VERSION:
             raise StoreCorrupted(f"{path} has schema version {version}; expected {SCHEMA_VERSION}")
-        layout = _layout(conn)
-        if layout < _LAYOUT:
-            with _transaction(conn):
-                layout = _layout(conn)  # again, under the write lock
-                while layout < _LAYOUT:
-                    for statement in _split_schema(_LAYOUT_UPGRADES[layout]):
-                        conn.execute(statement)
-                    layout += 1
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('layout', ?)", (layout,)
-                )
-        if layout != _LAYOUT:
-            raise StoreCorrupted(f"{path} has index layout {layout}; expected {_LAYOUT}")
-        _ensure_access_schema(conn, path)  # audit log and API tokens
-        _ensure_retention_schema(conn)  # holds, retention and purge section
+        _upgrade_section(conn, path, "layout", _LAYOUT_UPGRADES, _LAYOUT, "index layout")
+        _upgrade_section(  # audit log and API tokens
+            conn, path, "access_schema", _ACCESS_SCHEMA_SQL, _ACCESS_SCHEMA, "audit/token schema"
+        )
+        _upgrade_section(  # holds, retention and purge
+            conn,
+            path,
+            "retention_schema",
+            {0: _RETENTION_SCHEMA},
+            _RETENTION_SCHEMA_VERSION,
+            "retention schema",
+        )
     except sqlite3.Error as exc:
         conn.close()
         raise _translate(exc) from exc
@@ -2163,9 +2160,36 @@ def _chain_row(conn: sqlite3.Connection, chain: str, *, create: bool) -> _ChainR
     return _ChainRow(*found) if found is not None else None
 
 
-def _layout(conn: sqlite3.Connection) -> int:
-    found = conn.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+def _meta_version(conn: sqlite3.Connection, key: str) -> int:
+    found = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(found[0]) if found is not None else 0
+
+
+def _upgrade_section(
+    conn: sqlite3.Connection,
+    path: str,
+    key: str,
+    upgrades: Mapping[int, str],
+    target: int,
+    what: str,
+) -> None:
+    """Bring a part of the schema versioned by `meta.<key>` to `target` (at open).
+
+    `upgrades[v]` takes it from version v to v + 1 (0: create). Runs in one transaction and
+    reads the version again under the write lock, so two processes opening at once do not
+    both upgrade.
+    """
+    version = _meta_version(conn, key)
+    if version < target:
+        with _transaction(conn):
+            version = _meta_version(conn, key)
+            while version < target:
+                for statement in _split_schema(upgrades[version]):
+                    conn.execute(statement)
+                version += 1
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, version))
+    if version != target:
+        raise StoreCorrupted(f"{path} has {what} {version}; expected {target}")
 
 
 def _id_slices(
@@ -2308,30 +2332,6 @@ CREATE TABLE IF NOT EXISTS holds (
 """
 _MAX_HOLD_FIELD: Final = 10_000
 _IN_CHUNK: Final = 500
-
-
-def _retention_schema(conn: sqlite3.Connection) -> int:
-    found = conn.execute("SELECT value FROM meta WHERE key = 'retention_schema'").fetchone()
-    return int(found[0]) if found is not None else 0
-
-
-def _ensure_retention_schema(conn: sqlite3.Connection) -> None:
-    """Create the holds and retention tables when missing (at open, in one transaction)."""
-    version = _retention_schema(conn)
-    if version == 0:
-        with _transaction(conn):
-            version = _retention_schema(conn)  # again, under the write lock
-            if version == 0:
-                for statement in _split_schema(_RETENTION_SCHEMA):
-                    conn.execute(statement)
-                version = _RETENTION_SCHEMA_VERSION
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('retention_schema', ?)", (version,)
-                )
-    if version != _RETENTION_SCHEMA_VERSION:
-        raise StoreCorrupted(
-            f"retention schema version {version}; expected {_RETENTION_SCHEMA_VERSION}"
-        )
 
 
 def _from_us(us: int) -> datetime:
@@ -2851,28 +2851,6 @@ _AUDIT_COLUMNS: Final = (
     "seq, at_us, actor, role, action, params, result_count, outcome, prev_hash, hash"
 )
 _TOKEN_COLUMNS: Final = "name, role, secret_hash, created_us, expires_us, revoked_us"  # noqa: S105
-
-
-def _access_schema(conn: sqlite3.Connection) -> int:
-    found = conn.execute("SELECT value FROM meta WHERE key = 'access_schema'").fetchone()
-    return int(found[0]) if found is not None else 0
-
-
-def _ensure_access_schema(conn: sqlite3.Connection, path: str) -> None:
-    """Create or upgrade the audit and token tables (at open, in one transaction)."""
-    version = _access_schema(conn)
-    if version < _ACCESS_SCHEMA:
-        with _transaction(conn):
-            version = _access_schema(conn)  # again, under the write lock
-            while version < _ACCESS_SCHEMA:
-                for statement in _split_schema(_ACCESS_SCHEMA_SQL[version]):
-                    conn.execute(statement)
-                version += 1
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('access_schema', ?)", (version,)
-            )
-    if version != _ACCESS_SCHEMA:
-        raise StoreCorrupted(f"{path} has audit/token schema {version}; expected {_ACCESS_SCHEMA}")
 
 
 class _durable:
