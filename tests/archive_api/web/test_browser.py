@@ -371,7 +371,8 @@ def test_audit_log_and_its_verification(page: Page, server: LiveServer, shots: P
 def test_keyboard_only_search(page: Page, server: LiveServer) -> None:
     sign_in(page, server, Role.OFFICER, "/ui/search")
     # the query box has focus on arrival; type and submit without a mouse
-    assert page.evaluate("document.activeElement.id") == "q"
+    # autofocus is applied after load: wait for it (Playwright retries the assertion)
+    expect(page.locator("#q")).to_be_focused()
     page.keyboard.type("guarantee")
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="2 records match")).to_be_visible()
@@ -380,7 +381,7 @@ def test_keyboard_only_search(page: Page, server: LiveServer) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to main content"
     page.keyboard.press("Enter")
-    assert page.evaluate("document.activeElement.id") == "main"
+    expect(page.locator("#main")).to_be_focused()
 
     # tab on to the first result, with a visible focus ring, and open it with Enter
     for _ in range(40):
