@@ -13,6 +13,7 @@ set -euo pipefail
 
 PACKAGES=(
   prosody prosody-modules # the XMPP server fixtures run (mod_firewall etc. from -modules)
+  ejabberd                # the second upstream the inline proxy is tested against
   go-sendxmpp sendxmpp    # XMPP clients nobody in this project wrote
   redis-server            # shared counters and pub/sub in distributed-mode tests
   openssl ca-certificates
@@ -21,7 +22,9 @@ PACKAGES=(
   python3-venv make
 )
 # Services some of these packages would start on install.
-SERVICES=(prosody redis-server)
+SERVICES=(prosody redis-server ejabberd)
+# Units a fresh ejabberd install enables, which would start it at the next boot of an image.
+EJABBERD_UNITS=(ejabberd.service epmd.socket epmd.service)
 
 check_only=0
 only=()
@@ -60,7 +63,15 @@ stop_services() {
         systemctl stop "$svc" || true
       fi
     elif command -v service >/dev/null 2>&1; then
-      if service "$svc" status >/dev/null 2>&1; then
+      if [ "$svc" = ejabberd ]; then
+        # Its init script's "status" runs ejabberdctl, which would start an epmd daemon
+        # that outlives it; the PID file (ejabberdctl.cfg: EJABBERD_PID_PATH) says enough.
+        pid=$(cat /run/ejabberd/ejabberd.pid 2>/dev/null || true)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+          echo "stopping system service $svc (tests start their own)"
+          service "$svc" stop || true
+        fi
+      elif service "$svc" status >/dev/null 2>&1; then
         echo "stopping system service $svc (tests start their own)"
         service "$svc" stop || true
       fi
@@ -107,4 +118,8 @@ if [ "$update" -eq 1 ] || ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/nu
 fi
 echo "installing: ${missing[*]}"
 apt-get install -y -q "${missing[@]}"
+if [[ " ${missing[*]} " == *" ejabberd "* ]] && command -v systemctl >/dev/null 2>&1; then
+  # Only what this run installed; works without a running systemd (removes the symlinks).
+  systemctl disable --quiet "${EJABBERD_UNITS[@]}" 2>/dev/null || true
+fi
 stop_services

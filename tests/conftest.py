@@ -9,9 +9,10 @@ from typing import Any, Protocol
 import pytest
 
 from proxy.hook import StanzaHook
-from proxy.sm import SmRegistry
+from proxy.sm import SmStore
 from tests.support.certs import TlsPair, make_self_signed
 from tests.support.clients import ChatClient
+from tests.support.ejabberd import EjabberdServer, make_ejabberd
 from tests.support.prosody import DEFAULT_USERS, ProsodyConfig, ProsodyServer, make_prosody
 from tests.support.proxy import RunningProxy, start_proxy
 
@@ -122,7 +123,7 @@ class ProxyFactory(Protocol):
         hook: StanzaHook | None = None,
         *,
         server: ProsodyServer | None = None,
-        sm_registry: SmRegistry | None = None,
+        sm_registry: SmStore | None = None,
         **config_overrides: Any,
     ) -> RunningProxy: ...
 
@@ -142,7 +143,7 @@ async def proxy_factory(prosody: ProsodyServer) -> AsyncIterator[ProxyFactory]:
         hook: StanzaHook | None = None,
         *,
         server: ProsodyServer | None = None,
-        sm_registry: SmRegistry | None = None,
+        sm_registry: SmStore | None = None,
         **config_overrides: Any,
     ) -> RunningProxy:
         started = await start_proxy(
@@ -162,3 +163,31 @@ async def proxy_factory(prosody: ProsodyServer) -> AsyncIterator[ProxyFactory]:
 async def c2s_proxy(proxy_factory: ProxyFactory) -> RunningProxy:
     """One proxy with a ``RecordingHook`` (passes everything) in front of ``prosody``."""
     return await proxy_factory()
+
+
+# -- ejabberd as a second upstream (tests/support/ejabberd.py) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def ejabberd_server() -> Iterator[EjabberdServer]:
+    """One ejabberd for the whole run, started on first use (an Erlang VM takes seconds)."""
+    server = make_ejabberd()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def ejabberd(
+    request: pytest.FixtureRequest, ejabberd_server: EjabberdServer
+) -> Iterator[EjabberdServer]:
+    """The shared ejabberd, with its log tail printed when the test fails.
+
+    Tests must not depend on its state: each registers its own accounts with
+    ``ejabberd.register_fresh("alice", "bob")``.
+    """
+    yield ejabberd_server
+    if _failed(request):
+        server = ejabberd_server
+        print(f"\n=== ejabberd {server.directory} ===\n{server.diagnostics()}")

@@ -32,7 +32,7 @@ from prometheus_client import REGISTRY
 from archive_api.store.records import Direction
 from proxy.c2s import C2SProxy, ClientSession, ProxyConfig
 from proxy.hook import PASS, Decision, SessionInfo, StanzaHook
-from proxy.sm import SmRegistry
+from proxy.sm import SmStore
 from proxy.stream import Element
 from tests.support.certs import TlsPair
 from tests.support.clients import ChatClient, ReceivedMessage, TlsMode
@@ -44,6 +44,7 @@ from tests.support.services import (
     start_process,
     wait_for_port,
 )
+from tests.support.upstream import XmppUpstream
 
 
 def proxy_tls_context(tls: TlsPair) -> ssl.SSLContext:
@@ -55,8 +56,11 @@ def proxy_tls_context(tls: TlsPair) -> ssl.SSLContext:
     return context
 
 
-def proxy_config_for(prosody: ProsodyServer, **overrides: Any) -> ProxyConfig:
-    """A ``ProxyConfig`` in front of ``prosody`` (plain TCP upstream); ``overrides`` win."""
+def proxy_config_for(prosody: XmppUpstream, **overrides: Any) -> ProxyConfig:
+    """A ``ProxyConfig`` in front of ``prosody`` (plain TCP upstream); ``overrides`` win.
+
+    Any ``XmppUpstream`` will do: Prosody, or ejabberd (``tests/support/ejabberd.py``).
+    """
     base = ProxyConfig(
         domains=frozenset({prosody.domain}),
         upstream_host=prosody.host,
@@ -131,10 +135,10 @@ class RecordingHook:
 
 @dataclass
 class RunningProxy:
-    """A started ``C2SProxy`` in front of one Prosody."""
+    """A started ``C2SProxy`` in front of one Prosody (or another ``XmppUpstream``)."""
 
     proxy: C2SProxy
-    prosody: ProsodyServer
+    prosody: XmppUpstream
     hook: StanzaHook
     host: str
     port: int  # STARTTLS listener
@@ -172,10 +176,10 @@ class RunningProxy:
 
 
 async def start_proxy(
-    prosody: ProsodyServer,
+    prosody: XmppUpstream,
     hook: StanzaHook | None = None,
     *,
-    sm_registry: SmRegistry | None = None,
+    sm_registry: SmStore | None = None,
     **config_overrides: Any,
 ) -> RunningProxy:
     """Start a proxy on free loopback ports (both listeners) in the running event loop."""
