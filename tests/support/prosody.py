@@ -143,6 +143,9 @@ class ProsodyConfig:
     authentication: str = "internal_hashed"
     log_level: str = "info"
     direct_tls: bool = True
+    #: A mod_firewall script (prosody-modules): written beside the config and loaded with
+    #: ``firewall`` on every VirtualHost (``firewall_scripts``).
+    firewall_script: str = ""
 
 
 class ProsodyServer:
@@ -167,6 +170,7 @@ class ProsodyServer:
         self.log_path = directory / "prosody.log"
         self.console_log_path = directory / "console.log"
         self.pidfile = directory / "prosody.pid"
+        self.firewall_path = directory / "firewall.pfw"
         self.c2s_port = free_port()
         self.c2s_direct_tls_port: int | None = free_port() if config.direct_tls else None
         self.component_port = free_port()
@@ -197,7 +201,8 @@ class ProsodyServer:
 
     def render_config(self) -> str:
         cfg = self.config
-        modules = list(dict.fromkeys((*BASE_MODULES, *cfg.extra_modules)))
+        firewall = ("firewall",) if cfg.firewall_script else ()
+        modules = list(dict.fromkeys((*BASE_MODULES, *cfg.extra_modules, *firewall)))
         lines = [
             "-- Written by tests/support/prosody.py for one test; not a production config.",
             f"pidfile = {lua_string(str(self.pidfile))}",
@@ -247,6 +252,9 @@ class ProsodyServer:
         ]
         if cfg.plugin_paths:
             lines.append(f"plugin_paths = {lua_list(cfg.plugin_paths)}")
+        if cfg.firewall_script:
+            self.firewall_path.write_text(cfg.firewall_script)
+            lines.append(f"firewall_scripts = {lua_list([str(self.firewall_path)])}")
         if cfg.extra_global:
             lines += ["", "-- extra global options", cfg.extra_global]
         lines += [
