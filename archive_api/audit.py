@@ -80,6 +80,8 @@ class AuditAction(StrEnum):
     LOGOUT = "logout"
     AUDIT_READ = "audit-read"
     AUDIT_VERIFY = "audit-verify"
+    RTBL_READ = "rtbl-read"  # the published block list's entries, with their JIDs
+    RTBL_DECIDE = "rtbl-decide"  # an entry approved, rejected, added or retracted
 
 
 class AuditOutcome(StrEnum):

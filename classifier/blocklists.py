@@ -56,12 +56,16 @@ JABBERSPAM = "jabberspam"
 POLICY_SOURCE = "policy"
 """Source name of the entries written in the policy's ``[blocklists]`` section."""
 
-# xmppbl.org / Prosody mod_anti_spam node names and the kind of their item ids.
+# xmppbl.org / Prosody mod_anti_spam / mod_muc_rtbl node names (what StanzaGuard's
+# subscriber reads and its publisher writes) and the kind of their item ids.
+SPAM_SOURCE_DOMAINS_NODE = "spam_source_domains"
+SPAM_SOURCE_JIDS_NODE = "spam_source_jids_sha256"
+MUC_BANS_NODE = "muc_bans_sha256"
 RTBL_NODE_KINDS: Mapping[str, ListKind] = MappingProxyType(
     {
-        "spam_source_domains": ListKind.DOMAINS,
-        "spam_source_jids_sha256": ListKind.JID_SHA256,
-        "muc_bans_sha256": ListKind.JID_SHA256,
+        SPAM_SOURCE_DOMAINS_NODE: ListKind.DOMAINS,
+        SPAM_SOURCE_JIDS_NODE: ListKind.JID_SHA256,
+        MUC_BANS_NODE: ListKind.JID_SHA256,
     }
 )
 

@@ -366,6 +366,11 @@ class _SaslRedaction(logging.Filter):
 _REDACTION = _SaslRedaction()
 
 
+def install_sasl_redaction() -> None:
+    """Hide SASL exchanges in slixmpp's stream log (the RTBL publisher uses it too)."""
+    _install_redaction()
+
+
 def _install_redaction() -> None:
     stream_log = logging.getLogger("slixmpp.xmlstream.xmlstream")
     if _REDACTION not in stream_log.filters:
