@@ -12,6 +12,10 @@ It is the proxy's `StanzaHook`. For each batch of stanzas that arrived together 
    spool cannot be written the batch fails closed (the sender gets `<wait/>`
    `resource-constraint`), unless fail-open is configured.
 
+Calls, whiteboards and file transfers (Jingle, SI and IBB iq-sets, `proxy.jingle`) are decided
+once per session as CALLs; a refused step is answered with an iq error (an iq is never left
+unanswered), and each archived step is a record of its own (docs/calls-and-files.md).
+
 What the pipeline learns on the way (for the classifier and the review tools):
 - roster results and pushes go to the `RosterObserver` (`proxy.trust` feeds a `TrustStore`);
 - with a `TrustStore`, every incoming stanza's context says whether the recipient knows the
@@ -50,6 +54,15 @@ from classifier.trust import TrustStore
 from classifier.verdict import Action, Reason, Verdict
 from proxy.errors import SpoolUnavailable
 from proxy.hook import PASS, Decision, DecisionKind, SessionInfo
+from proxy.jingle import MARKERS as EXCHANGE_MARKERS
+from proxy.jingle import (
+    ExchangeEvent,
+    ExchangeSessions,
+    advance_session,
+    exchange_record,
+    exchange_record_id,
+    observation_of_exchange,
+)
 from proxy.stanza import (
     Event,
     MessageEvent,
@@ -141,6 +154,10 @@ class PipelineConfig:
     fail_open: bool = False
     recent_ids: int = 500_000  # record ids remembered to tell a first sighting from a copy
     report_links: int = 100_000  # delivered messages remembered to link spam reports to
+    # In-band bytestream (XEP-0047) bytes archived per session; later blocks keep only their
+    # size and SHA-256 (docs/calls-and-files.md).
+    ibb_archive_max_bytes: int = 10 * 1024 * 1024
+    exchange_sessions: int = 50_000  # call / transfer sessions remembered (verdict, times)
 
 
 @dataclass(slots=True)
@@ -240,6 +257,7 @@ class Pipeline:
         self.trust = trust
         self.report_observer = report_observer
         self.delivered = RecentMessages(config.report_links)
+        self.exchanges = ExchangeSessions(config.exchange_sessions)
 
     # -- StanzaHook ---------------------------------------------------------------------
 
@@ -391,7 +409,66 @@ class Pipeline:
             return None
         if isinstance(event, MucJoinEvent) and event.leg == Direction.FROM_CLIENT:
             return self._plan_join(index, event, element, session, now)
+        if isinstance(event, ExchangeEvent):
+            return self._plan_exchange(index, event, element, session, now)
         return None
+
+    def _plan_exchange(
+        self,
+        index: int,
+        event: ExchangeEvent,
+        element: Element,
+        session: SessionInfo,
+        now: datetime,
+    ) -> _Planned | None:
+        """A call, whiteboard or file-transfer step (`proxy.jingle`).
+
+        A session is decided once, at the first of its steps this proxy sees (normally the
+        session-initiate, SI offer or IBB open), as a CALL for federation, barriers and
+        limits; every later step inherits that verdict, so a refused session stays refused.
+        A refused step is answered with an iq error (an iq must never go unanswered).
+        """
+        exchange = event.exchange
+        record_id = exchange_record_id(event)
+        fail_closed = partial(_fail_closed, element, session, event.leg)
+        if exchange.archived and record_id in self.recent:
+            # The other leg of a local session, or a retry: one more observation.
+            observation = observation_of_exchange(event, session.bound_jid, now)
+            entry = SpoolEntry(EntryOp.OBSERVE, record_id, observation=observation)
+            return _Planned(index, [entry], PASS, fail_closed, behind=True)
+        state = self.exchanges.state(event.session_key)
+        verdict = state.verdict
+        if verdict is None:
+            verdict = state.verdict = self.decider.evaluate(self._exchange_context(event, now))
+        decision = _enforce_iq(verdict, element, session, event.leg)
+        if not exchange.archived:
+            return _Planned(index, [], decision)
+        keep = advance_session(state, event, self.config.ibb_archive_max_bytes)
+        observation = observation_of_exchange(event, session.bound_jid, now)
+        record = exchange_record(
+            event,
+            verdict,
+            _STATUS_OF_ACTION[verdict.action],
+            observation,
+            session=state,
+            keep_data=keep,
+        )
+        entry = SpoolEntry(EntryOp.RECORD, record_id, record)
+        return _Planned(index, [entry], decision, fail_closed)
+
+    def _exchange_context(self, event: ExchangeEvent, now: datetime) -> DecisionContext:
+        return DecisionContext(
+            kind=StanzaKind.CALL,
+            direction=_decision_direction(event.leg),
+            sender=event.sender,
+            recipient=event.recipient,
+            timestamp=now,
+            local_domains=self.local_domains(),
+            sender_full=event.sender_full or None,
+            recipient_full=event.recipient_full or None,
+            stanza_type=event.exchange.action,
+            sender_in_recipient_roster=self._knows(event.leg, event.recipient, event.sender, now),
+        )
 
     def _plan_message(
         self,
@@ -404,7 +481,9 @@ class Pipeline:
         record_id = dedupe_key(event)
         observation = observation_of(event, session.bound_jid, now)
         fail_closed = partial(_fail_closed, element, session, event.leg)
-        if event.direction == Direction.TO_CLIENT and event.stanza_type != "groupchat":
+        if event.stanza_type != "groupchat" and (
+            event.direction == Direction.TO_CLIENT or self._copy_to_local(event)
+        ):
             self.delivered.note(event, record_id)
         if record_id in self.recent:
             # A copy of a record already decided: one more observation, never a new decision.
@@ -451,7 +530,7 @@ class Pipeline:
     ) -> _Planned:
         ctx = DecisionContext(
             kind=StanzaKind.SUBSCRIPTION,
-            direction=_decision_direction(event.leg),
+            direction=self._direction_of(event.leg, event.sender),
             sender=event.sender,
             recipient=event.recipient,
             timestamp=now,
@@ -509,7 +588,7 @@ class Pipeline:
             known = self._knows(event.leg, event.recipient, event.sender, now)
         return DecisionContext(
             kind=kind,
-            direction=_decision_direction(event.leg),
+            direction=self._direction_of(event.leg, event.sender),
             sender=event.sender,
             recipient=event.recipient,
             timestamp=now,
@@ -523,6 +602,19 @@ class Pipeline:
             room=event.room,
             sender_in_recipient_roster=known,
         )
+
+    def _direction_of(self, leg: Direction, sender: str) -> DecisionDirection:
+        """A server's copy (component mode) has no leg: a local sender makes it outbound."""
+        if leg == Direction.COPY:
+            local = sender.rpartition("@")[2].lower() in self.local_domains()
+            return DecisionDirection.OUTBOUND if local else DecisionDirection.INBOUND
+        return _decision_direction(leg)
+
+    def _copy_to_local(self, event: MessageEvent) -> bool:
+        """A server's copy of a message to a local user: a spam report may name it."""
+        if event.leg != Direction.COPY or not event.recipient:
+            return False
+        return event.recipient.rpartition("@")[2].lower() in self.local_domains()
 
     # -- trust and reports ----------------------------------------------------------------
 
@@ -583,6 +675,8 @@ def _worth_reading(element: Element, direction: Direction) -> bool:
         )
     if name == "iq":
         data = element.data
+        if element.attrs.get("type") == "set" and any(m in data for m in EXCHANGE_MARKERS):
+            return True  # a call, whiteboard or file-transfer step
         if direction == Direction.FROM_CLIENT:
             return b"urn:xmpp:blocking" in data
         return b"jabber:iq:roster" in data
@@ -601,6 +695,31 @@ def _enforce(verdict: Verdict, element: Element, session: SessionInfo, leg: Dire
             return Decision.drop(inject_to_client=(bounce,))
         return Decision(DecisionKind.DROP, inject_to_server=(bounce,))
     return Decision.drop()  # QUARANTINE holds, DROP is silent
+
+
+def _enforce_iq(
+    verdict: Verdict, element: Element, session: SessionInfo, leg: Direction
+) -> Decision:
+    """Like `_enforce`, but an iq is always answered: a client waits for its result.
+
+    Nothing can be held in quarantine in a live call, so QUARANTINE refuses like REJECT;
+    DROP answers `service-unavailable`, what a server says for a recipient it will not
+    reveal (RFC 6121 §8.5), so a silent drop stays uninformative to the sender.
+    """
+    action = verdict.action
+    if action.delivers:
+        return PASS
+    if action == Action.DROP:
+        bounce = error_reply(
+            element, session, leg, "cancel", "service-unavailable", "not available"
+        )
+    else:
+        bounce = error_reply(
+            element, session, leg, "modify", "policy-violation", verdict.reason_text
+        )
+    if leg == Direction.FROM_CLIENT:
+        return Decision.drop(inject_to_client=(bounce,))
+    return Decision(DecisionKind.DROP, inject_to_server=(bounce,))
 
 
 def _fail_closed(element: Element, session: SessionInfo, leg: Direction) -> Decision:

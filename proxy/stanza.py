@@ -2,7 +2,9 @@
 
 `normalise` turns the `{jabber:client}message|presence|iq` element the framer parsed (plus the
 raw bytes, which are kept by reference, never re-serialised) into a `MessageEvent`,
-`SubscriptionEvent`, `ReportEvent`, `RosterEvent`, `BindEvent`, `MucJoinEvent` or `Ignored`.
+`SubscriptionEvent`, `ReportEvent`, `RosterEvent`, `BindEvent`, `MucJoinEvent`,
+`ExchangeEvent` (a Jingle, SI or IBB iq-set: calls and file transfers, `proxy.jingle`) or
+`Ignored`.
 It never raises on hostile input: invalid JIDs degrade to their raw text plus an `Anomaly`, and
 a message that still trips the reader comes out as a minimal, archivable event flagged
 `Anomaly.UNREADABLE` rather than as something the pipeline would let through unrecorded.
@@ -108,6 +110,7 @@ from archive_api.store.records import (
 )
 from classifier.verdict import Verdict
 from proxy.errors import StanzaError
+from proxy.jingle import Exchange, ExchangeEvent, read_exchange
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +352,7 @@ Event: TypeAlias = (
     | RosterEvent
     | BindEvent
     | MucJoinEvent
+    | ExchangeEvent
     | Ignored
 )
 ArchivableEvent: TypeAlias = MessageEvent | SubscriptionEvent | ReportEvent
@@ -1210,7 +1214,38 @@ def _iq(element: ET.Element, raw: bytes, ctx: _Context) -> Event:
         block = _plugin(iq, "block")
         if block is not None:
             return _report(element, raw, block, ctx)
+    if itype == "set":
+        exchange = read_exchange(element)
+        if exchange is not None:
+            return _exchange(element, raw, ctx, exchange)
     return Ignored(f"iq {itype[:20]}")
+
+
+def _exchange(element: ET.Element, raw: bytes, ctx: _Context, exchange: Exchange) -> Event:
+    """A Jingle, SI or IBB step (`proxy.jingle`), with its parties resolved like a message's."""
+    own = ctx.session
+    stated_from, to = _jid(element.get("from")), _jid(element.get("to"))
+    if ctx.leg == Direction.FROM_CLIENT:
+        sender = own if own.full else stated_from
+        recipient = to if to.full else own.as_bare()
+    elif ctx.leg == Direction.TO_CLIENT:
+        sender = stated_from if stated_from.full else own.as_bare()
+        recipient = to if to.full else own
+    else:
+        sender, recipient = stated_from, to
+    return ExchangeEvent(
+        leg=ctx.leg,
+        sender=sender.bare,
+        sender_full=sender.full,
+        recipient=recipient.bare,
+        recipient_full=recipient.full,
+        received_at=ctx.now,
+        raw=raw,
+        exchange=exchange,
+        iq_id=_capped(element.get("id") or None),
+        seen_by=_seen_by(element, ctx),
+        client_address=ctx.client_address,
+    )
 
 
 _ROSTER_ITEM: Final = _tag(RosterItem)

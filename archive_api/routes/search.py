@@ -22,6 +22,7 @@ from archive_api.routes.views import (
     record_summary,
 )
 from archive_api.store.errors import NotFound
+from archive_api.store.exchanges import fold_exchanges, session_key
 from archive_api.store.query import MAX_QUERY_LENGTH, parse_query
 
 router = APIRouter(tags=["search"])
@@ -148,7 +149,8 @@ async def conversation(
     limit: Limit = DEFAULT_PAGE_SIZE,
 ) -> dict[str, Any]:
     """The records between two people (both directions) or in a room, oldest first, each
-    with its corrections and retractions."""
+    with its corrections and retractions. The steps of a call or file transfer on the page
+    are folded into their first step, which carries the session as `exchange`."""
     params = {"with": with_, "room": room, "after": after, "before": before, "limit": limit}
     async with audited(ctx, identity, AuditAction.CONVERSATION, params) as note:
         if with_ is not None and any(len(jid) > 3100 for jid in with_):
@@ -167,8 +169,19 @@ async def conversation(
         page = await ctx.store.search(query, limit=limit, cursor=cursor, sort="time_asc")
         records = [hit.record for hit in page.hits]
         linked = await ctx.store.linked_records([r.record_id for r in records])
+        exchanges = fold_exchanges(records)
         items = []
         for record in records:
+            key = session_key(record)
+            if key is not None:
+                summary = exchanges.pop(key, None)
+                if summary is None:
+                    continue  # a later step of a session already shown
+                item = record_summary(record)
+                item["exchange"] = summary.to_json()
+                item["edits"], item["retracted"] = [], False
+                items.append(item)
+                continue
             item = record_summary(record)
             # An original carries its corrections; a correction names what it corrects.
             history = (

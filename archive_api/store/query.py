@@ -18,7 +18,8 @@ negates any term. Grammar, by term:
   it has no offset). The window is half-open: `after:` is inclusive, `before:` exclusive, so
   `after:2026-01-01 before:2026-02-01` is exactly January.
 - `type:` chat, groupchat, normal, headline (message types), subscription, report, session,
-  call, file (file transfers: messages that carry an attachment).
+  call (steps of Jingle calls and whiteboard sessions), file (steps of file offers and
+  transfers: Jingle, SI and IBB; and messages that carry an attachment).
 - `verdict:` allow, flag, quarantine, reject, drop.
 - `has:attachment`, `has:encrypted`, `is:edited` (a correction, or a message that was
   corrected), `is:retracted` (a retraction, or a message that was retracted).

@@ -29,6 +29,9 @@ class RecordKind(StrEnum):
     SUBSCRIPTION = "subscription"
     REPORT = "report"
     SESSION = "session"
+    CALL = "call"  # a Jingle call or whiteboard session: one record per signalling step
+    FILE = "file"  # a file offer or transfer step (Jingle XEP-0234, SI XEP-0096, IBB open/close)
+    FILE_DATA = "file-data"  # one in-band bytestream (XEP-0047) data block
 
 
 class ObservationVia(StrEnum):
@@ -91,6 +94,77 @@ class Attachment:
             name=data.get("name"),
             size=data.get("size"),
             sha256=data.get("sha256"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeDetails:
+    """One signalling step of a call, whiteboard or file transfer (CALL, FILE, FILE_DATA).
+
+    Steps of one session share `sid` (the Jingle sid, SI id or IBB sid) and are separate,
+    append-only records; readers fold them into one event (`archive_api.store.exchanges`).
+    The file offered, if any, is the record's attachment. Times are what this proxy saw.
+    """
+
+    protocol: str  # "jingle", "si" or "ibb"
+    action: str  # session-initiate, session-accept, session-terminate, offer, open, data, ...
+    sid: str
+    media: tuple[str, ...] = ()  # "audio", "video", "file", "whiteboard", "other"
+    initiator: str | None = None  # full JID as the initiator stated it
+    responder: str | None = None
+    reason: str | None = None  # Jingle <reason/> condition: success, decline, busy, ...
+    reason_text: str | None = None
+    started_at: datetime | None = None  # when the session was offered (known to this proxy)
+    accepted_at: datetime | None = None
+    duration_seconds: float | None = None  # accepted → terminated, on the terminating step
+    hashes: tuple[tuple[str, str], ...] = ()  # (algorithm, value as sent) of the offered file
+    seq: int | None = None  # IBB data block number
+    block_size: int | None = None  # IBB open
+    data_size: int | None = None  # IBB: decoded bytes of this block, or of the whole stream
+    data_sha256: str | None = None  # IBB: hex digest of the same bytes
+    data_archived: bool | None = None  # IBB data: the block's bytes are in `raw`
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "action": self.action,
+            "sid": self.sid,
+            "media": list(self.media),
+            "initiator": self.initiator,
+            "responder": self.responder,
+            "reason": self.reason,
+            "reason_text": self.reason_text,
+            "started_at": _dt(self.started_at),
+            "accepted_at": _dt(self.accepted_at),
+            "duration_seconds": self.duration_seconds,
+            "hashes": [list(pair) for pair in self.hashes],
+            "seq": self.seq,
+            "block_size": self.block_size,
+            "data_size": self.data_size,
+            "data_sha256": self.data_sha256,
+            "data_archived": self.data_archived,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExchangeDetails:
+        return cls(
+            protocol=data["protocol"],
+            action=data["action"],
+            sid=data["sid"],
+            media=tuple(data.get("media", ())),
+            initiator=data.get("initiator"),
+            responder=data.get("responder"),
+            reason=data.get("reason"),
+            reason_text=data.get("reason_text"),
+            started_at=_parse_dt(data.get("started_at")),
+            accepted_at=_parse_dt(data.get("accepted_at")),
+            duration_seconds=data.get("duration_seconds"),
+            hashes=tuple((str(a), str(v)) for a, v in data.get("hashes", ())),
+            seq=data.get("seq"),
+            block_size=data.get("block_size"),
+            data_size=data.get("data_size"),
+            data_sha256=data.get("data_sha256"),
+            data_archived=data.get("data_archived"),
         )
 
 
@@ -159,6 +233,7 @@ class ArchiveRecord:
     reported_jid: str | None = None  # spam reports: who is reported
     report_reason: str | None = None
     report_text: str | None = None
+    exchange: ExchangeDetails | None = None  # CALL, FILE and FILE_DATA records
     verdict: Verdict = ALLOW
     status: RecordStatus = RecordStatus.DELIVERED
     raw: bytes = b""
@@ -206,7 +281,10 @@ class ArchiveRecord:
             "status": self.status.value,
             "raw": base64.b64encode(self.raw).decode("ascii"),
             "observations": [o.to_json() for o in self.observations],
-        }
+        } | (
+            # Only when present: every other record's canonical JSON (and hash) is unchanged.
+            {"exchange": self.exchange.to_json()} if self.exchange is not None else {}
+        )
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ArchiveRecord:
@@ -236,6 +314,9 @@ class ArchiveRecord:
             reported_jid=data.get("reported_jid"),
             report_reason=data.get("report_reason"),
             report_text=data.get("report_text"),
+            exchange=(
+                ExchangeDetails.from_json(data["exchange"]) if data.get("exchange") else None
+            ),
             verdict=Verdict.from_json(data["verdict"]) if data.get("verdict") else ALLOW,
             status=RecordStatus(data.get("status", RecordStatus.DELIVERED.value)),
             raw=base64.b64decode(data.get("raw", "")),

@@ -40,7 +40,7 @@ SYNTAX_HELP: Final = (
     ("with:bob@partner.example", "either side of the conversation"),
     ("room:desk@conference.corp.example", "in a room (*@service for every room)"),
     ("after:2026-01-01 before:2026-02-01", "time window, after inclusive, before exclusive"),
-    ("type:chat", "chat, groupchat, normal, headline, subscription, report, session, file"),
+    ("type:chat", "chat, groupchat, normal, headline, subscription, report, session, call, file"),
     ("verdict:quarantine", "allow, flag, quarantine, reject, drop"),
     ("has:attachment  has:encrypted", "with a file; end-to-end encrypted"),
     ("is:edited  is:retracted", "corrected or retracted messages"),

@@ -37,6 +37,7 @@ from tests.support.services import (
     start_process,
     wait_for_port,
 )
+from tests.support.upstream import XmppUpstream
 
 # -- in-process ------------------------------------------------------------------------------
 
@@ -57,7 +58,9 @@ class ArchivingProxy:
 
     @property
     def store(self) -> SqliteStore:
-        return self.service.store
+        store = self.service.store
+        assert isinstance(store, SqliteStore), "these tests run the embedded store"
+        return store
 
     @property
     def indexer(self) -> IndexControl:
@@ -83,6 +86,32 @@ class ArchivingProxy:
         for client in self.clients:
             await client.disconnect()
         await self.service.stop()
+
+
+async def start_archiving_service(
+    server: XmppUpstream, *, data_dir: Path, policy_path: Path | None, **settings: Any
+) -> ArchivingService:
+    """A started `ArchivingService` on free loopback ports in front of ``server``.
+
+    Any ``XmppUpstream`` (Prosody, ejabberd): plain TCP to its c2s port, its own certificate.
+    """
+    # The text model's reason would join every remote sender's verdict these tests pin;
+    # tests of the model pass model="default" (the service's own default) or a path.
+    settings.setdefault("model", "off")
+    loaded = load_settings(
+        domain=[server.domain],
+        upstream=f"{server.host}:{server.c2s_port}",
+        cert=server.tls.cert,
+        key=server.tls.key,
+        listen=f"{LOOPBACK}:0",
+        listen_tls=f"{LOOPBACK}:0",
+        data_dir=data_dir,
+        policy=policy_path,
+        **settings,
+    )
+    service = ArchivingService(loaded)
+    await service.start()
+    return service
 
 
 class ArchivingFactory(Protocol):
@@ -112,22 +141,9 @@ async def archiving_factory(
         if policy is not None:
             policy_path = tmp_path / f"policy-{index}.toml"
             policy_path.write_text(policy)
-        # The text model's reason would join every remote sender's verdict these tests pin;
-        # tests of the model pass model="default" (the service's own default) or a path.
-        settings.setdefault("model", "off")
-        loaded = load_settings(
-            domain=[prosody.domain],
-            upstream=f"{prosody.host}:{prosody.c2s_port}",
-            cert=prosody.tls.cert,
-            key=prosody.tls.key,
-            listen=f"{LOOPBACK}:0",
-            listen_tls=f"{LOOPBACK}:0",
-            data_dir=chosen,
-            policy=policy_path,
-            **settings,
+        service = await start_archiving_service(
+            prosody, data_dir=chosen, policy_path=policy_path, **settings
         )
-        service = ArchivingService(loaded)
-        await service.start()
         (host, port), (_, tls_port) = service.bound
         started = ArchivingProxy(service, prosody, chosen, policy_path, host, port, tls_port)
         running.append(started)

@@ -16,11 +16,22 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from archive_api.store.base import ArchiveStore, SearchPage, SortOrder
+from archive_api.store.base import (
+    MAX_LINKED_RECORDS,
+    ArchiveStore,
+    ChainPosition,
+    HoldRecord,
+    PurgedRecord,
+    RetentionAssignment,
+    RetentionUpdate,
+    SearchPage,
+    SortOrder,
+    Tombstone,
+)
 from archive_api.store.chain import GENESIS, ChainLink, CheckpointSigner, link_hash
 from archive_api.store.errors import (
     ChainConflict,
@@ -28,6 +39,7 @@ from archive_api.store.errors import (
     InvalidCursor,
     InvalidEntry,
     InvalidRequest,
+    NotFound,
     QuerySyntaxError,
     StoreUnavailable,
 )
@@ -38,6 +50,7 @@ from archive_api.store.records import (
     AttachmentFetch,
     Direction,
     EntryOp,
+    ExchangeDetails,
     FetchStatus,
     Observation,
     ObservationVia,
@@ -205,6 +218,9 @@ def with_upload(record_id: str, *, media_type: str | None = None) -> ArchiveReco
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
+_NOW = T0 + timedelta(days=400)  # retention tests: the purge's "now"
+_PAST = _NOW - DAY  # an expiry already reached
+_LATER = _NOW + 365 * DAY  # an expiry not reached
 
 
 def corpus() -> list[ArchiveRecord]:
@@ -748,6 +764,38 @@ class ArchiveStoreConformance:
                 await self.ingest(store, raw_links(raw_entry(fetch)))
         assert await store.last_seq() == 0
 
+    async def test_call_and_file_steps_are_typed_and_round_trip(self, store: ArchiveStore) -> None:
+        """Calls and transfers (proxy/jingle.py): `type:call`, `type:file`; data blocks neither."""
+
+        def step(rid: str, kind: RecordKind, action: str, **kw: object) -> ArchiveRecord:
+            details = ExchangeDetails(protocol="jingle", action=action, sid="s1", **kw)  # type: ignore[arg-type]
+            base = record(rid, kind=kind, stanza_type=action, body=f"{kind.value} {action}")
+            return replace(base, exchange=details, thread="s1")
+
+        offer = Attachment("", "jingle", "application/pdf", "report.pdf", 18, SHA_A)
+        call = step("c1", RecordKind.CALL, "session-initiate", media=("audio",))
+        ended = step(
+            "c2",
+            RecordKind.CALL,
+            "session-terminate",
+            reason="success",
+            duration_seconds=61.5,
+            started_at=T0,
+            accepted_at=T0,
+        )
+        file = replace(
+            step("f1", RecordKind.FILE, "session-initiate", media=("file",)), attachments=(offer,)
+        )
+        block = step("d1", RecordKind.FILE_DATA, "data", seq=0, data_size=3, data_archived=True)
+        await self.ingest(store, ChainWriter().records(call, ended, file, block))
+        assert await store.get("c2") == ended and await store.get("f1") == file
+        assert {h.record.record_id for h in (await store.search("type:call")).hits} == {"c1", "c2"}
+        assert {h.record.record_id for h in (await store.search("type:file")).hits} == {"f1"}
+        assert {h.record.record_id for h in (await store.search("-type:call -type:file")).hits} == {
+            "d1"
+        }
+        assert (await store.verify()).ok
+
     # -- search --
 
     @pytest.mark.parametrize(
@@ -983,3 +1031,336 @@ class ArchiveStoreConformance:
         report = await store.verify(public_key=signer.public_key)
         assert [(p.chain, p.seq) for p in report.problems] == [("spool", 3)]
         assert "signature" in report.problems[0].problem
+
+    # -- holds, retention and purge (docs/retention.md) --
+
+    @staticmethod
+    def hold(hold_id: str, query: str) -> HoldRecord:
+        return HoldRecord(hold_id, "Case", "officer@corp.example", T0, '{"kind":"search"}', query)
+
+    @staticmethod
+    async def expire(store: ArchiveStore, *record_ids: str, at: datetime = _PAST) -> None:
+        await store.set_retention(
+            [RetentionAssignment(rid, "short", at) for rid in record_ids], assigned_at=T0
+        )
+
+    @pytest.fixture
+    async def observed(self, loaded: ArchiveStore) -> ArchiveStore:
+        """The corpus (seq 1..15), an OBSERVE (16) of r01 and a STATUS (17) of r04."""
+        writer = ChainWriter()
+        writer.records(*corpus())
+        await self.ingest(
+            loaded,
+            writer.add(
+                observe_entry("r01", observation("alice@corp.example/laptop")),
+                status_entry("r04", RecordStatus.RELEASED, T0 + 3 * DAY),
+            ),
+        )
+        return loaded
+
+    async def test_retention_is_extend_only_and_skips_unknown_ids(
+        self, loaded: ArchiveStore
+    ) -> None:
+        six, three, seven = T0 + 6 * 365 * DAY, T0 + 3 * 365 * DAY, T0 + 7 * 365 * DAY
+        first = await loaded.set_retention(
+            [RetentionAssignment("r01", "broker", six)], assigned_at=T0
+        )
+        assert first == RetentionUpdate(assigned=1)
+        shorter = await loaded.set_retention(
+            [RetentionAssignment("r01", "standard", three)], assigned_at=T0 + DAY
+        )
+        assert shorter == RetentionUpdate(kept=1)
+        state = await loaded.retention_of("r01")
+        assert state is not None
+        assert (state.retention_class, state.expires_at, state.assigned_at) == ("broker", six, T0)
+        longer = await loaded.set_retention(
+            [
+                RetentionAssignment("r01", "swaps", seven),
+                RetentionAssignment("r02", "late", _LATER),
+                RetentionAssignment("r02", "early", _PAST),
+                RetentionAssignment("no-such-record", "x", _LATER),
+            ],
+            assigned_at=T0 + 2 * DAY,
+        )
+        assert longer == RetentionUpdate(assigned=1, extended=1, unknown=1)
+        state = await loaded.retention_of("r01")
+        assert state is not None and (state.retention_class, state.expires_at) == ("swaps", seven)
+        state = await loaded.retention_of("r02")
+        assert state is not None and state.retention_class == "late"
+        assert await loaded.retention_of("no-such-record") is None
+        assert await loaded.set_retention([], assigned_at=T0) == RetentionUpdate()
+        with pytest.raises(InvalidRequest):
+            await loaded.set_retention([RetentionAssignment("r02", "", _LATER)], assigned_at=T0)
+
+    async def test_retention_subjects_page_and_filter(self, loaded: ArchiveStore) -> None:
+        await self.expire(loaded, "r01", "r02")
+        await loaded.set_retention([RetentionAssignment("r03", "long", _LATER)], assigned_at=T0)
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            page = await loaded.retention_subjects(cursor=cursor, limit=4)
+            seen.extend(s.record_id for s in page.subjects)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert sorted(seen) == [f"r{i:02d}" for i in range(1, 16)]  # each once
+        unassigned = await loaded.retention_subjects(unassigned_only=True)
+        assert {s.record_id for s in unassigned.subjects} == {f"r{i:02d}" for i in range(4, 16)}
+        due = await loaded.retention_subjects(expiring_by=_NOW)
+        assert sorted(s.record_id for s in due.subjects) == ["r01", "r02"]
+        assert all(s.retention_class == "short" and s.expires_at == _PAST for s in due.subjects)
+        [r04] = [s for s in (await loaded.retention_subjects()).subjects if s.record_id == "r04"]
+        assert (r04.record_type, r04.room) == ("groupchat", "desk@conference.corp.example")
+        for bad in ("zz", "1" * 40, "!!", "x" * 5000):
+            with pytest.raises(InvalidCursor):
+                await loaded.retention_subjects(cursor=bad)
+        with pytest.raises(InvalidRequest):
+            await loaded.retention_subjects(unassigned_only=True, expiring_by=_NOW)
+        with pytest.raises(InvalidRequest):
+            await loaded.retention_subjects(limit=0)
+
+    async def test_purge_takes_only_expired_records(self, loaded: ArchiveStore) -> None:
+        await self.expire(loaded, "r02", "r03")
+        await self.expire(loaded, "r05", at=_LATER)
+        dry = await loaded.purge(_NOW, dry_run=True, counts=True)
+        assert ({p.record_id for p in dry.purged}, dry.due, dry.held_back) == (
+            {"r02", "r03"},
+            2,
+            0,
+        )
+        assert (await loaded.purge(_NOW, dry_run=True)).due is None  # counted only when asked
+        assert all(p.entries == 0 for p in dry.purged)
+        assert await loaded.get("r02") is not None  # a dry run changes nothing
+        batch = await loaded.purge(_NOW)
+        assert {p.record_id: p.entries for p in batch.purged} == {"r02": 1, "r03": 1}
+        assert not batch.more
+        assert await loaded.get("r02") is None and await loaded.get("r03") is None
+        assert await loaded.get("r05") is not None and await loaded.get("r01") is not None
+        assert await loaded.count("cafe") == 0 and await loaded.count("") == 13
+        state = await loaded.retention_of("r02")
+        assert state is not None and state.purged_at == _NOW
+        assert (await loaded.purge(_NOW)).purged == ()  # nothing left to do
+        report = await loaded.verify()
+        assert report.ok, report.problems
+
+    async def test_purge_in_batches_and_of_planned_ids(self, loaded: ArchiveStore) -> None:
+        await self.expire(loaded, *(f"r{i:02d}" for i in range(1, 11)), at=_NOW)
+        planned = await loaded.purge(_NOW, record_ids=["r02", "r14", "nope"])
+        assert [p.record_id for p in planned.purged] == ["r02"]  # r14 has not expired
+        first = await loaded.purge(_NOW, limit=4, counts=True)
+        assert len(first.purged) == 4 and first.due == 9 and first.more
+        rest: list[PurgedRecord] = []
+        while True:
+            batch = await loaded.purge(_NOW, limit=4)
+            rest.extend(batch.purged)
+            if not batch.more:
+                break
+        assert len(rest) == 5
+        assert sorted(await search_all(loaded, "")) == ["r11", "r12", "r13", "r14", "r15"]
+        assert (await loaded.verify()).ok
+        with pytest.raises(InvalidRequest):
+            await loaded.purge(_NOW, limit=2, record_ids=["a", "b", "c"])
+        with pytest.raises(InvalidRequest):
+            await loaded.purge(_NOW, limit=0)
+
+    async def test_every_entry_of_a_purged_record_becomes_a_tombstone(
+        self, observed: ArchiveStore
+    ) -> None:
+        before = [link async for link in observed.chain_links()]
+        await self.expire(observed, "r01", "r04")
+        batch = await observed.purge(_NOW)
+        # r01: its RECORD (1) and the OBSERVE (16); r04: its RECORD (4) and the STATUS (17).
+        assert {p.record_id: p.entries for p in batch.purged} == {"r01": 2, "r04": 2}
+        after = {link.seq: link async for link in observed.chain_links()}
+        for seq, rid in ((1, "r01"), (16, "r01"), (4, "r04"), (17, "r04")):
+            tombstone = Tombstone.from_payload(after[seq].payload)
+            assert tombstone is not None and tombstone.record_id == rid
+            assert tombstone.purged_at == _NOW and tombstone.expires_at == _PAST
+            old = before[seq - 1]
+            assert (after[seq].hash, after[seq].prev_hash) == (old.hash, old.prev_hash)
+        assert after[2].payload == before[1].payload  # neighbours untouched
+        assert "r01" not in await search_all(observed, "guaranteed")
+        report = await observed.verify()
+        assert report.ok, report.problems
+        assert report.entries_checked == 17
+
+    async def test_purged_records_never_come_back(self, store: ArchiveStore) -> None:
+        signer = CheckpointSigner.generate()
+        writer = ChainWriter()
+        links = writer.records(record("gone", body="secret plan"), record("kept"))
+        await self.ingest(store, links)
+        await store.add_checkpoint(signer.sign("spool", 1, links[0].hash))
+        await self.expire(store, "gone")
+        await store.purge(_NOW)
+        await self.ingest(store, links)  # the indexer retrying an old batch: a no-op
+        other = ChainWriter()  # another proxy's chain replays the record and observes it
+        await self.ingest(
+            store,
+            other.add(
+                rec_entry(record("gone", body="secret plan")),
+                observe_entry("gone", observation("bob@partner.example/tablet")),
+                status_entry("gone", RecordStatus.RELEASED),
+                rec_entry(record("fresh")),
+            ),
+            chain="proxy-2",
+        )
+        assert await store.get("gone") is None
+        assert await store.count("secret") == 0
+        assert await store.get("fresh") is not None
+        payloads = [link.payload async for link in store.chain_links(chain="proxy-2")]
+        assert [Tombstone.from_payload(p) is not None for p in payloads] == [
+            True,
+            True,
+            True,
+            False,
+        ]
+        report = await store.verify(public_key=signer.public_key)
+        assert report.ok, report.problems  # a checkpoint on a tombstone still verifies
+
+    async def test_a_hold_keeps_expired_records(self, loaded: ArchiveStore) -> None:
+        await self.expire(loaded, *(f"r{i:02d}" for i in range(1, 16)))
+        await loaded.add_hold(self.hold("h1", "from:*@spam.example"))
+        await loaded.add_hold(self.hold("h2", '"guaranteed return"'))  # a full-text hold
+        batch = await loaded.purge(_NOW, counts=True)
+        kept = {"r05", "r06", "r01", "r08"}
+        assert {p.record_id for p in batch.purged} == {f"r{i:02d}" for i in range(1, 16)} - kept
+        assert batch.held_back == 4
+        assert sorted(await search_all(loaded, "")) == sorted(kept)
+        released = await loaded.release_hold(
+            "h1", released_by="admin@corp.example", released_at=_NOW, reason="case closed"
+        )
+        assert not released.active and released.release_reason == "case closed"
+        assert await loaded.get_hold("h1") == released
+        assert [h.hold_id for h in await loaded.list_holds(include_released=False)] == ["h2"]
+        assert [h.hold_id for h in await loaded.list_holds()] == ["h1", "h2"]
+        second = await loaded.purge(_NOW)
+        assert {p.record_id for p in second.purged} == {"r05", "r06"}
+        assert (await loaded.verify()).ok
+
+    async def test_holds_covering_names_each_records_holds(self, loaded: ArchiveStore) -> None:
+        await loaded.add_hold(self.hold("h1", "with:bob@partner.example"))
+        await loaded.add_hold(self.hold("h2", "-verdict:allow"))
+        covering = await loaded.holds_covering(["r01", "r03", "r05", "r13", "nope", "' OR 1=1"])
+        assert covering == {"r01": ("h1",), "r03": ("h2",), "r05": ("h2",)}
+        assert await loaded.holds_covering([]) == {}
+
+    async def test_bad_holds_are_refused(self, loaded: ArchiveStore) -> None:
+        await loaded.add_hold(self.hold("h1", "from:alice@corp.example"))
+        with pytest.raises(InvalidRequest, match="exists already"):
+            await loaded.add_hold(self.hold("h1", "lunch"))
+        with pytest.raises(InvalidRequest):  # QuerySyntaxError is an InvalidRequest
+            await loaded.add_hold(self.hold("h2", "from:"))
+        with pytest.raises(InvalidRequest):
+            await loaded.add_hold(self.hold("", "lunch"))
+        with pytest.raises(InvalidRequest):
+            await loaded.add_hold(replace(self.hold("h4", "lunch"), case_name="c" * 10_001))
+        with pytest.raises(InvalidRequest):
+            await loaded.add_hold(
+                HoldRecord("h3", "C", "o", T0, "{}", "lunch", released_at=T0, released_by="x")
+            )
+        assert [h.hold_id for h in await loaded.list_holds()] == ["h1"]
+        assert await loaded.get_hold("nope") is None
+        with pytest.raises(NotFound):
+            await loaded.release_hold("nope", released_by="x", released_at=_NOW)
+        await loaded.release_hold("h1", released_by="x", released_at=_NOW)
+        with pytest.raises(InvalidRequest, match="released already"):
+            await loaded.release_hold("h1", released_by="x", released_at=_NOW)
+        with pytest.raises(InvalidRequest):
+            await loaded.release_hold("h1", released_by="", released_at=_NOW)
+
+    # -- the API's views: positions, edit histories, dashboard activity --
+
+    async def test_record_position_names_chain_and_seq(self, store: ArchiveStore) -> None:
+        spool, other = ChainWriter(), ChainWriter()
+        await self.ingest(store, spool.records(record("a"), record("b", at=T0 + HOUR)))
+        await self.ingest(store, spool.add(observe_entry("a", observation("bob@x.example/x"))))
+        await self.ingest(store, other.records(record("c")), chain="proxy-2")
+        assert await store.record_position("b") == ChainPosition("spool", 2)
+        assert await store.record_position("c") == ChainPosition("proxy-2", 1)
+        assert await store.record_position("nope") is None
+        assert await store.record_position("' OR 1=1 --") is None
+
+    async def test_linked_records_give_the_whole_history_either_way(
+        self, store: ArchiveStore
+    ) -> None:
+        def minutes(n: int) -> datetime:
+            return T0 + timedelta(minutes=n)
+
+        original = record("orig", message_id="m1")
+        fix1 = record("fix1", at=minutes(1), replaces_id="m1")
+        fix2 = record("fix2", at=minutes(2), replaces_id="origin-orig")  # by origin id
+        gone = record("gone", at=minutes(3), retracts_id="m1", body=None)
+        # Same message id from someone else: not part of alice's history.
+        stranger = record("other", at=minutes(4), sender="mallory@bad.example", replaces_id="m1")
+        plain = record("plain", at=minutes(5))
+        await self.ingest(store, ChainWriter().records(original, fix1, fix2, gone, stranger, plain))
+        linked = await store.linked_records(["orig", "fix1", "gone", "plain", "other", "nope"])
+        assert [r.record_id for r in linked["orig"]] == ["fix1", "fix2", "gone"]
+        assert [r.record_id for r in linked["fix1"]] == ["orig", "fix2", "gone"]
+        assert [r.record_id for r in linked["gone"]] == ["orig", "fix1", "fix2"]
+        assert "plain" not in linked and "nope" not in linked
+        assert "other" not in linked  # its "original" is not from its sender
+        assert linked["orig"][0].body == "hello"  # full records, with their content
+
+    async def test_linked_records_are_bounded(self, store: ArchiveStore) -> None:
+        fixes = [
+            record(f"fix{n}", at=T0 + timedelta(minutes=n + 1), replaces_id="m1")
+            for n in range(MAX_LINKED_RECORDS + 5)
+        ]
+        await self.ingest(store, ChainWriter().records(record("orig", message_id="m1"), *fixes))
+        linked = await store.linked_records(["orig"])
+        assert len(linked["orig"]) == MAX_LINKED_RECORDS
+        with pytest.raises(InvalidRequest):
+            await store.linked_records([f"id{n}" for n in range(1001)])
+        assert await store.linked_records([]) == {}
+
+    async def test_activity_counts_days_blocked_domains_and_rules(
+        self, store: ArchiveStore
+    ) -> None:
+        def judged(
+            rid: str, at: datetime, action: Action, *rules: str, sender: str
+        ) -> ArchiveRecord:
+            reasons = tuple(Reason(rule, "x", 1.0, action) for rule in rules)
+            incoming = record(
+                rid,
+                at=at,
+                sender=sender,
+                recipient="alice@corp.example",
+                direction=Direction.TO_CLIENT,
+            )
+            return replace(incoming, verdict=Verdict(action, 1.0, reasons))
+
+        day1 = datetime(2026, 3, 1, 10, tzinfo=UTC)
+        day2 = day1 + timedelta(days=1)
+        records = [
+            record("ok1", at=day1),
+            record("ok2", at=day2),
+            judged("rej1", day1, Action.REJECT, "federation", sender="a@bad.example"),
+            judged("rej2", day2, Action.REJECT, "federation", "model", sender="b@bad.example"),
+            judged("drop", day2, Action.DROP, "blocklist", sender="c@worse.example"),
+            judged("held", day2, Action.QUARANTINE, "model", sender="d@worse.example"),
+            judged("later", day2 + timedelta(days=5), Action.REJECT, "x", sender="e@late.example"),
+        ]
+        await self.ingest(store, ChainWriter().records(*records))
+        since = datetime(2026, 3, 1, tzinfo=UTC)
+        activity = await store.activity(since, since + timedelta(days=2), top=5)
+        assert [(d.day, d.total) for d in activity.days] == [
+            (date(2026, 3, 1), 2),
+            (date(2026, 3, 2), 4),
+        ]
+        assert dict(activity.days[1].by_action) == {
+            Action.ALLOW: 1,
+            Action.QUARANTINE: 1,
+            Action.REJECT: 1,
+            Action.DROP: 1,
+        }
+        assert activity.blocked_domains == (("bad.example", 2), ("worse.example", 1))
+        assert activity.rules == (("federation", 2), ("model", 2), ("blocklist", 1))
+        one = await store.activity(since, since + timedelta(days=2), top=1)
+        assert one.rules == (("federation", 2),)
+        with pytest.raises(InvalidRequest):
+            await store.activity(since, since, top=5)
+        with pytest.raises(InvalidRequest):
+            await store.activity(since, since + timedelta(days=1), top=0)
+        far = await store.activity(datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
+        assert sum(d.total for d in far.days) == len(records)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -38,7 +39,14 @@ from playwright.sync_api import (
 from playwright.sync_api import Error as PlaywrightError
 
 from archive_api.auth import Role
-from archive_api.store.records import RecordStatus
+from archive_api.store.records import (
+    ArchiveRecord,
+    Attachment,
+    Direction,
+    ExchangeDetails,
+    RecordKind,
+    RecordStatus,
+)
 from tests.archive_api.api_support import T0
 from tests.archive_api.store.conformance import record
 from tests.archive_api.web.live import LiveServer
@@ -394,6 +402,63 @@ def test_keyboard_only_search(page: Page, server: LiveServer) -> None:
     assert outline not in ("", "none")
     page.keyboard.press("Enter")
     expect(page).to_have_url(server.base_url + "/ui/messages/r-alice-2")
+
+
+def test_conversation_shows_a_call_and_a_file_offer_inline(
+    page: Page, server: LiveServer, shots: Path
+) -> None:
+    """Calls and transfers (docs/calls-and-files.md): steps folded into one line each."""
+    carol, dave = "carol@corp.example", "dave@partner.example"
+
+    def step(rid: str, minutes: int, kind: RecordKind, action: str, **kw: Any) -> ArchiveRecord:
+        details = ExchangeDetails(protocol="jingle", action=action, sid=rid[:-2], **kw)
+        base = record(
+            rid,
+            at=T0 + timedelta(minutes=minutes),
+            sender=carol if action != "session-accept" else dave,
+            recipient=dave if action != "session-accept" else carol,
+            direction=Direction.FROM_CLIENT if action != "session-accept" else Direction.TO_CLIENT,
+            kind=kind,
+            stanza_type=action,
+            body=f"{kind.value} {action}",
+        )
+        return replace(base, exchange=details)
+
+    pdf = Attachment("", "jingle", "application/pdf", "deal-terms.pdf", 48213, "ab" * 32)
+    records = [
+        step("call-a-1", 1, RecordKind.CALL, "session-initiate", media=("audio", "video")),
+        step("call-a-2", 2, RecordKind.CALL, "session-accept", media=("audio", "video")),
+        step(
+            "call-a-3",
+            9,
+            RecordKind.CALL,
+            "session-terminate",
+            reason="success",
+            duration_seconds=425.0,
+        ),
+        replace(
+            step("file-b-1", 10, RecordKind.FILE, "session-initiate", media=("file",)),
+            attachments=(pdf,),
+        ),
+    ]
+
+    async def add(env: WebEnv) -> None:
+        await env.add_records(*records)
+
+    server.call(add)
+    sign_in(page, server, Role.OFFICER, "/ui/conversations")
+    page.get_by_label("Participant", exact=True).fill(carol)
+    page.get_by_label("Other participant").fill(dave)
+    page.get_by_role("button", name="Show").click()
+    transcript = page.locator("#transcript")
+    expect(transcript.locator(".exchange")).to_have_count(2)  # three call steps, one line
+    call = transcript.locator(".exchange[data-kind=call]")
+    expect(call).to_contain_text("Call (audio, video)")
+    expect(call.locator(".outcome")).to_have_text("success")
+    expect(call.locator(".duration")).to_have_text("lasted 7 min 5 s")
+    expect(transcript.locator(".file")).to_contain_text("deal-terms.pdf · 48213 bytes")
+    expect(transcript.locator(".file")).to_contain_text("ab" * 32)
+    screenshot(page, shots, "conversation-calls", ["Call", "deal-terms.pdf"])
 
 
 def test_every_request_stays_on_this_origin(page: Page, server: LiveServer, watch: Watch) -> None:
