@@ -77,7 +77,9 @@ from stanzaguard.quarantine import (
     RequestQueue,
     ReviewPaths,
 )
+from stanzaguard.rtbl_publishing import blocklist_routers
 from stanzaguard.settings import Settings, split_host_port
+from stanzaguard.stores import open_store_spec, spec_from_settings
 
 if TYPE_CHECKING:
     from stanzaguard.wiring import ArchivingService
@@ -519,7 +521,10 @@ class ApiService:
 
     context: ApiContext
     app: FastAPI
-    store: SqliteStore
+    store: ArchiveStore
+    # The service's own SQLite database, for what lives there even when the archive is in
+    # Elasticsearch (the published block list); the archive itself when that is SQLite.
+    local: SqliteStore | None = None
 
     @classmethod
     async def open(
@@ -536,8 +541,12 @@ class ApiService:
         data_dir.mkdir(parents=True, exist_ok=True)
         sessions = session_codec(settings, clock)
         signer = load_or_create_signer(data_dir / "keys")
-        store = await SqliteStore.open(data_dir / "archive.sqlite3")
+        # The archive the settings choose: its audit log, tokens and holds live beside it.
+        store = await open_store_spec(spec_from_settings(settings, data_dir / "archive.sqlite3"))
+        local: SqliteStore | None = store if isinstance(store, SqliteStore) else None
         try:
+            if local is None and settings.blocklist_learning:
+                local = await SqliteStore.open(data_dir / "archive.sqlite3")
             audit = AuditLog(store, signer, clock)
             review = (
                 ServiceReview(quarantine, store)
@@ -562,11 +571,20 @@ class ApiService:
                 ),
                 metrics=metrics if metrics is not None else CollectorRegistry(auto_describe=True),
             )
-            app = create_app(ctx, routers=_web_routers() if routers is None else routers)
+            app = create_app(
+                ctx,
+                routers=(
+                    # the published block list's routes (docs/rtbl-publishing.md)
+                    *(blocklist_routers(settings, local, clock) if local is not None else ()),
+                    *(_web_routers() if routers is None else routers),
+                ),
+            )
         except BaseException:
             await store.close()
+            if local is not None and local is not store:
+                await local.close()
             raise
-        return cls(ctx, app, store)
+        return cls(ctx, app, store, local)
 
     async def close(self) -> None:
         try:
@@ -578,6 +596,8 @@ class ApiService:
             log.warning("the audit log's head was not signed at shutdown: %s", exc)
         finally:
             await self.store.close()
+            if self.local is not None and self.local is not self.store:
+                await self.local.close()
 
 
 class _Server(uvicorn.Server):
@@ -707,11 +727,6 @@ async def start_beside(settings: Settings, service: ArchivingService) -> Running
 
 async def serve_api(settings: Settings, listen: str, ready: asyncio.Event | None = None) -> None:
     """`stanzaguard api`: serve the API alone until SIGINT or SIGTERM."""
-    if settings.store == "elasticsearch":
-        # Its audit log, tokens and holds would quietly live in a second, SQLite archive.
-        raise SettingsError(
-            "store: the API needs the audit log, which store=elasticsearch does not have yet"
-        )
     running = await start_api(settings, SystemClock(), listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

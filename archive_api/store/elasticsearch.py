@@ -36,16 +36,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import itertools
 import json
 import math
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from elasticsearch import (
@@ -58,45 +59,63 @@ from elasticsearch import (
 from elasticsearch.helpers import async_streaming_bulk
 
 from archive_api.store.audit import (
+    AUDIT_CHAIN,
+    MAX_APPEND_BATCH,
     AuditEntry,
     AuditEvent,
     AuditFilter,
     AuditHead,
     AuditPage,
+    AuditRow,
+    AuditVerifier,
     AuditVerifyReport,
+    chain_entry,
+    check_entry,
+    check_page_args,
+    decode_cursor,
+    encode_cursor,
 )
+from archive_api.store.audit import to_us as audit_us
 from archive_api.store.base import (
     DEFAULT_CHAIN,
     HIGHLIGHT_END,
     HIGHLIGHT_START,
+    MAX_LINKED_RECORDS,
     MAX_PAGE_SIZE,
     SORT_ORDERS,
+    TOMBSTONE_OP,
     Activity,
     ArchiveStore,
     ChainPosition,
     ChainState,
+    DayActivity,
     Facets,
     Hit,
     HoldRecord,
     PurgeBatch,
+    PurgedRecord,
     RetentionAssignment,
     RetentionState,
+    RetentionSubject,
     RetentionSubjectPage,
     RetentionUpdate,
     SearchPage,
     SnippetPart,
     SortOrder,
+    Tombstone,
     VerifyProblem,
     VerifyReport,
     parse_marked,
 )
 from archive_api.store.chain import GENESIS, ChainLink, Checkpoint, link_hash
 from archive_api.store.errors import (
+    AlreadyExists,
     ChainConflict,
     ChainGap,
     InvalidCursor,
     InvalidEntry,
     InvalidRequest,
+    NotFound,
     StoreCorrupted,
     StoreError,
     StoreUnavailable,
@@ -131,7 +150,7 @@ from archive_api.store.records import (
     RecordStatus,
     SpoolEntry,
 )
-from archive_api.store.tokens import StoredToken
+from archive_api.store.tokens import StoredToken, check_token_name
 from classifier.verdict import Action
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -144,9 +163,6 @@ _CURSOR_VERSION: Final = 1
 _PLAIN_SNIPPET_CHARS: Final = 200
 _SNIPPET_LEAD_CHARS: Final = 60
 _PHRASE_PREFIX_EXPANSIONS: Final = 1024
-_BULK_CHUNK_DOCS: Final = 500
-_BULK_CHUNK_BYTES: Final = 10 * 1024 * 1024
-_BULK_RETRIES: Final = 5
 _SEP: Final = "\x1f"  # joins (sender, message id) into one keyword; never in a JID
 
 _STR_FIELDS: Final = (
@@ -197,6 +213,7 @@ _DERIVED_FIELDS: Final = (
 _KEYWORD: Final = {"type": "keyword"}
 _STORED_ONLY: Final = {"type": "keyword", "index": False, "doc_values": False}
 _TEXT: Final = {"type": "text", "analyzer": "folded"}
+_STORED_TEXT: Final = {"type": "text", "index": False}  # kept in _source, any length
 
 _ANALYSIS: Final = {
     # Case- and accent-insensitive words of letters and digits, like SQLite's FTS5 unicode61
@@ -265,6 +282,10 @@ _MAPPINGS: Final[dict[str, dict[str, Any]]] = {
             "retracted": {"type": "boolean"},
             "body": _TEXT,
             "subject": _TEXT,
+            # A copy of the record's retention (the `retention` index is the authority), so
+            # purge can select due and unheld records with one query; see set_retention.
+            "retention_class": _KEYWORD,
+            "expires_us": {"type": "long"},
         },
     },
     "chains": {
@@ -280,18 +301,73 @@ _MAPPINGS: Final[dict[str, dict[str, Any]]] = {
             "signature": _KEYWORD,
         },
     },
+    # --- the audit log, API tokens, holds and retention (see their section below) ---
+    "audit": {
+        "dynamic": "strict",
+        "properties": {
+            "seq": {"type": "long"},
+            "at_us": {"type": "long"},
+            "actor": _KEYWORD,
+            "role": _KEYWORD,
+            "action": _KEYWORD,
+            "params": _STORED_TEXT,
+            "result_count": {"type": "long"},
+            "outcome": _KEYWORD,
+            "prev_hash": _STORED_ONLY,
+            "hash": _STORED_ONLY,
+        },
+    },
+    "audit_head": {
+        "dynamic": "strict",
+        "properties": {"seq": {"type": "long"}, "hash": _STORED_ONLY},
+    },
+    "audit_checkpoints": {
+        "dynamic": "strict",
+        "properties": {"seq": {"type": "long"}, "head": _STORED_ONLY, "signature": _KEYWORD},
+    },
+    "tokens": {
+        "dynamic": "strict",
+        "properties": {
+            "name": _KEYWORD,
+            "role": _KEYWORD,
+            "secret_hash": _KEYWORD,
+            "created_us": {"type": "long"},
+            "expires_us": {"type": "long"},
+            "revoked_us": {"type": "long"},
+        },
+    },
+    "token_secrets": {"dynamic": "strict", "properties": {"name": _KEYWORD}},
+    "holds": {
+        "dynamic": "strict",
+        "properties": {
+            "hold_id": _KEYWORD,
+            "case_name": _STORED_TEXT,
+            "created_by": _STORED_TEXT,
+            "created_us": {"type": "long"},
+            "scope": _STORED_TEXT,
+            "query": _STORED_TEXT,
+            "released_us": {"type": "long"},
+            "released_by": _STORED_TEXT,
+            "release_reason": _STORED_TEXT,
+        },
+    },
+    "retention": {
+        "dynamic": "strict",
+        "properties": {
+            "record_id": _KEYWORD,
+            "retention_class": _KEYWORD,
+            "expires_us": {"type": "long"},
+            "assigned_us": {"type": "long"},
+            "purged_us": {"type": "long"},
+        },
+    },
 }
-
-
-class NotSupportedByBackend(StoreError, NotImplementedError):
-    """The Elasticsearch store does not implement this part of the protocol yet."""
-
-    def __init__(self, method: str) -> None:
-        super().__init__(
-            f"ElasticsearchStore.{method} is not implemented yet (see docs/elasticsearch.md); "
-            "use the SQLite store for this feature"
-        )
-        self.method = method
+_MAPPINGS["dedup"] = {"dynamic": "strict", "properties": {"kind": _KEYWORD}}
+_ROLLING_KINDS: Final = frozenset({"ledger", "records"})
+"""The kinds whose alias may span several backing indices (rollover); the others never roll
+over: their create-only `_id`s and compare-and-swap writes need one index."""
+INDEX_KINDS: Final = tuple(_MAPPINGS)
+"""Every kind of index the store keeps, each `{prefix}-{kind}` (an alias) with a template."""
 
 
 # --- deriving documents ---------------------------------------------------------------------
@@ -587,6 +663,170 @@ def _plain_snippet(rec: ArchiveRecord) -> tuple[SnippetPart, ...]:
     return (SnippetPart(plain),) if plain else ()
 
 
+# --- documents of the audit log, tokens, holds and retention ----------------------------------
+
+_AUDIT_HEAD_ID: Final = "head"
+_MAX_HOLD_FIELD: Final = 10_000
+_RETENTION_CURSOR_VERSION: Final = 1
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _audit_doc_id(seq: int) -> str:
+    return f"{seq:020d}"  # the seq itself: create-only, so each seq is taken once
+
+
+def _audit_source(row: AuditRow) -> dict[str, Any]:
+    return {
+        "seq": row.seq,
+        "at_us": row.at_us,
+        "actor": row.actor,
+        "role": row.role,
+        "action": row.action,
+        "params": row.params,
+        "result_count": row.result_count,
+        "outcome": row.outcome,
+        "prev_hash": row.prev_hash.hex(),
+        "hash": row.hash.hex(),
+    }
+
+
+def _audit_row_from(src: dict[str, Any]) -> AuditRow:
+    try:
+        count = src.get("result_count")
+        return AuditRow(
+            seq=int(src["seq"]),
+            at_us=int(src["at_us"]),
+            actor=str(src["actor"]),
+            role=None if src.get("role") is None else str(src["role"]),
+            action=str(src["action"]),
+            params=str(src["params"]),
+            result_count=None if count is None else int(count),
+            outcome=str(src["outcome"]),
+            prev_hash=bytes.fromhex(src["prev_hash"]),
+            hash=bytes.fromhex(src["hash"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreCorrupted(f"unreadable audit event ({exc})") from None
+
+
+def _token_doc_id(name: str) -> str:
+    return _doc_id("token", name)
+
+
+def _token_source(token: StoredToken) -> dict[str, Any]:
+    def us(at: datetime | None) -> int | None:
+        return audit_us(at) if at is not None else None
+
+    return {
+        "name": token.name,
+        "role": token.role,
+        "secret_hash": token.secret_hash.hex(),
+        "created_us": audit_us(token.created_at),
+        "expires_us": us(token.expires_at),
+        "revoked_us": us(token.revoked_at),
+    }
+
+
+def _token_from_source(src: dict[str, Any]) -> StoredToken:
+    def at(key: str) -> datetime | None:
+        value = src.get(key)
+        return _from_us(int(value)) if value is not None else None
+
+    try:
+        return StoredToken(
+            name=str(src["name"]),
+            role=str(src["role"]),
+            secret_hash=bytes.fromhex(src["secret_hash"]),
+            created_at=_from_us(int(src["created_us"])),
+            expires_at=at("expires_us"),
+            revoked_at=at("revoked_us"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreCorrupted(f"unreadable API token ({exc})") from None
+
+
+def _hold_doc_id(hold_id: str) -> str:
+    return _doc_id("hold", hold_id)
+
+
+def _hold_source(hold: HoldRecord) -> dict[str, Any]:
+    return {
+        "hold_id": hold.hold_id,
+        "case_name": hold.case_name,
+        "created_by": hold.created_by,
+        "created_us": _to_us(hold.created_at),
+        "scope": hold.scope,
+        "query": hold.query,
+        "released_us": _to_us(hold.released_at) if hold.released_at is not None else None,
+        "released_by": hold.released_by,
+        "release_reason": hold.release_reason,
+    }
+
+
+def _hold_from_source(src: dict[str, Any]) -> HoldRecord:
+    try:
+        released = src.get("released_us")
+        return HoldRecord(
+            hold_id=str(src["hold_id"]),
+            case_name=str(src["case_name"]),
+            created_by=str(src["created_by"]),
+            created_at=_from_us(int(src["created_us"])),
+            scope=str(src["scope"]),
+            query=str(src["query"]),
+            released_at=_from_us(int(released)) if released is not None else None,
+            released_by=src.get("released_by"),
+            release_reason=src.get("release_reason"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreCorrupted(f"unreadable legal hold ({exc})") from None
+
+
+def _retention_id(record_id: str) -> str:
+    return _doc_id("retention", record_id)
+
+
+def _subject_from_source(src: dict[str, Any]) -> RetentionSubject:
+    expires = src.get("expires_us")
+    return RetentionSubject(
+        record_id=src["record_id"],
+        occurred_at=_from_us(int(src["occurred_us"])),
+        record_type=src["rtype"],
+        direction=src["direction"],
+        sender=src["sender"],
+        recipient=src["recipient"],
+        room=src.get("room"),
+        retention_class=src.get("retention_class") if expires is not None else None,
+        expires_at=_from_us(int(expires)) if expires is not None else None,
+    )
+
+
+def _encode_retention_cursor(after: list[Any]) -> str:
+    data = [_RETENTION_CURSOR_VERSION, after]
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def _decode_retention_cursor(cursor: str) -> list[Any]:
+    if not isinstance(cursor, str) or len(cursor) > 1000:
+        raise InvalidCursor("malformed retention cursor")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, after = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidCursor("malformed retention cursor") from None
+    if (
+        version != _RETENTION_CURSOR_VERSION
+        or not isinstance(after, list)
+        or len(after) != 2
+        or not _is_int(after[0])
+        or not isinstance(after[1], str)
+    ):
+        raise InvalidCursor("malformed retention cursor")
+    return after
+
+
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -626,6 +866,28 @@ class _Entry:
         return ChainLink(self.seq, self.prev_hash, self.hash, self.payload)
 
 
+def _is_tombstone(payload: bytes) -> bool:
+    try:
+        return Tombstone.from_payload(payload) is not None
+    except ValueError:
+        return False
+
+
+def _same_link(stored: ChainLink, link: ChainLink) -> bool:
+    """A re-sent link is the stored one, or the one whose payload a purge made a tombstone."""
+    if stored == link:
+        return True
+    try:
+        tombstone = Tombstone.from_payload(stored.payload)
+    except ValueError:
+        return False
+    return tombstone is not None and (stored.seq, stored.prev_hash, stored.hash) == (
+        link.seq,
+        link.prev_hash,
+        link.hash,
+    )
+
+
 def _entry_from_source(src: dict[str, Any]) -> _Entry:
     try:
         return _Entry(
@@ -639,13 +901,67 @@ def _entry_from_source(src: dict[str, Any]) -> _Entry:
         raise StoreCorrupted(f"unreadable ledger document ({exc})") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class BulkLimits:
+    """How `async_streaming_bulk` cuts and retries writes: a request carries at most
+    `chunk_docs` actions and `chunk_bytes` bytes; actions refused with 429 (the cluster's
+    write queue is full) are sent again up to `retries` times, waiting `initial_backoff`
+    seconds, doubling up to `max_backoff`."""
+
+    chunk_docs: int = 500
+    chunk_bytes: int = 10 * 1024 * 1024
+    retries: int = 5
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_docs", "chunk_bytes", "retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "retries"):
+                raise InvalidRequest(f"bulk {name} must be a whole number of at least 1")
+        if not 0 < self.initial_backoff <= self.max_backoff <= 3600:
+            raise InvalidRequest("bulk backoff must satisfy 0 < initial <= max <= 3600 seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the server offers beyond plain indices and aliases."""
+
+    lifecycle: bool  # index lifecycle management (`_ilm`): rolls ledger and records over
+    rollover: bool  # the rollover API; without it `roll_over` moves the alias itself
+
+
+_ROLLOVER_SIZE: Final = "50gb"
+_ROLLOVER_AGE: Final = "30d"
+
+SnapshotMode = Literal["point_in_time", "scroll", "search_after"]
+_UNSUPPORTED: Final = frozenset({400, 403, 404, 405, 501})  # no such API, or not ours to use
+_PROBE_KEEP_ALIVE: Final = "10s"
+_SNAPSHOT_KEEP_ALIVE: Final = "5m"  # between two pages of an export
+
+
+def choose_snapshot_mode(*, point_in_time: bool, scroll: bool) -> SnapshotMode:
+    """Point in time where the server has it (it survives shard moves and costs less than a
+    scroll), a scroll otherwise, plain search_after paging when it has neither."""
+    if point_in_time:
+        return "point_in_time"
+    if scroll:
+        return "scroll"
+    return "search_after"
+
+
 class ElasticsearchStore:
     """`ArchiveStore` on Elasticsearch. Create with `await ElasticsearchStore.open(url)`."""
 
-    def __init__(self, client: AsyncElasticsearch, prefix: str) -> None:
+    def __init__(
+        self, client: AsyncElasticsearch, prefix: str, bulk: BulkLimits | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._closed = False
+        self._bulk_limits = bulk if bulk is not None else BulkLimits()
+        self._snapshot: SnapshotMode | None = None  # probed on first use
+        self._capabilities: Capabilities | None = None  # probed on first use
 
     @classmethod
     async def open(
@@ -657,6 +973,7 @@ class ElasticsearchStore:
         basic_auth: tuple[str, str] | None = None,
         api_key: str | None = None,
         ca_certs: str | None = None,
+        bulk: BulkLimits | None = None,
     ) -> ElasticsearchStore:
         """Connect, and create the index templates and indices when they are missing."""
         if not _PREFIX_RE.fullmatch(index_prefix):
@@ -676,9 +993,10 @@ class ElasticsearchStore:
             max_retries=3,
             **options,
         )
-        store = cls(client, index_prefix)
+        store = cls(client, index_prefix, bulk)
         try:
             await store._ensure_indices()
+            await store._ensure_audit_head()
         except BaseException:
             await client.close()
             raise
@@ -689,10 +1007,14 @@ class ElasticsearchStore:
         return f"{self._prefix}-{kind}"
 
     async def _ensure_indices(self) -> None:
+        lifecycle = await self._ensure_lifecycle_policy()
         try:
             for kind, mappings in _MAPPINGS.items():
                 alias = self.index(kind)
                 settings: dict[str, Any] = {"analysis": _ANALYSIS} if kind == "records" else {}
+                if lifecycle is not None and kind in _ROLLING_KINDS:
+                    settings["index.lifecycle.name"] = lifecycle
+                    settings["index.lifecycle.rollover_alias"] = alias
                 await self._client.indices.put_index_template(
                     name=alias,
                     index_patterns=[f"{alias}-*"],
@@ -709,6 +1031,61 @@ class ElasticsearchStore:
                             raise
         except (ApiError, TransportError) as exc:
             raise _translate(exc) from exc
+
+    # -- what the server offers, probed at start-up (docs/elasticsearch.md) --
+
+    async def _supported(self, probe: Awaitable[Any]) -> bool:
+        """Whether a probing request worked; False when the server has no such API."""
+        try:
+            await probe
+        except ApiError as exc:
+            if exc.meta.status in _UNSUPPORTED:
+                return False
+            raise _translate(exc) from exc
+        except TransportError as exc:
+            raise _translate(exc) from exc
+        return True
+
+    async def capabilities(self) -> Capabilities:
+        """Index lifecycle management and rollover: probed once. (Data streams are not
+        probed: the store does not use them, docs/elasticsearch.md.)"""
+        if self._capabilities is None:
+            client = self._client
+            self._capabilities = Capabilities(
+                lifecycle=await self._supported(client.ilm.get_status()),
+                rollover=await self._supported(
+                    client.indices.rollover(alias=self.index("ledger"), dry_run=True)
+                ),
+            )
+        return self._capabilities
+
+    async def _ensure_lifecycle_policy(self) -> str | None:
+        """Where the server has ILM: a policy that rolls `ledger` and `records` over by size
+        and age and never deletes (purge deletes, record by record, around legal holds).
+        Returns its name, or None on servers without ILM (plain indices behind aliases)."""
+        if not await self._supported(self._client.ilm.get_status()):
+            return None
+        name = f"{self._prefix}-rollover"
+        try:
+            await self._client.ilm.put_lifecycle(
+                name=name,
+                policy={
+                    "_meta": {"managed_by": "stanzaguard", "deletes": "never (see purge)"},
+                    "phases": {
+                        "hot": {
+                            "actions": {
+                                "rollover": {
+                                    "max_primary_shard_size": _ROLLOVER_SIZE,
+                                    "max_age": _ROLLOVER_AGE,
+                                }
+                            }
+                        }
+                    },
+                },
+            )
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return name
 
     def _check_open(self) -> None:
         if self._closed:
@@ -763,15 +1140,16 @@ class ElasticsearchStore:
         if not actions:
             return out
         self._check_open()
+        limits = self._bulk_limits
         try:
             async for ok, item in async_streaming_bulk(
                 self._client,
                 actions,
-                chunk_size=_BULK_CHUNK_DOCS,
-                max_chunk_bytes=_BULK_CHUNK_BYTES,
-                max_retries=_BULK_RETRIES,
-                initial_backoff=0.5,
-                max_backoff=30,
+                chunk_size=limits.chunk_docs,
+                max_chunk_bytes=limits.chunk_bytes,
+                max_retries=limits.retries,
+                initial_backoff=limits.initial_backoff,
+                max_backoff=limits.max_backoff,
                 raise_on_error=False,
                 raise_on_exception=True,
             ):
@@ -801,10 +1179,17 @@ class ElasticsearchStore:
         )
 
     async def _mget(self, kind: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Documents by `_id` (realtime: no refresh needed); missing ones are left out."""
+        """Documents by `_id` (realtime: no refresh needed); missing ones are left out.
+
+        For the kinds that roll over, a search on every backing index (refreshed data).
+        """
         out: dict[str, dict[str, Any]] = {}
         if not ids:
             return out
+        if kind in _ROLLING_KINDS:
+            return {
+                doc_id: hit["_source"] for doc_id, hit in (await self._locate(kind, ids)).items()
+            }
         self._check_open()
         try:
             for start in range(0, len(ids), _PAGE):
@@ -842,7 +1227,7 @@ class ElasticsearchStore:
                 src = stored.get(_ledger_id(chain, link.seq))
                 if src is None:
                     raise StoreCorrupted(f"chain {chain!r} has no stored entry at seq {link.seq}")
-                if _entry_from_source(src).link != link:
+                if not _same_link(_entry_from_source(src).link, link):
                     raise ChainConflict(chain, link.seq, "differs from the applied entry")
         prev = head
         entries: list[tuple[ChainLink, SpoolEntry]] = []
@@ -859,10 +1244,38 @@ class ElasticsearchStore:
             prev = link.hash
         if not entries:
             return
-        await self._write_ledger(chain, entries)
-        await self._write_records(chain, entries)
-        await self.refresh()
+        ledger_entries, live = await self._entomb_arrivals(entries)
+        await self._write_ledger(chain, ledger_entries)
+        await self._write_records(chain, live)
+        await self._refresh("ledger", "records", "chains")
         await self._advance_chain(chain, state, entries[-1][0])
+
+    async def _entomb_arrivals(
+        self, entries: list[tuple[ChainLink, SpoolEntry]]
+    ) -> tuple[list[tuple[ChainLink, SpoolEntry]], list[tuple[ChainLink, SpoolEntry]]]:
+        """Entries of records purged earlier (a replay from another chain, a late observation)
+        are stored as tombstones straight away, so a purge is never undone. Returns the
+        entries for the ledger and those still to be indexed."""
+        ids = sorted({entry.record_id for _, entry in entries})
+        traces = await self._mget("retention", [_retention_id(rid) for rid in ids])
+        purged = {
+            src["record_id"]: src for src in traces.values() if src.get("purged_us") is not None
+        }
+        if not purged:
+            return entries, entries
+        ledger: list[tuple[ChainLink, SpoolEntry]] = []
+        for link, entry in entries:
+            src = purged.get(entry.record_id)
+            if src is not None:
+                tombstone = Tombstone(
+                    entry.record_id,
+                    _from_us(int(src["purged_us"])),
+                    src["retention_class"],
+                    _from_us(int(src["expires_us"])),
+                )
+                link = replace(link, payload=tombstone.payload())
+            ledger.append((link, entry))
+        return ledger, [(link, e) for link, e in entries if e.record_id not in purged]
 
     async def _write_ledger(self, chain: str, entries: list[tuple[ChainLink, SpoolEntry]]) -> None:
         def source(link: ChainLink, entry: SpoolEntry) -> dict[str, Any]:
@@ -872,41 +1285,57 @@ class ElasticsearchStore:
                 "prev_hash": link.prev_hash.hex(),
                 "hash": link.hash.hex(),
                 "payload": base64.b64encode(link.payload).decode("ascii"),
-                "op": entry.op.value,
+                "op": TOMBSTONE_OP if _is_tombstone(link.payload) else entry.op.value,
                 "record_id": entry.record_id,
             }
 
         alias = self.index("ledger")
+        ids = {link.seq: _ledger_id(chain, link.seq) for link, _ in entries}
+        claimed = await self._claim("ledger", list(ids.values()))
         results = await self._bulk(
             [
                 {
                     "_op_type": "create",
                     "_index": alias,
-                    "_id": _ledger_id(chain, link.seq),
+                    "_id": ids[link.seq],
                     "_source": source(link, entry),
                 }
                 for link, entry in entries
+                if ids[link.seq] in claimed
             ]
         )
-        existing = [link for (link, _), (ok, _) in zip(entries, results, strict=True) if not ok]
-        if not existing:
+        created = {item["_id"] for ok, item in results if ok}
+        again = [(link, entry) for link, entry in entries if ids[link.seq] not in created]
+        if not again:
             return
-        # Past the committed head, so left by a batch that failed half-way: replace what differs.
-        stored = await self._mget("ledger", [_ledger_id(chain, link.seq) for link in existing])
-        by_seq = {link.seq: entry for link, entry in entries}
-        await self._bulk(
-            [
-                {
-                    "_op_type": "index",
-                    "_index": alias,
-                    "_id": _ledger_id(chain, link.seq),
-                    "_source": source(link, by_seq[link.seq]),
-                }
-                for link in existing
-                if (src := stored.get(_ledger_id(chain, link.seq))) is None
-                or _entry_from_source(src).link != link
-            ]
-        )
+        # Claimed before, so written (or half-written) by an attempt whose batch failed
+        # half-way and was never committed (it is past the committed head), maybe into a
+        # backing index the alias has since rolled away from: write what is missing and
+        # replace what differs, where it is.
+        await self._refresh("ledger")
+        stored = await self._locate("ledger", [ids[link.seq] for link, _ in again])
+        actions: list[dict[str, Any]] = []
+        for link, entry in again:
+            hit = stored.get(ids[link.seq])
+            if hit is None:
+                actions.append(
+                    {
+                        "_op_type": "create",
+                        "_index": alias,
+                        "_id": ids[link.seq],
+                        "_source": source(link, entry),
+                    }
+                )
+            elif _entry_from_source(hit["_source"]).link != link:
+                actions.append(
+                    {
+                        "_op_type": "index",
+                        "_index": hit["_index"],
+                        "_id": ids[link.seq],
+                        "_source": source(link, entry),
+                    }
+                )
+        await self._bulk(actions)
 
     async def _write_records(self, chain: str, entries: list[tuple[ChainLink, SpoolEntry]]) -> None:
         docs: dict[str, dict[str, Any]] = {}
@@ -948,24 +1377,107 @@ class ElasticsearchStore:
                     [
                         {
                             "_op_type": "update",
-                            "_index": self.index("records"),
+                            "_index": hit["_index"],  # its backing index, wherever it is
                             "_id": hit["_id"],
                             "doc": {flag: True},
                         }
                         async for hit in originals
                     ]
                 )
+        # One records document per record, even across rollovers: the duplicate ledger says
+        # which records were written before; of those only the ones whose document never
+        # landed (a batch that failed half-way) are written now.
+        ids = {record_id: _record_doc_id(record_id) for record_id in docs}
+        claimed = await self._claim("records", list(ids.values()))
+        earlier = [rid for rid in docs if ids[rid] not in claimed]
+        if earlier:
+            await self._refresh("records")
+            landed = await self._locate("records", [ids[rid] for rid in earlier])
+            claimed |= {ids[rid] for rid in earlier if ids[rid] not in landed}
         await self._bulk(
             [
                 {
                     "_op_type": "create",
                     "_index": self.index("records"),
-                    "_id": _record_doc_id(record_id),
+                    "_id": ids[record_id],
                     "_source": doc,
                 }
                 for record_id, doc in docs.items()
+                if ids[record_id] in claimed
             ]
         )
+
+    # -- the duplicate ledger and rollover (docs/elasticsearch.md) --
+    #
+    # Create-only `_id`s de-duplicate within one backing index only: once `ledger` or
+    # `records` rolls over, a retried write would land a second copy in the new index. So
+    # every `_id` written to them is first claimed, create-only, in `dedup`, an index that
+    # never rolls over; a 409 there means "written before", and the writer then looks the
+    # document up across every backing index (`_locate`) instead of writing blindly. Reads
+    # by `_id` of those two kinds go through `_locate` too (a search on `ids`), since a get
+    # through an alias reaches only its write index.
+
+    async def _claim(self, kind: str, doc_ids: Sequence[str]) -> set[str]:
+        """Claim `_id`s of `kind` in the duplicate ledger; returns those claimed just now."""
+        results = await self._bulk(
+            [
+                {
+                    "_op_type": "create",
+                    "_index": self.index("dedup"),
+                    "_id": f"{kind}-{doc_id}",
+                    "_source": {"kind": kind},
+                }
+                for doc_id in doc_ids
+            ]
+        )
+        return {item["_id"].partition("-")[2] for ok, item in results if ok}
+
+    async def _locate(self, kind: str, doc_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The hits (with `_index` and `_source`) of documents by `_id` in every backing
+        index of `kind` (what a refresh made visible); missing ones are left out."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(doc_ids), _PAGE):
+            chunk = list(doc_ids[start : start + _PAGE])
+            hits = (
+                await self._search(
+                    kind,
+                    query={"ids": {"values": chunk}},
+                    size=2 * len(chunk),  # room for a duplicate left by an older version
+                    track_total_hits=False,
+                )
+            )["hits"]["hits"]
+            for hit in hits:
+                out.setdefault(hit["_id"], hit)
+        return out
+
+    async def roll_over(self, kind: str) -> str:
+        """Start a new backing index behind the `ledger` or `records` alias and make it the
+        write index (what ILM does by size and age); returns its name. Uses the server's
+        rollover API where it has one, else creates the next index and moves the alias."""
+        if kind not in _ROLLING_KINDS:
+            raise InvalidRequest(f"only {', '.join(sorted(_ROLLING_KINDS))} roll over")
+        self._check_open()
+        alias = self.index(kind)
+        try:
+            if (await self.capabilities()).rollover:
+                resp = await self._client.indices.rollover(alias=alias)
+                return str(resp["new_index"])
+            current = (await self._client.indices.get_alias(name=alias)).body
+            last = max(current)
+            new = f"{alias}-{int(last.rpartition('-')[2]) + 1:06d}"
+            await self._client.indices.create(index=new)  # the template gives it its mappings
+            await self._client.indices.update_aliases(
+                actions=[
+                    *(
+                        {"add": {"index": name, "alias": alias, "is_write_index": False}}
+                        for name in sorted(current)
+                    ),
+                    {"add": {"index": new, "alias": alias, "is_write_index": True}},
+                ]
+            )
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return new
 
     async def _advance_chain(self, chain: str, state: _ChainDoc | None, last: ChainLink) -> None:
         source = {"chain": chain, "last_seq": last.seq, "head": last.hash.hex()}
@@ -1017,6 +1529,8 @@ class ElasticsearchStore:
             [{"chain": "asc"}, {"seq": "asc"}],
         )
         async for hit in hits:
+            if hit["_source"].get("op") == TOMBSTONE_OP:
+                continue  # an entry of an earlier life of this record id, purged
             stored = _entry_from_source(hit["_source"])
             entry = self._entry_of(stored)
             if (stored.chain, stored.seq) != positions[entry.record_id]:
@@ -1257,10 +1771,285 @@ class ElasticsearchStore:
         """
         return await _Verifier(self, public_key).run()
 
-    # -- not implemented yet on this backend (docs/elasticsearch.md) --
+    # -- exports: every match from one consistent view of the index (docs/elasticsearch.md) --
+
+    async def snapshot_mode(self) -> SnapshotMode:
+        """How this server gives a consistent view, probed once: point in time (Elasticsearch
+        7.10+), else a scroll (OpenSearch dialects), else plain search_after paging."""
+        if self._snapshot is None:
+            self._snapshot = choose_snapshot_mode(
+                point_in_time=await self._probe_point_in_time(), scroll=await self._probe_scroll()
+            )
+        return self._snapshot
+
+    async def _probe_point_in_time(self) -> bool:
+        self._check_open()
+        try:
+            opened = await self._client.open_point_in_time(
+                index=self.index("records"), keep_alive=_PROBE_KEEP_ALIVE
+            )
+            await self._client.close_point_in_time(id=opened["id"])
+        except ApiError as exc:
+            if exc.meta.status in _UNSUPPORTED:
+                return False
+            raise _translate(exc) from exc
+        except TransportError as exc:
+            raise _translate(exc) from exc
+        return True
+
+    async def _probe_scroll(self) -> bool:
+        self._check_open()
+        try:
+            resp = await self._client.search(
+                index=self.index("records"), scroll=_PROBE_KEEP_ALIVE, size=1
+            )
+            if resp.get("_scroll_id"):
+                await self._client.options(ignore_status=404).clear_scroll(
+                    scroll_id=resp["_scroll_id"]
+                )
+        except ApiError as exc:
+            if exc.meta.status in _UNSUPPORTED:
+                return False
+            raise _translate(exc) from exc
+        except TransportError as exc:
+            raise _translate(exc) from exc
+        return bool(resp.get("_scroll_id"))
+
+    async def snapshot_pages(
+        self, query: Query | str, *, page_size: int = 500
+    ) -> AsyncIterator[list[ArchiveRecord]]:
+        """Every record a query matches, oldest first, a page at a time, as the index stood
+        when the first page was read (records indexed meanwhile are left out), for exports.
+        Servers with neither point in time nor scroll get search_after paging (records
+        indexed meanwhile may or may not appear; none is repeated or skipped)."""
+        parsed = as_query(query)
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        body: dict[str, Any] = {
+            "query": _compile(parsed).query,
+            "sort": _sort("time_asc"),
+            "size": page_size,
+            "track_total_hits": False,
+        }
+        mode = await self.snapshot_mode()
+        if mode == "point_in_time":
+            pages = self._point_in_time_pages(body)
+        elif mode == "scroll":
+            pages = self._scroll_pages(body)
+        else:
+            pages = self._search_after_pages(body)
+        async for hits in pages:
+            records = await self._load([hit["_source"] for hit in hits])
+            yield [records[hit["_source"]["record_id"]] for hit in hits]
+
+    async def _point_in_time_pages(
+        self, body: dict[str, Any]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        self._check_open()
+        try:
+            opened = await self._client.open_point_in_time(
+                index=self.index("records"), keep_alive=_SNAPSHOT_KEEP_ALIVE
+            )
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        pit_id = str(opened["id"])
+        try:
+            after: list[Any] | None = None
+            while True:
+                kw = {**body, "pit": {"id": pit_id, "keep_alive": _SNAPSHOT_KEEP_ALIVE}}
+                if after is not None:
+                    kw["search_after"] = after
+                try:
+                    resp = await self._client.search(**kw)
+                except (ApiError, TransportError) as exc:
+                    raise _translate(exc) from exc
+                pit_id = str(resp.get("pit_id", pit_id))  # the server may hand a new id
+                hits: list[dict[str, Any]] = resp["hits"]["hits"]
+                if hits:
+                    yield hits
+                if len(hits) < body["size"]:
+                    return
+                after = hits[-1]["sort"]
+        finally:
+            with contextlib.suppress(ApiError, TransportError):
+                await self._client.close_point_in_time(id=pit_id)
+
+    async def _scroll_pages(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        self._check_open()
+        try:
+            # A scroll must count its hits: track_total_hits=false is refused there.
+            counted = {k: v for k, v in body.items() if k != "track_total_hits"}
+            resp = await self._client.search(
+                index=self.index("records"), scroll=_SNAPSHOT_KEEP_ALIVE, **counted
+            )
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        scroll_id = resp.get("_scroll_id")
+        try:
+            while True:
+                hits: list[dict[str, Any]] = resp["hits"]["hits"]
+                if not hits:
+                    return
+                yield hits
+                if scroll_id is None:
+                    raise StoreError("the server ended a scroll without an id")
+                try:
+                    resp = await self._client.scroll(
+                        scroll_id=scroll_id, scroll=_SNAPSHOT_KEEP_ALIVE
+                    )
+                except (ApiError, TransportError) as exc:
+                    raise _translate(exc) from exc
+                scroll_id = resp.get("_scroll_id", scroll_id)
+        finally:
+            if scroll_id is not None:
+                with contextlib.suppress(ApiError, TransportError):
+                    await self._client.options(ignore_status=404).clear_scroll(scroll_id=scroll_id)
+
+    async def _search_after_pages(
+        self, body: dict[str, Any]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        after: list[Any] | None = None
+        while True:
+            kw = dict(body)
+            if after is not None:
+                kw["search_after"] = after
+            hits: list[dict[str, Any]] = (await self._search("records", **kw))["hits"]["hits"]
+            if hits:
+                yield hits
+            if len(hits) < body["size"]:
+                return
+            after = hits[-1]["sort"]
+
+    # -- the audit log, API tokens, holds and retention (docs/elasticsearch.md) --
+    #
+    # The audit log is append-only and hash-chained without transactions: the `_id` of an
+    # event is its seq, written create-only, so a seq can be taken once only. An appender
+    # finds the tail (the `audit_head` document, then a realtime GET of each following seq
+    # until one is missing: a writer that stopped between its events and the head leaves
+    # the head behind) and creates tail+1 chained to the tail's hash; on 409 another writer
+    # took that seq first, so it reads that event and continues after it. The chain never
+    # forks and has no gap; concurrent batches may interleave. The head document only ever
+    # moves forward (compare-and-swap on _seq_no) and is what verification compares the
+    # last event with, so events removed from the end show.
+
+    async def _get(self, kind: str, doc_id: str) -> dict[str, Any] | None:
+        """One document by `_id`, realtime, with `_seq_no` and `_primary_term`; None if absent."""
+        self._check_open()
+        try:
+            resp = await self._client.get(index=self.index(kind), id=doc_id)
+        except NotFoundError:
+            return None
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        found: dict[str, Any] = resp.body
+        return found
+
+    async def _create(self, kind: str, doc_id: str, source: dict[str, Any]) -> bool:
+        """Create-only write; False when a document with that `_id` exists already."""
+        self._check_open()
+        try:
+            await self._client.create(index=self.index(kind), id=doc_id, document=source)
+        except ConflictError:
+            return False
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return True
+
+    async def _replace(self, kind: str, found: dict[str, Any], source: dict[str, Any]) -> bool:
+        """Overwrite a document read by `_get` unless it changed since; False if it did."""
+        self._check_open()
+        try:
+            await self._client.index(
+                index=found["_index"],
+                id=found["_id"],
+                document=source,
+                if_seq_no=found["_seq_no"],
+                if_primary_term=found["_primary_term"],
+            )
+        except ConflictError:
+            return False
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return True
+
+    async def _refresh(self, *kinds: str) -> None:
+        self._check_open()
+        try:
+            await self._client.indices.refresh(index=",".join(self.index(k) for k in kinds))
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+
+    async def _ensure_audit_head(self) -> None:
+        """Create the audit head for an empty log. A head missing beside stored events is
+        tampering: it is not recreated (audit_head raises, verify reports it)."""
+        if await self._get("audit_head", _AUDIT_HEAD_ID) is not None:
+            return
+        await self._refresh("audit")
+        try:
+            events = (await self._client.count(index=self.index("audit")))["count"]
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        if not events:
+            await self._create("audit_head", _AUDIT_HEAD_ID, {"seq": 0, "hash": GENESIS.hex()})
+
+    async def _audit_row(self, seq: int) -> AuditRow | None:
+        found = await self._get("audit", _audit_doc_id(seq))
+        return _audit_row_from(found["_source"]) if found is not None else None
+
+    async def _audit_recorded_head(self) -> tuple[AuditHead, dict[str, Any]] | None:
+        found = await self._get("audit_head", _AUDIT_HEAD_ID)
+        if found is None:
+            return None
+        try:
+            src = found["_source"]
+            return AuditHead(int(src["seq"]), bytes.fromhex(src["hash"])), found
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreCorrupted(f"the audit log's head is unreadable ({exc})") from None
+
+    async def _audit_tail(self) -> AuditHead:
+        recorded = await self._audit_recorded_head()
+        if recorded is None:
+            raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+        seq, prev = recorded[0].seq, recorded[0].hash
+        while (row := await self._audit_row(seq + 1)) is not None:
+            seq, prev = row.seq, row.hash
+        return AuditHead(seq, prev)
+
+    async def _advance_audit_head(self, head: AuditHead) -> None:
+        while True:
+            recorded = await self._audit_recorded_head()
+            if recorded is None:
+                raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+            if recorded[0].seq >= head.seq:
+                return
+            if await self._replace(
+                "audit_head", recorded[1], {"seq": head.seq, "hash": head.hash.hex()}
+            ):
+                return
 
     async def append_audit(self, entries: Sequence[AuditEntry]) -> tuple[AuditEvent, ...]:
-        raise NotSupportedByBackend("append_audit")
+        if len(entries) > MAX_APPEND_BATCH:
+            raise InvalidRequest(f"at most {MAX_APPEND_BATCH} audit events per append")
+        checked = tuple(check_entry(entry) for entry in entries)
+        if not checked:
+            return ()
+        tail = await self._audit_tail()
+        seq, prev = tail.seq, tail.hash
+        rows: list[AuditRow] = []
+        for entry in checked:
+            while True:
+                row = chain_entry(entry, seq + 1, prev)
+                if await self._create("audit", _audit_doc_id(row.seq), _audit_source(row)):
+                    break
+                taken = await self._audit_row(row.seq)  # another writer's: continue after it
+                if taken is None:
+                    raise StoreUnavailable("an audit event vanished while appending; retry")
+                seq, prev = taken.seq, taken.hash
+            rows.append(row)
+            seq, prev = row.seq, row.hash
+        await self._advance_audit_head(AuditHead(seq, prev))
+        await self._refresh("audit")
+        return tuple(AuditEvent.from_row(row) for row in rows)
 
     async def audit_events(
         self,
@@ -1270,69 +2059,487 @@ class ElasticsearchStore:
         cursor: str | None = None,
         newest_first: bool = True,
     ) -> AuditPage:
-        raise NotSupportedByBackend("audit_events")
+        check_page_args(limit)
+        actor, action, since, until = where.checked()
+        after = decode_cursor(cursor, where, newest_first) if cursor is not None else None
+        filters: list[dict[str, Any]] = []
+        if actor is not None:
+            filters.append({"term": {"actor": actor}})
+        if action is not None:
+            filters.append({"term": {"action": action}})
+        if since is not None:
+            filters.append({"range": {"at_us": {"gte": since}}})
+        if until is not None:
+            filters.append({"range": {"at_us": {"lt": until}}})
+        if after is not None:
+            filters.append({"range": {"seq": {"lt" if newest_first else "gt": after}}})
+        hits = (
+            await self._search(
+                "audit",
+                query={"bool": {"filter": filters}},
+                sort=[{"seq": "desc" if newest_first else "asc"}],
+                size=limit + 1,
+                track_total_hits=False,
+            )
+        )["hits"]["hits"]
+        rows = [_audit_row_from(hit["_source"]) for hit in hits]
+        page, more = rows[:limit], len(rows) > limit
+        try:
+            events = tuple(AuditEvent.from_row(row) for row in page)
+        except ValueError as exc:
+            raise StoreCorrupted(f"stored audit event unreadable ({exc})") from None
+        next_cursor = encode_cursor(where, newest_first, page[-1].seq) if more and page else None
+        return AuditPage(events, next_cursor)
 
     async def audit_head(self) -> AuditHead:
-        raise NotSupportedByBackend("audit_head")
+        return await self._audit_tail()
 
     async def add_audit_checkpoint(self, checkpoint: Checkpoint) -> None:
-        raise NotSupportedByBackend("add_audit_checkpoint")
+        cp = checkpoint
+        if cp.chain_name != AUDIT_CHAIN:
+            raise InvalidRequest(f"not an audit checkpoint (chain {cp.chain_name[:40]!r})")
+        last = (await self._audit_tail()).seq
+        if not 1 <= cp.seq <= last:
+            raise InvalidRequest(
+                f"audit checkpoint at seq {cp.seq} lies outside the log (1..{last})"
+            )
+        row = await self._audit_row(cp.seq)
+        if row is None or row.hash != cp.head:
+            raise ChainConflict(AUDIT_CHAIN, cp.seq, "checkpoint head differs from the stored hash")
+        await self._create(
+            "audit_checkpoints",
+            _doc_id("audit-checkpoint", str(cp.seq), cp.signature.hex()),
+            {"seq": cp.seq, "head": cp.head.hex(), "signature": cp.signature.hex()},
+        )
+        await self._refresh("audit_checkpoints")
 
     async def audit_checkpoints(self) -> tuple[Checkpoint, ...]:
-        raise NotSupportedByBackend("audit_checkpoints")
+        hits = self._scan(
+            "audit_checkpoints", {"match_all": {}}, [{"seq": "asc"}, {"signature": "asc"}]
+        )
+        out = []
+        async for hit in hits:
+            src = hit["_source"]
+            try:
+                out.append(
+                    Checkpoint(
+                        AUDIT_CHAIN,
+                        int(src["seq"]),
+                        bytes.fromhex(src["head"]),
+                        bytes.fromhex(src["signature"]),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StoreCorrupted(f"unreadable audit checkpoint ({exc})") from None
+        return tuple(out)
 
     async def verify_audit(
         self, *, public_key: Ed25519PublicKey | None = None
     ) -> AuditVerifyReport:
-        raise NotSupportedByBackend("verify_audit")
+        recorded = await self._audit_recorded_head()
+        if recorded is not None:
+            # A head left behind by an appender that stopped early is brought forward first,
+            # so only a head *past* the last event (a removed tail) is reported.
+            with contextlib.suppress(StoreCorrupted):
+                await self._advance_audit_head(await self._audit_tail())
+            recorded = await self._audit_recorded_head()
+        await self._refresh("audit", "audit_checkpoints")
+        verifier = AuditVerifier(await self.audit_checkpoints(), public_key)
+        async for hit in self._scan("audit", {"match_all": {}}, [{"seq": "asc"}]):
+            verifier.feed(_audit_row_from(hit["_source"]))
+        return verifier.finish(recorded[0] if recorded is not None else None)
+
+    # -- API tokens: the name is the `_id` of the token (create-only, so never reused), and
+    # a create-only claim document keyed by the secret's hash keeps secrets unique.
 
     async def add_token(self, token: StoredToken) -> None:
-        raise NotSupportedByBackend("add_token")
+        token.check()
+        taken = f"a token named {token.name!r} exists (names are never reused)"
+        if await self._get("tokens", _token_doc_id(token.name)) is not None:
+            raise AlreadyExists(taken)
+        secret_id = token.secret_hash.hex()
+        if not await self._create("token_secrets", secret_id, {"name": token.name}):
+            raise AlreadyExists("a token with this secret exists")
+        if not await self._create("tokens", _token_doc_id(token.name), _token_source(token)):
+            try:  # lost a race for the name: give the secret back
+                await self._client.delete(index=self.index("token_secrets"), id=secret_id)
+            except (ApiError, TransportError) as exc:
+                raise _translate(exc) from exc
+            raise AlreadyExists(taken)
+        await self._refresh("tokens", "token_secrets")
 
     async def token_by_hash(self, secret_hash: bytes) -> StoredToken | None:
-        raise NotSupportedByBackend("token_by_hash")
+        if not isinstance(secret_hash, bytes) or len(secret_hash) != 32:
+            raise InvalidRequest("a token secret hash is 32 bytes (SHA-256)")
+        claim = await self._get("token_secrets", secret_hash.hex())
+        if claim is None:
+            return None
+        found = await self._get("tokens", _token_doc_id(str(claim["_source"]["name"])))
+        if found is None:
+            return None  # a claim whose token was never written (a writer stopped between)
+        token = _token_from_source(found["_source"])
+        return token if token.secret_hash == secret_hash else None
 
     async def token_by_name(self, name: str) -> StoredToken | None:
-        raise NotSupportedByBackend("token_by_name")
+        check_token_name(name)
+        found = await self._get("tokens", _token_doc_id(name))
+        return _token_from_source(found["_source"]) if found is not None else None
 
     async def tokens(self) -> tuple[StoredToken, ...]:
-        raise NotSupportedByBackend("tokens")
+        hits = self._scan("tokens", {"match_all": {}}, [{"created_us": "asc"}, {"name": "asc"}])
+        return tuple([_token_from_source(hit["_source"]) async for hit in hits])
 
     async def revoke_token(self, name: str, *, at: datetime) -> StoredToken:
-        raise NotSupportedByBackend("revoke_token")
+        check_token_name(name)
+        at_us = audit_us(at)
+        while True:
+            found = await self._get("tokens", _token_doc_id(name))
+            if found is None:
+                raise NotFound(f"no token named {name!r}")
+            token = _token_from_source(found["_source"])
+            if token.revoked_at is not None:
+                return token
+            source = {**found["_source"], "revoked_us": at_us}
+            if await self._replace("tokens", found, source):
+                await self._refresh("tokens")
+                return _token_from_source(source)
+
+    # -- message view and dashboard --
 
     async def linked_records(
         self, record_ids: Sequence[str]
     ) -> dict[str, tuple[ArchiveRecord, ...]]:
-        raise NotSupportedByBackend("linked_records")
+        ids = list(dict.fromkeys(record_ids))
+        if len(ids) > MAX_PAGE_SIZE:
+            raise InvalidRequest(f"at most {MAX_PAGE_SIZE} record ids at once")
+        if not ids:
+            return {}
+        docs = await self._mget("records", [_record_doc_id(rid) for rid in ids])
+        found: dict[str, list[dict[str, Any]]] = {}
+        for doc in docs.values():
+            rid = doc["record_id"]
+            root = doc
+            ref = doc.get("replaces_key") or doc.get("retracts_key")
+            if ref:
+                originals = (
+                    await self._search(
+                        "records",
+                        query={
+                            "bool": {
+                                "filter": [{"term": {"edit_keys": ref}}],
+                                "must_not": [{"term": {"record_id": rid}}],
+                            }
+                        },
+                        sort=[{"occurred_us": "desc"}, {"record_id": "desc"}],
+                        size=1,
+                    )
+                )["hits"]["hits"]
+                if originals:
+                    root = originals[0]["_source"]
+            members = {root["record_id"]: root}
+            keys = root.get("edit_keys") or []
+            if keys:
+                children = (
+                    await self._search(
+                        "records",
+                        query={
+                            "bool": {
+                                "should": [
+                                    {"terms": {"replaces_key": keys}},
+                                    {"terms": {"retracts_key": keys}},
+                                ],
+                                "minimum_should_match": 1,
+                            }
+                        },
+                        sort=[{"occurred_us": "asc"}, {"record_id": "asc"}],
+                        size=2 * MAX_LINKED_RECORDS,
+                    )
+                )["hits"]["hits"]
+                for hit in children:
+                    members.setdefault(hit["_source"]["record_id"], hit["_source"])
+            ordered = sorted(
+                members.values(), key=lambda d: (d is not root, d["occurred_us"], d["record_id"])
+            )
+            others = [d for d in ordered if d["record_id"] != rid][:MAX_LINKED_RECORDS]
+            if others:
+                found[rid] = others
+        wanted = {d["record_id"]: d for docs_ in found.values() for d in docs_}
+        records = await self._load(list(wanted.values()))
+        return {
+            rid: tuple(records[d["record_id"]] for d in docs_ if d["record_id"] in records)
+            for rid, docs_ in found.items()
+        }
 
     async def activity(self, since: datetime, until: datetime, *, top: int = 10) -> Activity:
-        raise NotSupportedByBackend("activity")
+        if not 1 <= top <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"top must be between 1 and {MAX_PAGE_SIZE}")
+        since_us, until_us = _to_us(since), _to_us(until)
+        if until_us <= since_us:
+            raise InvalidRequest("the window must end after it starts")
+        not_allowed = {"bool": {"must_not": [{"term": {"action": Action.ALLOW.value}}]}}
+        blocked = {"terms": {"action": [Action.REJECT.value, Action.DROP.value]}}
+        by_count = [{"_count": "desc"}, {"_key": "asc"}]
+        aggs = {
+            "days": {
+                "date_histogram": {
+                    "field": "occurred_at",
+                    "calendar_interval": "day",
+                    "min_doc_count": 1,
+                    "time_zone": "UTC",
+                },
+                "aggs": {"actions": {"terms": {"field": "action", "size": len(Action)}}},
+            },
+            "blocked": {
+                "filter": blocked,
+                "aggs": {
+                    "domains": {"terms": {"field": "remote_domain", "size": top, "order": by_count}}
+                },
+            },
+            "not_allowed": {
+                "filter": not_allowed,
+                "aggs": {"rules": {"terms": {"field": "reasons", "size": top, "order": by_count}}},
+            },
+        }
+        window = {"range": {"occurred_us": {"gte": since_us, "lt": until_us}}}
+        resp = await self._search(
+            "records",
+            query={"bool": {"filter": [window]}},
+            size=0,
+            aggs=aggs,
+            track_total_hits=False,
+        )
+        result = resp["aggregations"]
+        days = []
+        for bucket in result["days"]["buckets"]:
+            if not bucket["doc_count"]:
+                continue
+            counts = {b["key"]: int(b["doc_count"]) for b in bucket["actions"]["buckets"]}
+            days.append(
+                DayActivity(
+                    (_EPOCH + timedelta(milliseconds=bucket["key"])).date(),
+                    sum(counts.values()),
+                    tuple(
+                        (a, counts[a.value])
+                        for a in sorted(Action, key=lambda a: a.severity)
+                        if counts.get(a.value)
+                    ),
+                )
+            )
+
+        def ranked(buckets: list[dict[str, Any]]) -> tuple[tuple[str, int], ...]:
+            pairs = sorted(
+                ((str(b["key"]), int(b["doc_count"])) for b in buckets), key=lambda p: (-p[1], p[0])
+            )
+            return tuple(pairs[:top])
+
+        return Activity(
+            tuple(sorted(days, key=lambda d: d.day)),
+            ranked(result["blocked"]["domains"]["buckets"]),
+            ranked(result["not_allowed"]["rules"]["buckets"]),
+        )
+
+    # -- holds --
 
     async def add_hold(self, hold: HoldRecord) -> None:
-        raise NotSupportedByBackend("add_hold")
+        as_query(hold.query)  # QuerySyntaxError: a hold must be evaluable from day one
+        for name, value in (
+            ("hold_id", hold.hold_id),
+            ("case_name", hold.case_name),
+            ("created_by", hold.created_by),
+            ("scope", hold.scope),
+        ):
+            if not value or len(value) > _MAX_HOLD_FIELD:
+                raise InvalidRequest(f"hold {name} must be 1-{_MAX_HOLD_FIELD} characters")
+        if not hold.active:
+            raise InvalidRequest("a new hold must not be released already")
+        if not await self._create("holds", _hold_doc_id(hold.hold_id), _hold_source(hold)):
+            raise InvalidRequest(f"a hold with id {hold.hold_id[:80]!r} exists already")
+        await self._refresh("holds")
 
     async def release_hold(
         self, hold_id: str, *, released_by: str, released_at: datetime, reason: str | None = None
     ) -> HoldRecord:
-        raise NotSupportedByBackend("release_hold")
+        if not released_by or len(released_by) > _MAX_HOLD_FIELD:
+            raise InvalidRequest(f"released_by must be 1-{_MAX_HOLD_FIELD} characters")
+        if reason is not None and len(reason) > _MAX_HOLD_FIELD:
+            raise InvalidRequest(f"the release reason must be at most {_MAX_HOLD_FIELD} characters")
+        while True:
+            found = await self._get("holds", _hold_doc_id(hold_id))
+            if found is None:
+                raise NotFound(f"no legal hold with id {hold_id[:80]!r}")
+            if not _hold_from_source(found["_source"]).active:
+                raise InvalidRequest(f"legal hold {hold_id[:80]!r} was released already")
+            source = {
+                **found["_source"],
+                "released_us": _to_us(released_at),
+                "released_by": released_by,
+                "release_reason": reason,
+            }
+            if await self._replace("holds", found, source):
+                await self._refresh("holds")
+                return _hold_from_source(source)
 
     async def get_hold(self, hold_id: str) -> HoldRecord | None:
-        raise NotSupportedByBackend("get_hold")
+        found = await self._get("holds", _hold_doc_id(hold_id))
+        return _hold_from_source(found["_source"]) if found is not None else None
 
     async def list_holds(self, *, include_released: bool = True) -> tuple[HoldRecord, ...]:
-        raise NotSupportedByBackend("list_holds")
+        query: dict[str, Any] = (
+            {"match_all": {}}
+            if include_released
+            else {"bool": {"must_not": [{"exists": {"field": "released_us"}}]}}
+        )
+        hits = self._scan("holds", query, [{"created_us": "asc"}, {"hold_id": "asc"}])
+        return tuple([_hold_from_source(hit["_source"]) async for hit in hits])
+
+    async def _held_queries(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every active hold's query, compiled. A hold whose stored query no longer parses
+        stops the caller: what it holds cannot be known, so nothing may be purged around it."""
+        await self._refresh("holds")
+        out = []
+        for hold in await self.list_holds(include_released=False):
+            try:
+                query = as_query(hold.query)
+            except InvalidRequest as exc:
+                raise StoreCorrupted(
+                    f"legal hold {hold.hold_id} has an unreadable query ({exc})"
+                ) from None
+            out.append((hold.hold_id, _compile(query).query))
+        return out
+
+    async def _covering(
+        self, held: Sequence[tuple[str, dict[str, Any]]], ids: Sequence[str]
+    ) -> dict[str, tuple[str, ...]]:
+        covering: dict[str, list[str]] = {}
+        for hold_id, query in held:
+            for start in range(0, len(ids), _PAGE):
+                chunk = list(ids[start : start + _PAGE])
+                hits = self._scan(
+                    "records",
+                    {"bool": {"filter": [query, {"terms": {"record_id": chunk}}]}},
+                    [{"record_id": "asc"}],
+                    _source=["record_id"],
+                )
+                async for hit in hits:
+                    covering.setdefault(hit["_source"]["record_id"], []).append(hold_id)
+        return {rid: tuple(holds) for rid, holds in covering.items()}
 
     async def holds_covering(self, record_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
-        raise NotSupportedByBackend("holds_covering")
+        ids = sorted(set(record_ids))
+        if not ids:
+            return {}
+        return await self._covering(await self._held_queries(), ids)
+
+    # -- retention: the `retention` index (one document per record, `_id` from the record id)
+    # is the authority; each records document carries a copy of class and expiry, written
+    # *before* the authority, so the copy is never earlier than the truth for long and
+    # purge, which selects on the copy, re-checks every candidate against the authority.
 
     async def set_retention(
         self, assignments: Sequence[RetentionAssignment], *, assigned_at: datetime
     ) -> RetentionUpdate:
-        raise NotSupportedByBackend("set_retention")
+        latest: dict[str, tuple[str, int]] = {}
+        for item in assignments:
+            if not item.record_id or not item.retention_class:
+                raise InvalidRequest("a retention assignment needs a record id and a class")
+            expires_us = _to_us(item.expires_at)
+            known = latest.get(item.record_id)
+            if known is None or expires_us > known[1]:
+                latest[item.record_id] = (item.retention_class, expires_us)
+        if not latest:
+            return RetentionUpdate()
+        assigned_us = _to_us(assigned_at)
+        assigned = extended = kept = unknown = 0
+        ids = sorted(latest)
+        for start in range(0, len(ids), _PAGE):
+            pending = ids[start : start + _PAGE]
+            while pending:  # again for the few another writer changed meanwhile
+                current = await self._mget_docs("retention", [_retention_id(r) for r in pending])
+                present = await self._locate("records", [_record_doc_id(r) for r in pending])
+                raced: list[str] = []
+                copies: list[dict[str, Any]] = []
+                writes: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = []
+                for rid in pending:
+                    cls, expires_us = latest[rid]
+                    found = current.get(_retention_id(rid))
+                    if found is not None:
+                        src = found["_source"]
+                        if src.get("purged_us") is not None or expires_us <= int(src["expires_us"]):
+                            kept += 1  # extend-only
+                            continue
+                    elif _record_doc_id(rid) not in present:
+                        unknown += 1
+                        continue
+                    source = {
+                        "record_id": rid,
+                        "retention_class": cls,
+                        "expires_us": expires_us,
+                        "assigned_us": assigned_us,
+                        "purged_us": None,
+                    }
+                    writes.append((rid, found, source))
+                    where = present.get(_record_doc_id(rid))
+                    if where is not None:
+                        copies.append(
+                            {
+                                "_op_type": "update",
+                                "_index": where["_index"],  # its backing index
+                                "_id": _record_doc_id(rid),
+                                "doc": {"retention_class": cls, "expires_us": expires_us},
+                            }
+                        )
+                await self._bulk(copies)
+                for rid, found, source in writes:
+                    if found is None:
+                        done = await self._create("retention", _retention_id(rid), source)
+                    else:
+                        done = await self._replace("retention", found, source)
+                    if not done:
+                        raced.append(rid)
+                    elif found is None:
+                        assigned += 1
+                    else:
+                        extended += 1
+                pending = raced
+        await self._refresh("records", "retention")
+        return RetentionUpdate(assigned, extended, kept, unknown)
+
+    async def _mget_docs(self, kind: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Like `_mget`, but whole documents (with `_seq_no` and `_primary_term`)."""
+        out: dict[str, dict[str, Any]] = {}
+        if not ids:
+            return out
+        self._check_open()
+        try:
+            for start in range(0, len(ids), _PAGE):
+                resp = await self._client.mget(
+                    index=self.index(kind), ids=list(ids[start : start + _PAGE])
+                )
+                for doc in resp["docs"]:
+                    if doc.get("found"):
+                        if "_seq_no" not in doc:  # some servers leave it out of mget
+                            full = await self._get(kind, doc["_id"])
+                            if full is None:
+                                continue
+                            doc = full
+                        out[doc["_id"]] = doc
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return out
 
     async def retention_of(self, record_id: str) -> RetentionState | None:
-        raise NotSupportedByBackend("retention_of")
+        found = await self._get("retention", _retention_id(record_id))
+        if found is None:
+            return None
+        src = found["_source"]
+        purged = src.get("purged_us")
+        return RetentionState(
+            record_id,
+            src["retention_class"],
+            _from_us(int(src["expires_us"])),
+            _from_us(int(src["assigned_us"])),
+            _from_us(int(purged)) if purged is not None else None,
+        )
 
     async def retention_subjects(
         self,
@@ -1342,7 +2549,39 @@ class ElasticsearchStore:
         unassigned_only: bool = False,
         expiring_by: datetime | None = None,
     ) -> RetentionSubjectPage:
-        raise NotSupportedByBackend("retention_subjects")
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        if unassigned_only and expiring_by is not None:
+            raise InvalidRequest("unassigned records have no expiry: choose one filter")
+        after = _decode_retention_cursor(cursor) if cursor is not None else None
+        filters: list[dict[str, Any]] = []
+        must_not: list[dict[str, Any]] = []
+        if unassigned_only:
+            must_not.append({"exists": {"field": "expires_us"}})
+        elif expiring_by is not None:
+            filters.append({"range": {"expires_us": {"lte": _to_us(expiring_by)}}})
+        body: dict[str, Any] = {
+            "query": {"bool": {"filter": filters, "must_not": must_not}},
+            "sort": [{"occurred_us": "asc"}, {"record_id": "asc"}],
+            "size": limit + 1,
+            "track_total_hits": False,
+        }
+        if after is not None:
+            body["search_after"] = after
+        hits = (await self._search("records", **body))["hits"]["hits"]
+        page = hits[:limit]
+        subjects = tuple(_subject_from_source(hit["_source"]) for hit in page)
+        more = len(hits) > limit
+        next_cursor = _encode_retention_cursor(page[-1]["sort"]) if more and page else None
+        return RetentionSubjectPage(subjects, next_cursor)
+
+    # -- purge: holds win. Candidates are selected by one query that excludes every active
+    # hold's query (must_not), re-checked against the retention authority, and right before
+    # anything is deleted the active holds are read again (refreshed) and any record one
+    # covers now is left alone. Per record: the retention document is marked purged first
+    # (so the tombstones name a recorded purge and a purge that stopped half-way is resumed,
+    # never undone), then its ledger payloads become tombstones, then its records document
+    # goes. Nothing is ever deleted by lifecycle management (docs/elasticsearch.md).
 
     async def purge(
         self,
@@ -1353,7 +2592,127 @@ class ElasticsearchStore:
         record_ids: Sequence[str] | None = None,
         counts: bool = False,
     ) -> PurgeBatch:
-        raise NotSupportedByBackend("purge")
+        if not 1 <= limit <= 100_000:
+            raise InvalidRequest("limit must be between 1 and 100000")
+        only = sorted(set(record_ids)) if record_ids is not None else None
+        if only is not None and len(only) > limit:
+            raise InvalidRequest("more record ids than the batch limit")
+        now_us = _to_us(now)
+        await self._refresh("ledger", "records", "retention", "holds")
+        held = await self._held_queries()
+        expired: list[dict[str, Any]] = [{"range": {"expires_us": {"lte": now_us}}}]
+        if only is not None:
+            expired.append({"terms": {"record_id": only}})
+        not_held = [query for _, query in held]
+        due = held_back = None
+        if counts:
+            total = await self._count({"bool": {"filter": expired}})
+            due = await self._count({"bool": {"filter": expired, "must_not": not_held}})
+            held_back = total - due
+        candidates: list[dict[str, Any]] = []
+        hits = self._scan(
+            "records",
+            {"bool": {"filter": expired, "must_not": not_held}},
+            [{"expires_us": "asc"}, {"record_id": "asc"}],
+            _source=["record_id"],
+        )
+        async for hit in hits:
+            candidates.append(hit)
+            if len(candidates) > limit:
+                break
+        more = len(candidates) > limit
+        chosen = [hit["_source"]["record_id"] for hit in candidates[:limit]]
+        backing = {hit["_source"]["record_id"]: str(hit["_index"]) for hit in candidates}
+        authority = await self._mget_docs("retention", [_retention_id(r) for r in chosen])
+        stale: list[tuple[str, dict[str, Any]]] = []
+        batch: list[tuple[str, dict[str, Any]]] = []
+        for rid in chosen:
+            found = authority.get(_retention_id(rid))
+            if found is None or int(found["_source"]["expires_us"]) > now_us:
+                stale.append((backing[rid], found or {"_source": {"record_id": rid}}))
+                continue
+            batch.append((rid, found))
+        if not dry_run:
+            await self._resync_retention_copies(stale)
+            if batch:  # holds again, as late as possible: one added meanwhile wins
+                covered = await self._covering(await self._held_queries(), [r for r, _ in batch])
+                batch = [(rid, found) for rid, found in batch if rid not in covered]
+        purged = []
+        for rid, found in batch:
+            src = found["_source"]
+            entries = 0 if dry_run else await self._purge_one(rid, found, now_us, backing[rid])
+            purged.append(
+                PurgedRecord(rid, src["retention_class"], _from_us(int(src["expires_us"])), entries)
+            )
+        if purged and not dry_run:
+            await self.refresh()
+        return PurgeBatch(tuple(purged), more, dry_run, due, held_back)
+
+    async def _count(self, query: dict[str, Any]) -> int:
+        self._check_open()
+        try:
+            resp = await self._client.count(index=self.index("records"), query=query)
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return int(resp["count"])
+
+    async def _resync_retention_copies(self, stale: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Records documents whose retention copy is earlier than the authority (a writer
+        stopped between the two writes): copy the authority again."""
+        await self._bulk(
+            [
+                {
+                    "_op_type": "update",
+                    "_index": index,
+                    "_id": _record_doc_id(src["record_id"]),
+                    "doc": {
+                        "retention_class": src.get("retention_class"),
+                        "expires_us": src.get("expires_us"),
+                    },
+                }
+                for index, found in stale
+                if (src := found["_source"])
+            ]
+        )
+
+    async def _purge_one(self, rid: str, found: dict[str, Any], now_us: int, index: str) -> int:
+        src = found["_source"]
+        purged_us = src.get("purged_us")
+        if purged_us is None:  # mark the purge first; a half-done one is resumed as it was
+            purged_us = now_us
+            if not await self._replace("retention", found, {**src, "purged_us": purged_us}):
+                return 0  # changed meanwhile (extended?): leave it to the next batch
+        tombstone = Tombstone(
+            rid,
+            _from_us(int(purged_us)),
+            src["retention_class"],
+            _from_us(int(src["expires_us"])),
+        )
+        payload = base64.b64encode(tombstone.payload()).decode("ascii")
+        hits = self._scan(
+            "ledger",
+            {"bool": {"filter": [{"term": {"record_id": rid}}]}},
+            [{"chain": "asc"}, {"seq": "asc"}],
+            _source=False,
+        )
+        updates = [
+            {
+                "_op_type": "update",
+                "_index": hit["_index"],
+                "_id": hit["_id"],
+                "doc": {"payload": payload, "op": TOMBSTONE_OP},
+            }
+            async for hit in hits
+        ]
+        await self._bulk(updates)
+        self._check_open()
+        try:
+            await self._client.options(ignore_status=404).delete(
+                index=index, id=_record_doc_id(rid)
+            )
+        except (ApiError, TransportError) as exc:
+            raise _translate(exc) from exc
+        return len(updates)
 
 
 def _as_archive_store(store: ElasticsearchStore) -> ArchiveStore:
@@ -1425,6 +2784,8 @@ class _Verifier:
         self._entries = 0
         # (chain, seq) of every RECORD entry -> (record_id, derived fields)
         self._record_entries: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
+        self._tombstones: list[tuple[str, int, Tombstone]] = []
+        self._indexed: set[str] = set()
 
     def _problem(
         self, problem: str, chain: str | None = None, seq: int | None = None, rid: str | None = None
@@ -1448,6 +2809,7 @@ class _Verifier:
                 for cp in cps:
                     self._problem("checkpoint for a chain the store does not hold", chain, cp.seq)
         records = await self._records()
+        await self._check_tombstones()
         problems = sorted(
             self._problems,
             key=lambda p: (p.chain is None, p.chain or "", p.seq or 0, p.record_id or ""),
@@ -1467,10 +2829,22 @@ class _Verifier:
                 self._problem(f"missing entries (next stored is seq {link.seq})", chain, expected)
             elif link.prev_hash != prev:
                 self._problem("previous-hash does not match the entry before it", chain, link.seq)
-            if link_hash(link.prev_hash, link.seq, link.payload) != link.hash:
-                self._problem("content does not match its hash (edited)", chain, link.seq)
             if link.seq in wanted:
                 hashes[link.seq] = link.hash
+            try:
+                tombstone = Tombstone.from_payload(link.payload)
+            except ValueError as exc:
+                self._problem(f"payload is a malformed tombstone ({exc})", chain, link.seq)
+                expected, prev = link.seq + 1, link.hash
+                continue
+            if tombstone is not None:
+                # Its hash covered the purged payload: checked are the links around it and
+                # that it names a recorded purge (in _tombstones).
+                self._tombstones.append((chain, link.seq, tombstone))
+                expected, prev = link.seq + 1, link.hash
+                continue
+            if link_hash(link.prev_hash, link.seq, link.payload) != link.hash:
+                self._problem("content does not match its hash (edited)", chain, link.seq)
             try:
                 entry, _ = _parse_entry(link.payload)
             except ValueError as exc:
@@ -1524,4 +2898,24 @@ class _Verifier:
             if rid not in indexed:
                 self._problem("record is missing from the index", chain, seq, rid)
                 indexed.add(rid)  # one problem per record, at its first entry
+        self._indexed = indexed
         return count
+
+    async def _check_tombstones(self) -> None:
+        """Every tombstone names a purge the retention index recorded, with the same class,
+        expiry and time, and nothing of the purged record is left searchable."""
+        if not self._tombstones:
+            return
+        ids = sorted({t.record_id for _, _, t in self._tombstones})
+        traces = await self._store._mget("retention", [_retention_id(rid) for rid in ids])
+        for chain, seq, tomb in self._tombstones:
+            trace = traces.get(_retention_id(tomb.record_id))
+            if (
+                trace is None
+                or trace.get("purged_us") != _to_us(tomb.purged_at)
+                or trace.get("retention_class") != tomb.retention_class
+                or trace.get("expires_us") != _to_us(tomb.expires_at)
+            ):
+                self._problem("tombstone names no recorded purge", chain, seq, tomb.record_id)
+            elif tomb.record_id in self._indexed:
+                self._problem("a purged record is still in the index", chain, seq, tomb.record_id)

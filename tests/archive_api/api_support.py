@@ -153,7 +153,9 @@ class ApiEnv:
 
     @property
     def store(self) -> SqliteStore:
-        return self.service.store
+        store = self.service.store
+        assert isinstance(store, SqliteStore)  # these tests run the API on SQLite
+        return store
 
     @property
     def audit(self) -> AuditLog:

@@ -318,16 +318,3 @@ def test_the_service_refuses_elasticsearch_with_retention(tmp_path: Path) -> Non
     )
     with pytest.raises(SettingsError, match="retention_file"):
         ArchivingService(settings)
-
-
-def test_the_api_alone_refuses_the_elasticsearch_store(tmp_path: Path) -> None:
-    from stanzaguard.api_wiring import serve_api
-
-    settings = load_settings(
-        store="elasticsearch",
-        es_url=["https://search.example:9200"],
-        data_dir=tmp_path,
-        environment="development",
-    )
-    with pytest.raises(SettingsError, match="audit log"):
-        asyncio.run(serve_api(settings, "127.0.0.1:0"))

@@ -15,11 +15,16 @@ A real Elasticsearch is used in addition whenever `STANZAGUARD_TEST_ES_URL` is s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from elasticsearch import AsyncElasticsearch
 
 from tests.support.services import free_port, service_unavailable
 
@@ -87,3 +92,92 @@ def running_osmem() -> Iterator[SearchServer]:
         yield SearchServer("osmem", str(server.url))
     finally:
         _stop(process)
+
+
+async def drop_prefix(client: AsyncElasticsearch, prefix: str, kinds: Iterable[str]) -> None:
+    """Delete a store's indices and templates by name (a real cluster refuses wildcard deletes
+    by default)."""
+    found = await client.indices.get(index=f"{prefix}-*", allow_no_indices=True)
+    if found.body:
+        await client.indices.delete(index=",".join(found.body))
+    for kind in kinds:
+        await client.options(ignore_status=404).indices.delete_index_template(
+            name=f"{prefix}-{kind}"
+        )
+
+
+class BulkRefusingProxy:
+    """A pass-through HTTP proxy in front of a search server, for the bulk-writing tests.
+
+    It records how many actions each `_bulk` request carried and how many bytes its body had,
+    and answers the first `refuse` bulk requests with a 429 for every action (what a cluster
+    whose write queue is full answers), without forwarding them.
+    """
+
+    def __init__(self, upstream: str, *, refuse: int = 0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.refuse = refuse
+        self.bulk_actions: list[int] = []  # actions per forwarded bulk request
+        self.bulk_bytes: list[int] = []  # body size per forwarded bulk request
+        self.refused = 0
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self._session = aiohttp.ClientSession()
+        return f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path.endswith("/_bulk"):
+            lines = [line for line in body.split(b"\n") if line.strip()]
+            actions = [json.loads(line) for line in lines[::2]]
+            if self.refused < self.refuse:
+                self.refused += 1
+                items = [
+                    {
+                        op: {
+                            "_index": meta.get("_index", "x"),
+                            "_id": meta.get("_id"),
+                            "status": 429,
+                            "error": {
+                                "type": "es_rejected_execution_exception",
+                                "reason": "rejected execution (queue capacity reached)",
+                            },
+                        }
+                    }
+                    for action in actions
+                    for op, meta in action.items()
+                ]
+                return web.json_response(
+                    {"took": 0, "errors": True, "items": items},
+                    headers={"X-Elastic-Product": "Elasticsearch"},  # the client checks it
+                )
+            self.bulk_actions.append(len(actions))
+            self.bulk_bytes.append(len(body))
+        assert self._session is not None
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body
+        ) as upstream:
+            data = await upstream.read()
+            kept = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower() in ("content-type", "x-elastic-product")
+            }
+            return web.Response(status=upstream.status, body=data, headers=kept)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from elasticsearch import AsyncElasticsearch
 
 from archive_api.store.base import ArchiveStore
-from archive_api.store.elasticsearch import ElasticsearchStore, NotSupportedByBackend
-from archive_api.store.errors import InvalidRequest, StoreError, StoreUnavailable
+from archive_api.store.elasticsearch import INDEX_KINDS, ElasticsearchStore
+from archive_api.store.errors import InvalidRequest, StoreUnavailable
 from tests.archive_api.store.audit_conformance import (
     AuditStoreConformance,
     TokenStoreConformance,
@@ -30,20 +30,7 @@ from tests.archive_api.store.conformance import (
     corpus,
     record,
 )
-from tests.support.opensearch import SearchServer
-
-KINDS = ("ledger", "records", "chains", "checkpoints")
-
-
-async def _drop(client: AsyncElasticsearch, prefix: str) -> None:
-    # Named deletes: a real cluster refuses wildcard deletes by default.
-    found = await client.indices.get(index=f"{prefix}-*", allow_no_indices=True)
-    if found.body:
-        await client.indices.delete(index=",".join(found.body))
-    for kind in KINDS:
-        await client.options(ignore_status=404).indices.delete_index_template(
-            name=f"{prefix}-{kind}"
-        )
+from tests.support.opensearch import SearchServer, drop_prefix
 
 
 @pytest.fixture
@@ -67,7 +54,7 @@ async def store_factory(
 
     yield factory
     for prefix in prefixes:
-        await _drop(es_client, prefix)
+        await drop_prefix(es_client, prefix, INDEX_KINDS)
 
 
 class TestElasticsearchConformance(ArchiveStoreConformance):
@@ -153,16 +140,7 @@ async def test_verify_finds_a_record_missing_from_the_index(
     assert report.records_checked == len(corpus()) - 1
 
 
-# --- what this backend does not do yet, and hostile configuration -----------------------------
-
-
-async def test_unimplemented_methods_say_so(es_store: ElasticsearchStore) -> None:
-    with pytest.raises(NotSupportedByBackend, match="audit_head"):
-        await es_store.audit_head()
-    with pytest.raises(StoreError, match="purge"):
-        await es_store.purge(datetime.now(UTC))
-    with pytest.raises(NotImplementedError, match="list_holds"):
-        await es_store.list_holds()
+# --- hostile configuration -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -182,23 +160,13 @@ async def test_unreachable_server_is_unavailable() -> None:
         )
 
 
-# --- the audit log and API tokens: not on this backend yet ------------------------------------
-# Strict xfails: each of these starts passing (and so fails here) once the Elasticsearch store
-# implements the feature; then drop the mark.
-
-_NOT_YET = pytest.mark.xfail(
-    raises=NotSupportedByBackend,
-    strict=True,
-    reason="the Elasticsearch store has no audit log or API tokens yet",
-)
+# --- the audit log and API tokens ------------------------------------------------------------
 
 
-@_NOT_YET
 class TestElasticsearchAuditConformance(AuditStoreConformance):
     pass
 
 
-@_NOT_YET
 class TestElasticsearchTokenConformance(TokenStoreConformance):
     pass
 

@@ -99,7 +99,9 @@ class WebEnv:
 
     @property
     def store(self) -> SqliteStore:
-        return self.service.store
+        store = self.service.store
+        assert isinstance(store, SqliteStore)  # these tests run the API on SQLite
+        return store
 
     async def add_records(self, *records: ArchiveRecord) -> None:
         """Spool records as the proxy does and index them."""
