@@ -29,7 +29,14 @@ from archive_api.store.records import Direction
 from proxy import metrics
 from proxy.errors import FramingError, StreamClosed, UpstreamError
 from proxy.hook import Decision, DecisionKind, SessionInfo, StanzaHook
-from proxy.sm import DirectionLedger, SmRegistry, SmState
+from proxy.sm import (
+    DirectionLedger,
+    SmRegistry,
+    SmState,
+    SmStateCorrupt,
+    SmStore,
+    SmStoreUnavailable,
+)
 from proxy.stream import (
     STREAM_NS,
     Element,
@@ -50,6 +57,7 @@ SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 SASL2_NS = "urn:xmpp:sasl:2"
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SM_NAMESPACES = frozenset({"urn:xmpp:sm:3", "urn:xmpp:sm:2"})
+STANZA_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 BIND_MARKER = b"urn:ietf:params:xml:ns:xmpp-bind"
 
 _STARTTLS = re.compile(rb"<starttls\b[^>]*?(?:/>|>.*?</starttls>)", re.S)
@@ -59,6 +67,7 @@ _CHANNEL_BINDING = re.compile(
 )
 _JID = re.compile(rb"<jid>([^<]{1,3071})</jid>")
 _AUTHZ_ID = re.compile(rb"<authorization-identifier>([^<]{1,3071})</authorization-identifier>")
+_H_ATTRIBUTE = re.compile(rb"""\sh=(?:'[^']*'|"[^"]*")""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +272,7 @@ class ClientSession:
 
     async def _shutdown(self) -> None:
         self._closing = True
+        await self._keep_sm_for_resumption()
         if self.server is not None:
             if self._connection_lost:
                 # The client vanished without closing its stream: the server must see the
@@ -513,7 +523,7 @@ class ClientSession:
                     self._check_header(frame)
                     server.push(frame.data)
                 elif isinstance(frame, Element):
-                    self._client_element(frame)
+                    await self._client_element(frame)
                 elif isinstance(frame, Whitespace):
                     server.push(frame.data)
             if batch:
@@ -566,11 +576,11 @@ class ClientSession:
 
     # -- nonzas and the few stanzas the transport itself must read ------------------------
 
-    def _client_element(self, element: Element) -> None:
+    async def _client_element(self, element: Element) -> None:
         server = self.server
         assert server is not None
         if element.namespace in SM_NAMESPACES:
-            server.push(self._sm_from_client(element))
+            server.push(await self._sm_from_client(element))
         elif element.namespace == TLS_NS:
             raise StreamClosed("policy-violation", "TLS is already in place")
         else:
@@ -646,6 +656,7 @@ class ClientSession:
                 self._apply(batch, decisions, forward=self.server, ledger=self._ledger_to_server())
             else:
                 self._apply(batch, decisions, forward=self.client, ledger=self._ledger_to_client())
+            await self._save_changed_sm()
             self.flush_all()
             flow.done()
 
@@ -660,6 +671,7 @@ class ClientSession:
             self._apply(batch, decisions, forward=self.server, ledger=self._ledger_to_server())
         else:
             self._apply(batch, decisions, forward=self.client, ledger=self._ledger_to_client())
+        await self._save_changed_sm()
 
     async def _learn_bind(self, batch: Sequence[Element]) -> None:
         for element in batch:
@@ -725,7 +737,90 @@ class ClientSession:
 
     # -- XEP-0198 -----------------------------------------------------------------------
 
-    def _sm_from_client(self, element: Element) -> bytes:
+    async def _save_changed_sm(self) -> None:
+        """Write a changed mapping before the stanzas it covers go out.
+
+        Another replica may resume this session at any later moment; if it could read a
+        mapping older than what the peers already saw, it would translate `h` wrongly. When
+        the write fails the stream ends with a close to the server, which ends the SM session
+        there too: no replica can resume it with a stale mapping.
+        """
+        state = self.sm
+        if state is None or not state.sm_id or not state.changed:
+            return
+        try:
+            await self.proxy.sm_registry.save(state)
+        except SmStoreUnavailable as exc:
+            log.warning(
+                "cannot save the stream-management state",
+                extra={"session": self.info.session_id, "error": str(exc)},
+            )
+            raise StreamClosed("internal-server-error", "stream state unavailable") from None
+
+    async def _save_new_sm(self, state: SmState) -> None:
+        """Write a state just enabled or resumed; a failure is retried with the next change.
+
+        Without a record another replica refuses to resume (it cannot translate), which is
+        safe; after a resumption the ledger counts as changed until a write succeeds.
+        """
+        try:
+            await self.proxy.sm_registry.save(state)
+        except SmStoreUnavailable as exc:
+            log.warning(
+                "cannot save the stream-management state",
+                extra={"session": self.info.session_id, "error": str(exc)},
+            )
+
+    async def _keep_sm_for_resumption(self) -> None:
+        state = self.sm
+        if state is None or not state.sm_id or state.owner != self.info.session_id:
+            return  # no SM id, or the session was resumed on another connection meanwhile
+        try:
+            if self._client_closed_stream:  # the SM session ends with the stream
+                await self.proxy.sm_registry.discard(state.sm_id)
+            else:
+                await self.proxy.sm_registry.save(state, detached=True)
+        except SmStoreUnavailable as exc:
+            log.warning(
+                "cannot save the stream-management state at the end of the connection",
+                extra={"session": self.info.session_id, "error": str(exc)},
+            )
+
+    def _refuse_resumption(self, ns: str, condition: str) -> bytes:
+        """Answer `<resume/>` with `<failed/>` ourselves; the server sees nothing of it.
+
+        The client may then bind a fresh session on this stream (XEP-0198 §5).
+        """
+        self.client.push(
+            f"<failed xmlns='{ns}'><{condition} xmlns='{STANZA_ERRORS_NS}'/></failed>".encode()
+        )
+        return b""
+
+    async def _resume(self, element: Element) -> bytes:
+        ns, previd = element.namespace, element.attrs["previd"]
+        client_h = _parse_h(element.attrs["h"])
+        try:
+            state = await self.proxy.sm_registry.fetch(previd)
+        except (SmStoreUnavailable, SmStateCorrupt) as exc:
+            log.warning(
+                "resumption refused: stream-management state unavailable",
+                extra={"session": self.info.session_id, "error": str(exc)},
+            )
+            return self._refuse_resumption(ns, "internal-server-error")
+        if state is None:
+            # Unknown here means the mapping is unknown: passing the client's `h` on as it
+            # is could acknowledge stanzas the server never sent (or miss dropped ones).
+            return self._refuse_resumption(ns, "item-not-found")
+        ledger = state.to_client
+        position = ledger.unwrap_near(client_h)
+        if position < 0 or (state.exact and position > ledger.sink_count):
+            return self._refuse_resumption(ns, "unexpected-request")  # not what it was sent
+        source_h, pending = ledger.restart_at(client_h)
+        self._resume_pending = pending
+        self._resuming = state
+        return _sm_nonza("resume", ns, previd=previd, h=str(source_h))
+
+    async def _sm_from_client(self, element: Element) -> bytes:
         name, ns, attrs = element.name, element.namespace, element.attrs
         if name == "enable" and self.sm is None:
             # XEP-0198 §4: the client numbers what it sends, and the server what it receives,
@@ -738,12 +833,7 @@ class ClientSession:
             h = self.sm.to_client.acknowledge(_parse_h(attrs["h"]))
             return _sm_nonza("a", ns, h=str(h))
         elif name == "resume" and "previd" in attrs and "h" in attrs:
-            state = self.proxy.sm_registry.get(attrs["previd"])
-            if state is not None:
-                source_h, pending = state.to_client.restart_at(_parse_h(attrs["h"]))
-                self._resume_pending = pending
-                self._resuming = state
-                return _sm_nonza("resume", ns, previd=attrs["previd"], h=str(source_h))
+            return await self._resume(element)
         return element.data
 
     async def _sm_from_server(self, element: Element) -> bytes:
@@ -761,6 +851,9 @@ class ClientSession:
                 self.sm.to_server = counted  # counted since the client's <enable/>
             # Kept with the SM state: a resumption on a new connection has no bind result.
             self.sm.bound_jid = self.info.bound_jid
+            if sm_id:
+                self.sm.owner = self.info.session_id
+                await self._save_new_sm(self.sm)
         elif name == "a" and self.sm is not None and "h" in attrs:
             h = self.sm.to_server.acknowledge(_parse_h(attrs["h"]))
             return _sm_nonza("a", ns, h=str(h))
@@ -770,6 +863,10 @@ class ClientSession:
                 self.sm = state
                 self.info.sm_id = state.sm_id
                 source_h, _ = state.to_server.restart_at(_parse_h(attrs["h"]))
+                state.epoch += 1  # writes from the connection it left no longer count
+                state.exact = True
+                state.owner = self.info.session_id
+                await self._save_new_sm(state)
                 out = _sm_nonza("resumed", ns, previd=attrs.get("previd", ""), h=str(source_h))
                 previous = self.proxy.resumed(self, state.sm_id)
                 self.client.push(out)
@@ -783,11 +880,30 @@ class ClientSession:
                     await self._bound(jid)
                 return b""
         elif name == "failed":
-            self._resuming = None
+            resuming, self._resuming = self._resuming, None
             if self._enable_pending:  # <enable/> refused: nothing is counted after all
                 self._enable_pending = False
                 self.sm = None
+            if "h" in attrs:
+                return _failed_with_h(element.data, resuming)
         return element.data
+
+
+def _failed_with_h(data: bytes, resuming: SmState | None) -> bytes:
+    """`<failed h/>` carries the server's count of what it received, in its numbering.
+
+    Translated when the mapping of the session being resumed is known; left out otherwise
+    (it is optional), since an untranslated one could be wrong for the client.
+    """
+    end = data.index(b">")
+    if data[end - 1 : end] == b"/":
+        end -= 1
+    start_tag = _H_ATTRIBUTE.sub(b"", data[:end], count=1)
+    h_match = re.search(rb"""\sh=['"](\d{1,10})['"]""", data[:end])
+    if resuming is not None and h_match is not None and int(h_match.group(1)) < 2**32:
+        h = resuming.to_server.translate_near(int(h_match.group(1)))
+        start_tag += f" h='{h}'".encode()
+    return start_tag + data[end:]
 
 
 def _is_starttls(frame: Frame) -> bool:
@@ -807,10 +923,10 @@ def _add_feature(features: bytes, feature: bytes) -> bytes:
 
 
 def _parse_h(value: str) -> int:
-    try:
-        h = int(value)
-    except ValueError:
-        raise StreamClosed("invalid-xml", "h is not a number") from None
+    # ASCII digits only: int() would also take "1_0", " 7" and other scripts' digits.
+    if not (0 < len(value) <= 10 and value.isascii() and value.isdigit()):
+        raise StreamClosed("invalid-xml", "h is not a number")
+    h = int(value)
     if not 0 <= h < 2**32:
         raise StreamClosed("invalid-xml", "h out of range")
     return h
@@ -820,11 +936,11 @@ class C2SProxy:
     """The listeners, the live sessions, and the stream-management registry."""
 
     def __init__(
-        self, config: ProxyConfig, hook: StanzaHook, sm_registry: SmRegistry | None = None
+        self, config: ProxyConfig, hook: StanzaHook, sm_registry: SmStore | None = None
     ) -> None:
         self.config = config
         self.hook = hook
-        self.sm_registry = sm_registry or SmRegistry()
+        self.sm_registry: SmStore = sm_registry if sm_registry is not None else SmRegistry()
         self.sessions: set[ClientSession] = set()
         self._by_bare_jid: dict[str, set[ClientSession]] = {}
         self._by_sm_id: dict[str, ClientSession] = {}
@@ -880,20 +996,32 @@ class C2SProxy:
     ) -> None:
         self._spawn(ClientSession(self, reader, writer, direct_tls=True))
 
-    def _spawn(self, session: ClientSession) -> None:
+    def adopt(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> asyncio.Task[None] | None:
+        """Run a session over a connection a front end has already secured and translated.
+
+        The WebSocket and BOSH front ends (proxy/websocket.py, proxy/bosh.py) terminate TLS
+        themselves and hand over the classic stream: no STARTTLS is offered on it. None when
+        the proxy is full (the refusal was written to `writer`).
+        """
+        return self._spawn(ClientSession(self, reader, writer, direct_tls=True))
+
+    def _spawn(self, session: ClientSession) -> asyncio.Task[None] | None:
         if len(self.sessions) >= self.config.max_sessions:
             session.client.push(_stream_header(session._domain_or_default(), "full"))
             session.client.push(stream_error("resource-constraint", "too many sessions"))
             session.client.flush()
             session.client.writer.close()
             metrics.CLOSED.labels("resource-constraint").inc()
-            return
+            return None
         self.sessions.add(session)
         metrics.SESSIONS.inc()
         metrics.ACTIVE.inc()
         task = asyncio.create_task(self._run(session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _run(self, session: ClientSession) -> None:
         try:

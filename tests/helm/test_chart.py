@@ -115,6 +115,15 @@ def render_error(helm: str, *args: str | Path) -> str:
 VALUE_SETS: dict[str, tuple[str, ...]] = {
     "default": (),
     "distributed": ("-f", str(DISTRIBUTED)),
+    # The WebSocket and BOSH listeners (docs/integrations/web-clients.md).
+    "web": (
+        "--set",
+        "proxy.web.websocket.enabled=true",
+        "--set",
+        "proxy.web.bosh.enabled=true",
+        "--set",
+        "networkPolicy.enabled=true",
+    ),
 }
 
 
@@ -686,3 +695,28 @@ def test_notes_of_the_default_install(helm: str, tmp_path: Path) -> None:
     assert "stanzaguard token create --role admin" in notes
     assert "web UI sign-in is off" in notes
     assert "WARNING: preview" not in notes
+
+
+def test_web_listeners_are_served_and_reachable(helm: str) -> None:
+    """Enabled web listeners: the setting, a named container port, both Services and the
+    network policy agree on the port; off by default (no open port, the setting 'off')."""
+    manifests = render(helm, *VALUE_SETS["web"])
+    proxy = one(manifests, "StatefulSet", "-proxy")
+    container = proxy["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(container)
+    assert env["STANZAGUARD_LISTEN_WEBSOCKET"]["value"] == "0.0.0.0:5443"
+    assert env["STANZAGUARD_LISTEN_BOSH"]["value"] == "0.0.0.0:5281"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert (ports["websocket"], ports["bosh"]) == (5443, 5281)
+    for service in of_kind(manifests, "Service"):
+        if service["metadata"]["name"].endswith(("-proxy", "-proxy-headless")):
+            served = {port["name"]: port["port"] for port in service["spec"]["ports"]}
+            assert (served["websocket"], served["bosh"]) == (5443, 5281)
+    policy = one(manifests, "NetworkPolicy", "-proxy")
+    open_ports = {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
+    assert {"websocket", "bosh"} <= open_ports
+
+    default_proxy = one(render(helm), "StatefulSet", "-proxy")
+    default_container = default_proxy["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(default_container)["STANZAGUARD_LISTEN_WEBSOCKET"]["value"] == "off"
+    assert "websocket" not in {port["name"] for port in default_container["ports"]}

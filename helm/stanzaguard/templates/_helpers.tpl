@@ -88,6 +88,14 @@ attachment_timeout attachment_retries attachment_allow_http max_stanza_bytes max
 max_attributes auth_timeout idle_timeout stanza_timeout tls_buffer_bytes max_sessions
 metrics_listen rtbl_jid rtbl_password rtbl_server rtbl_tls rtbl_ca_file rtbl_nodes
 blocklist_files model api_listen session_secret session_max_age log_level log_format
+listen_websocket listen_bosh web_tls bosh_max_wait bosh_inactivity
+audit_checkpoint_interval blocklist_domain_listed_jids blocklist_downloads blocklist_http
+blocklist_http_plain_jids blocklist_jid_officer_spam blocklist_jid_report_weight
+blocklist_learning blocklist_refresh_interval blocklist_review component_admins
+component_chain_name component_jid component_secret component_server ibb_archive_max_bytes
+policy_sync retrain_activate retrain_base retrain_folds retrain_interval rtbl_publish_ca_file
+rtbl_publish_domain_nodes rtbl_publish_jid rtbl_publish_jid_nodes rtbl_publish_password
+rtbl_publish_server rtbl_publish_service rtbl_publish_tls sm_resume_timeout sm_store
 {{- end }}
 
 {{/* Settings the chart sets itself from its own values (or from the Secret). */}}
@@ -95,7 +103,8 @@ blocklist_files model api_listen session_secret session_max_age log_level log_fo
 environment domain upstream upstream_tls cert key listen listen_tls data_dir policy
 retention_file store es_url es_index_prefix es_api_key es_username es_password es_ca_file
 indexing counters redis_url worker_concurrency metrics_listen api_listen session_secret
-rtbl_password log_level chain_name
+rtbl_password log_level chain_name listen_websocket listen_bosh
+component_secret rtbl_publish_password
 {{- end }}
 
 {{/* One value of `settings:` as environment text: lists comma-joined, whole numbers exact. */}}
@@ -290,6 +299,18 @@ refused install says what to do.
   value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.c2s) | quote }}
 - name: STANZAGUARD_LISTEN_TLS
   value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.c2sTls) | quote }}
+- name: STANZAGUARD_LISTEN_WEBSOCKET
+{{- if .Values.proxy.web.websocket.enabled }}
+  value: {{ printf "0.0.0.0:%d" (int .Values.proxy.web.websocket.port) | quote }}
+{{- else }}
+  value: "off"
+{{- end }}
+- name: STANZAGUARD_LISTEN_BOSH
+{{- if .Values.proxy.web.bosh.enabled }}
+  value: {{ printf "0.0.0.0:%d" (int .Values.proxy.web.bosh.port) | quote }}
+{{- else }}
+  value: "off"
+{{- end }}
 - name: STANZAGUARD_METRICS_LISTEN
   value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.metrics) | quote }}
 - name: STANZAGUARD_API_LISTEN
