@@ -148,6 +148,57 @@ def api(
         raise _fail(exc) from None
 
 
+@app.command()
+def component(
+    config: ConfigOption = None,
+    domain: Annotated[
+        list[str] | None,
+        typer.Option(help="The server's domain (forwards are believed only from it); repeat."),
+    ] = None,
+    jid: Annotated[
+        str | None, typer.Option(help="The component's domain, as in the server's Component.")
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(help="The server's component port, HOST:PORT (default 127.0.0.1:5347)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Spool, archive and keys (default ./stanzaguard-data).")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option(help="Policy file (TOML).")] = None,
+    environment: Annotated[
+        str | None, typer.Option(help="'production' (default) or 'development'.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Text model: 'default' (shipped), a model directory, or 'off'."),
+    ] = None,
+) -> None:
+    """Archive and score the copies an XMPP server forwards to an XEP-0114 component.
+
+    This mode cannot block anything: the server has delivered a stanza before its copy
+    arrives. The secret comes from STANZAGUARD_COMPONENT_SECRET or the --config file, never
+    from the command line; see docs/integrations/component.md.
+    """
+    from stanzaguard.component_service import serve_component
+
+    try:
+        settings = load_settings(
+            config,
+            domain=domain or None,
+            component_jid=jid,
+            component_server=server,
+            data_dir=data_dir,
+            policy=policy,
+            environment=environment,
+            model=model,
+        )
+        configure_logging(settings.log_level, settings.log_format)
+        asyncio.run(serve_component(settings))
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
+
+
 @app.command("dev-cert")
 def dev_cert(
     domain: Annotated[str, typer.Argument(help="The XMPP domain.")],
@@ -1070,6 +1121,89 @@ def token_revoke(
 # -- end of API token commands ------------------------------------------------------------------
 
 
+# -- the published block list (stanzaguard/rtbl_publishing.py; docs/rtbl-publishing.md) --------
+
+rtbl_app = typer.Typer(
+    help="The block list StanzaGuard publishes: list entries, approve, reject, add, retract.",
+    no_args_is_help=True,
+)
+app.add_typer(rtbl_app, name="rtbl")
+
+
+@rtbl_app.command("list")
+def rtbl_list(
+    config: ConfigOption = None,
+    data_dir: Annotated[Path | None, typer.Option(help="The service's data directory.")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="pending, listed, rejected or retracted (default: all).")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="domain or jid (default: both).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """Entries of the published block list with their state (pending ones await approval)."""
+    from archive_api.store.errors import StoreError
+    from classifier.listing import EntryKind, EntryState
+    from stanzaguard.rtbl_publishing import cli_entries
+
+    try:
+        wanted_state = EntryState(state) if state is not None else None
+        wanted_kind = EntryKind(kind) if kind is not None else None
+    except ValueError as exc:
+        raise _fail(StanzaGuardError(str(exc))) from None
+    try:
+        settings = load_settings(config, data_dir=data_dir)
+        entries = asyncio.run(cli_entries(settings, wanted_state, wanted_kind))
+    except (StanzaGuardError, StoreError, ValueError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        for entry in entries:
+            typer.echo(json.dumps(entry.to_json(), ensure_ascii=False))
+        return
+    table = Table("kind", "entry", "state", "by", "updated (UTC)", "reason")
+    for entry in entries:
+        table.add_row(
+            entry.kind,
+            entry.value,
+            entry.state,
+            entry.actor or entry.origin,
+            entry.updated.strftime("%Y-%m-%d %H:%M"),
+            entry.reason,
+        )
+    Console(width=200).print(table)
+    err.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+
+
+@rtbl_app.command("decide")
+def rtbl_decide(
+    kind: Annotated[str, typer.Argument(help="domain or jid.")],
+    value: Annotated[str, typer.Argument(help="The domain, or the bare JID.")],
+    decision: Annotated[str, typer.Argument(help="approve, reject, add or retract.")],
+    reason: Annotated[str | None, typer.Option(help="Why (recorded with the entry).")] = None,
+    config: ConfigOption = None,
+    data_dir: Annotated[Path | None, typer.Option(help="The service's data directory.")] = None,
+) -> None:
+    """Approve, reject, add or retract one entry. Audited; published by the running service."""
+    from archive_api.errors import ArchiveApiError
+    from archive_api.store.errors import StoreError
+    from classifier.listing import Decision, EntryKind
+    from stanzaguard.rtbl_publishing import cli_decide
+
+    try:
+        entry_kind, entry_decision = EntryKind(kind), Decision(decision)
+    except ValueError as exc:
+        raise _fail(StanzaGuardError(str(exc))) from None
+    try:
+        settings = load_settings(config, data_dir=data_dir)
+        changed = asyncio.run(cli_decide(settings, entry_kind, value, entry_decision, reason))
+    except (StanzaGuardError, StoreError, ArchiveApiError, ValueError) as exc:
+        raise _fail(exc) from None
+    for entry in changed:
+        typer.echo(f"{entry.kind} {entry.value}: {entry.state} ({entry.reason})")
+
+
+# -- end of the published block list commands ---------------------------------------------------
+
+
 # -- retention purge and exports (stanzaguard/retention_ops.py; docs/retention.md) --------------
 
 
@@ -1248,7 +1382,7 @@ def beat(
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Broker, redis://HOST:PORT/DB.")] = None,
 ) -> None:
-    """Run Celery beat: it schedules retention rounds (retention_file, retention_interval)."""
+    """Run Celery beat: retention rounds, audit checkpoints, block-list downloads, retrains."""
     from stanzaguard.celery_app import build_celery_app
 
     try:

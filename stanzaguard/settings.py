@@ -121,6 +121,24 @@ class Settings(BaseSettings):
     allow_plaintext: bool = Field(
         False, description="Let clients stay unencrypted (never in production)."
     )
+    # Web clients (docs/integrations/web-clients.md): the same sessions as TCP clients.
+    listen_websocket: HostPort | None = Field(
+        None, description="WebSocket (RFC 7395) listener, path /xmpp-websocket; 'off' for none."
+    )
+    listen_bosh: HostPort | None = Field(
+        None, description="BOSH (XEP-0206) listener, path /http-bind; 'off' for none."
+    )
+    web_tls: bool = Field(
+        True,
+        description="Serve the WebSocket and BOSH listeners over TLS with cert/key; false only "
+        "behind a reverse proxy that terminates TLS (then listen on loopback).",
+    )
+    bosh_max_wait: int = Field(
+        60, ge=1, le=300, description="BOSH: longest a request is held (seconds)."
+    )
+    bosh_inactivity: int = Field(
+        60, ge=5, le=3600, description="BOSH: a session with no request this long ends (seconds)."
+    )
     data_dir: Path = Field(Path("stanzaguard-data"), description="Spool, archive and keys.")
     policy: Path | None = Field(None, description="Policy file (TOML), reloaded on change.")
     keep_evidence: bool = Field(
@@ -131,6 +149,13 @@ class Settings(BaseSettings):
     )
     fail_open: bool = Field(
         False, description="Deliver unarchived when the spool is down (unregulated use only)."
+    )
+    ibb_archive_max_bytes: int = Field(
+        10 * 1024**2,
+        ge=0,
+        le=2**40,
+        description="In-band bytestream (XEP-0047) bytes archived per transfer; later blocks "
+        "keep only their size and SHA-256 (docs/calls-and-files.md).",
     )
     spool_segment_bytes: int = Field(
         64 * 1024**2, ge=4096, description="Spool segment size; full segments are sealed."
@@ -191,6 +216,23 @@ class Settings(BaseSettings):
         description="Where rate and fan-out counters live: 'memory' (this proxy) or 'redis' "
         "(shared by every proxy on redis_url).",
     )
+    sm_store: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where XEP-0198 stream-management states live: 'memory' (a client resumes "
+        "through this proxy only) or 'redis' (through any proxy on redis_url).",
+    )
+    sm_resume_timeout: float = Field(
+        600.0,
+        ge=1.0,
+        le=86_400.0,
+        description="Seconds a stream-management state is kept for a resumption (match the "
+        "server's, Prosody's smacks_hibernation_time).",
+    )
+    policy_sync: Literal["off", "redis"] = Field(
+        "off",
+        description="'redis': publish the policy in force on redis_url and follow what other "
+        "proxies publish, so all replicas enforce one version.",
+    )
     redis_url: SecretStr | None = Field(
         None, description="redis://[:PASSWORD@]HOST:PORT/DB (or rediss://) for celery/redis."
     )
@@ -199,6 +241,32 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(
         2, ge=1, le=256, description="Processes per `stanzaguard worker`."
+    )
+    # Celery beat's jobs (stanzaguard/beat_tasks.py); an interval of 0 leaves a job out.
+    audit_checkpoint_interval: float = Field(
+        3600.0, ge=0, description="Seconds between signed audit-log checkpoints (beat; 0: off)."
+    )
+    blocklist_downloads: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="PATH=URL: beat downloads URL into PATH (one of blocklist_files), checked "
+        "strictly first; the proxies reload the file when it changes.",
+    )
+    blocklist_refresh_interval: float = Field(
+        3600.0, ge=0, description="Seconds between block-list downloads (beat; 0: off)."
+    )
+    retrain_interval: float = Field(
+        0.0, ge=0, description="Seconds between scheduled retrains (beat; 0: off, the default)."
+    )
+    retrain_activate: bool = Field(
+        False,
+        description="Activate each scheduled retrain's version (as system:retrain); false "
+        "leaves it for `stanzaguard model activate`.",
+    )
+    retrain_base: Path | None = Field(
+        None, description="Base data set of scheduled retrains (default: the model's record)."
+    )
+    retrain_folds: int = Field(
+        10, ge=2, le=20, description="Cross-validation folds of a scheduled retrain."
     )
     # -- end distributed mode --
     upload_hosts: Annotated[list[str], NoDecode] = Field(
@@ -247,6 +315,79 @@ class Settings(BaseSettings):
         default_factory=list,
         description="RTBL pubsub nodes, [KIND:]SERVICE/NODE (xmppbl.org/spam_source_domains).",
     )
+    # -- the block list StanzaGuard publishes (docs/rtbl-publishing.md) --
+    blocklist_learning: bool = Field(
+        False,
+        description="Keep a published block list of spam sources learned from officers' "
+        "confirmations and users' reports (served over HTTP, published with rtbl_publish_*).",
+    )
+    blocklist_review: Literal["auto", "approve"] = Field(
+        "approve",
+        description="auto: publish what the listing rule wants at once; approve: an officer "
+        "approves each entry first (`stanzaguard rtbl`, POST /api/v1/rtbl/decisions).",
+    )
+    blocklist_jid_officer_spam: int = Field(
+        1, ge=1, le=1000, description="Messages officers confirmed as spam that list a JID."
+    )
+    blocklist_jid_report_weight: float = Field(
+        3.0, gt=0, le=1000, description="Weight of distinct reporters' spam reports listing a JID."
+    )
+    blocklist_domain_listed_jids: int = Field(
+        3, ge=1, le=100_000, description="Listed JIDs of one remote domain that list the domain."
+    )
+    blocklist_http: Literal["off", "public", "token"] = Field(
+        "token",
+        description="Serve /api/v1/rtbl/*.txt: without a token (public; for mod_firewall's "
+        "%LIST http://, which sends none), with one (token), or not at all (off).",
+    )
+    blocklist_http_plain_jids: bool = Field(
+        False,
+        description="Also serve jids.txt (bare JIDs in clear) for consumers that cannot hash "
+        "to hex, such as mod_firewall; the default lists publish SHA-256 only.",
+    )
+    rtbl_publish_service: str | None = Field(
+        None, description="Pubsub service JID to publish the block list to (off when unset)."
+    )
+    rtbl_publish_jid: str | None = Field(
+        None, description="Account that publishes (must be allowed to create nodes there)."
+    )
+    rtbl_publish_password: SecretStr | None = Field(None, description="Password of it.")
+    rtbl_publish_server: HostPort | None = Field(
+        None, description="HOST:PORT of rtbl_publish_jid's server; default: DNS (SRV)."
+    )
+    rtbl_publish_tls: Literal["starttls", "direct", "plain"] = Field(
+        "starttls", description="TLS to rtbl_publish_server: starttls, direct, plain (dev)."
+    )
+    rtbl_publish_ca_file: Path | None = Field(None, description="CA bundle for its TLS.")
+    rtbl_publish_domain_nodes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["spam_source_domains"],
+        description="Nodes that get listed domains (xmppbl.org, mod_anti_spam names).",
+    )
+    rtbl_publish_jid_nodes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["spam_source_jids_sha256", "muc_bans_sha256"],
+        description="Nodes that get SHA-256 of listed JIDs (mod_anti_spam, mod_muc_rtbl names).",
+    )
+    # -- end of the published block list --
+    # -- component mode (`stanzaguard component`, docs/integrations/component.md) --
+    component_jid: str | None = Field(
+        None, description="The XEP-0114 component's domain (archive.example) in component mode."
+    )
+    component_secret: SecretStr | None = Field(
+        None, description="The shared secret of the server's Component section."
+    )
+    component_server: HostPort = Field(
+        "127.0.0.1:5347", description="HOST:PORT of the server's component port."
+    )
+    component_admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bare JIDs allowed to run the component's ad-hoc commands, comma-separated.",
+    )
+    component_chain_name: str = Field(
+        "component",
+        description="The component's own hash chain in the store (its spool is "
+        "DATA_DIR/component/spool); same rules as chain_name.",
+    )
+    # -- end component mode --
     blocklist_files: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Block-list files, FORMAT:PATH (jabberspam:/etc/stanzaguard/blacklist.txt).",
@@ -274,7 +415,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
-    @field_validator("api_listen", mode="before")
+    @field_validator("api_listen", "listen_websocket", "listen_bosh", mode="before")
     @classmethod
     def _api_off(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("", "off", "none"):
@@ -304,7 +445,7 @@ class Settings(BaseSettings):
             raise ValueError("at most 64 Elasticsearch URLs")
         return [check_es_url(url) for url in value]
 
-    @field_validator("chain_name")
+    @field_validator("chain_name", "component_chain_name")
     @classmethod
     def _check_chain_name(cls, value: str) -> str:
         if not CHAIN_NAME_RE.fullmatch(value):
@@ -346,10 +487,37 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_downloads(self) -> Self:
+        files = {spec.partition(":")[2] for spec in self.blocklist_files}
+        for download in self.blocklist_downloads:
+            path, sep, url = download.partition("=")
+            if not sep or not path or not url:
+                raise ValueError(f"blocklist_downloads: {download[:80]!r} is not PATH=URL")
+            if path not in files:
+                raise ValueError(f"blocklist_downloads: {path[:80]!r} is not in blocklist_files")
+            plain_ok = self.environment == "development"
+            if not url.startswith("https://") and not (plain_ok and url.startswith("http://")):
+                raise ValueError(
+                    "blocklist_downloads: the URL must be https:// (http:// only with "
+                    "environment=development)"
+                )
+            if len(url) > 2048 or not url.isprintable() or any(c.isspace() for c in url):
+                raise ValueError("blocklist_downloads: URL too long or not printable")
+        return self
+
+    @model_validator(mode="after")
     def _check_redis(self) -> Self:
         if self.redis_url is None:
-            if self.indexing == "celery" or self.counters == "redis":
-                raise ValueError("redis_url: required with indexing=celery or counters=redis")
+            if (
+                self.indexing == "celery"
+                or self.counters == "redis"
+                or self.sm_store == "redis"
+                or self.policy_sync == "redis"
+            ):
+                raise ValueError(
+                    "redis_url: required with indexing=celery, counters=redis, "
+                    "sm_store=redis or policy_sync=redis"
+                )
             return self
         url = self.redis_url.get_secret_value()
         if len(url) > 2048 or not url.isprintable() or any(c.isspace() for c in url):
@@ -358,9 +526,18 @@ class Settings(BaseSettings):
             raise ValueError("redis_url: must start with redis://, rediss:// or unix://")
         return self
 
-    @field_validator("rtbl_nodes", "blocklist_files", mode="before")
+    @field_validator(
+        "rtbl_nodes", "blocklist_files", "blocklist_downloads", "component_admins", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rtbl_publish_domain_nodes", "rtbl_publish_jid_nodes", mode="before")
+    @classmethod
+    def _split_nodes(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

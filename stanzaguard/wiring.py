@@ -8,8 +8,10 @@ import contextlib
 import gc
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 
@@ -28,15 +30,18 @@ from proxy.blocklist_files import (
     ListFile,
     parse_list_file_specs,
 )
+from proxy.bosh import BoshConfig, BoshFrontEnd
 from proxy.c2s import C2SProxy, ProxyConfig
 from proxy.hook import StanzaHook
 from proxy.indexer import IndexControl, Indexer
 from proxy.pipeline import Pipeline, PipelineConfig
 from proxy.policy_source import PolicyFileWatcher, load_policy
 from proxy.rtbl import RtblConfig, RtblError, RtblSubscriber, TlsMode, rtbl_nodes
+from proxy.sm import SmRegistry, SmStore, SmStoreUnavailable
 from proxy.spool import Spool
 from proxy.stream import FramingLimits
 from proxy.trust import RosterObservers, TrustRosterObserver
+from proxy.websocket import WebSocketConfig, WebSocketFrontEnd
 from stanzaguard.api_wiring import start_beside
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError, StanzaGuardError
@@ -48,9 +53,13 @@ from stanzaguard.operations import Paths
 from stanzaguard.quarantine import DeliveryHook, QuarantineService
 from stanzaguard.registry import ModelRegistry
 from stanzaguard.retention_job import RetentionJob
+from stanzaguard.rtbl_publishing import RtblPublishing
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.stores import open_store_spec, spec_from_settings
 from stanzaguard.tls import server_context, upstream_context
+
+if TYPE_CHECKING:
+    from proxy.redis_state import PolicySync
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +138,17 @@ def build_proxy_config(settings: Settings) -> ProxyConfig:
         stanza_timeout=settings.stanza_timeout,
         max_sessions=settings.max_sessions,
     )
+
+
+def build_web_tls(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the WebSocket and BOSH listeners (None: off, or a reverse proxy terminates it)."""
+    if settings.listen_websocket is None and settings.listen_bosh is None:
+        return None
+    if not settings.web_tls:
+        return None
+    if settings.cert is None or settings.key is None:
+        raise SettingsError("web_tls: the web listeners need cert and key, or web_tls=false")
+    return server_context(settings.cert, settings.key, alpn=False)
 
 
 def build_fetcher_config(settings: Settings) -> FetcherConfig | None:
@@ -234,6 +254,45 @@ def build_counter_store(settings: Settings) -> CounterStore | None:
         raise SettingsError(f"redis_url: {exc}") from None
 
 
+def build_sm_store(settings: Settings) -> SmStore:
+    """XEP-0198 states: this process's own, or shared in Redis so clients resume anywhere."""
+    if settings.sm_store != "redis" or settings.redis_url is None:
+        return SmRegistry()
+    from proxy.redis_state import RedisSmStore
+
+    try:
+        return RedisSmStore.from_url(
+            settings.redis_url.get_secret_value(), ttl=settings.sm_resume_timeout
+        )
+    except SmStoreUnavailable as exc:
+        raise SettingsError(f"redis_url: {exc}") from None
+
+
+async def start_policy_sync(settings: Settings, holder: PolicyHolder) -> PolicySync | None:
+    """With policy_sync=redis: publish this replica's policy, follow newer shared ones."""
+    if settings.policy_sync != "redis" or settings.redis_url is None:
+        return None
+    from proxy.redis_state import (
+        PolicySync,
+        RedisPolicyVersion,
+        SharedPolicyInvalid,
+        SharedStateUnavailable,
+    )
+
+    try:
+        shared = RedisPolicyVersion.from_url(settings.redis_url.get_secret_value())
+    except SharedStateUnavailable as exc:
+        raise SettingsError(f"redis_url: {exc}") from None
+    sync = PolicySync(shared, holder, settings.policy)
+    try:
+        await sync.check()
+    except (SharedStateUnavailable, SharedPolicyInvalid) as exc:
+        # The local policy is in force; the loop keeps trying.
+        log.warning("policy sync unavailable at start-up", extra={"error": str(exc)})
+    sync.start()
+    return sync
+
+
 async def open_spool(settings: Settings, clock: Clock) -> Spool:
     layout = DataLayout(settings.data_dir)
     signer = load_or_create_signer(layout.keys)
@@ -268,6 +327,7 @@ class ArchivingService:
         self.attachments: AttachmentFetcher | None = None
         self._hook_override = hook
         self.policy_watcher: PolicyFileWatcher | None = None
+        self.policy_sync: PolicySync | None = None
         self.retention: RetentionJob | None = None
         self.bound: list[tuple[str, int]] = []
         self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
@@ -285,6 +345,11 @@ class ArchivingService:
             self.blocklist = BlockList()
         self.blocklist_watcher: BlocklistFileWatcher | None = None
         self.rtbl: RtblSubscriber | None = None
+        self.websocket: WebSocketFrontEnd | None = None
+        self.bosh: BoshFrontEnd | None = None
+        self.web_bound: dict[str, tuple[str, int]] = {}  # "websocket"/"bosh" -> bound address
+        self.web_tls = build_web_tls(settings)
+        self.rtbl_publishing: RtblPublishing | None = None  # docs/rtbl-publishing.md
 
     async def start(self) -> None:
         settings = self.settings
@@ -367,11 +432,22 @@ class ArchivingService:
             on_spooled=self.indexer.notify,
         )
         # -- end review and learning --
+        if settings.blocklist_learning:  # the published block list (docs/rtbl-publishing.md)
+            self.rtbl_publishing = await RtblPublishing.open(
+                settings,
+                self.store,
+                self.learning.examples,
+                self.clock,
+                sqlite_path=DataLayout(settings.data_dir).store,
+                extra_own=self._policy_local_domains(),
+            )
+            await self.rtbl_publishing.start()
         self.pipeline = Pipeline(
             PipelineConfig(
                 local_domains=domains,
                 upload_hosts=frozenset(settings.upload_hosts),
                 fail_open=settings.fail_open,
+                ibb_archive_max_bytes=settings.ibb_archive_max_bytes,
             ),
             decider=self.policy,
             spool=self.spool,
@@ -407,6 +483,7 @@ class ArchivingService:
         if settings.policy is not None:
             self.policy_watcher = PolicyFileWatcher(settings.policy, self.policy, domains)
             self.policy_watcher.start()
+        self.policy_sync = await start_policy_sync(settings, self.policy)
         if self.model_watcher is not None:
             self.model_watcher.start()
         if self.blocklist_watcher is not None:
@@ -416,7 +493,8 @@ class ArchivingService:
             self.rtbl = RtblSubscriber(self.rtbl_config, self.blocklist)
             await self.rtbl.start()
         self.hook = DeliveryHook(self.pipeline, self.quarantine)
-        self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.hook)
+        self.sm_store = build_sm_store(settings)
+        self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.hook, self.sm_store)
         self.quarantine.attach(self.proxy)
         await self.quarantine.start()
         listen = split_host_port(settings.listen) if settings.listen else None
@@ -425,9 +503,29 @@ class ArchivingService:
             listen_tls = None
         try:
             self.bound = await self.proxy.start(listen, listen_tls)
+            await self._start_web_front_ends()
         except OSError as exc:
             await self.stop()
             raise SettingsError(f"listen: cannot listen: {exc}") from None
+
+    async def _start_web_front_ends(self) -> None:
+        """WebSocket and BOSH listeners: sessions of the same proxy (same hook, spool, SM)."""
+        settings = self.settings
+        tls = self.web_tls
+        if settings.listen_websocket is not None:
+            self.websocket = WebSocketFrontEnd(self.proxy, WebSocketConfig(tls=tls))
+            address = split_host_port(settings.listen_websocket)
+            self.web_bound["websocket"] = await self.websocket.start(*address)
+        if settings.listen_bosh is not None:
+            config = BoshConfig(
+                tls=tls,
+                max_wait=settings.bosh_max_wait,
+                inactivity=settings.bosh_inactivity,
+                max_sessions=settings.max_sessions,
+            )
+            self.bosh = BoshFrontEnd(self.proxy, config)
+            address = split_host_port(settings.listen_bosh)
+            self.web_bound["bosh"] = await self.bosh.start(*address)
 
     def _policy_local_domains(self) -> frozenset[str]:
         active = self.policy.current
@@ -436,14 +534,23 @@ class ArchivingService:
         return self._local_cache[1]
 
     async def stop(self) -> None:
+        if self.websocket is not None:
+            await self.websocket.stop()
+        if self.bosh is not None:
+            await self.bosh.stop()
         if hasattr(self, "proxy"):
             await self.proxy.stop()
+        if hasattr(self, "sm_store"):
+            await self.sm_store.close()
         if self.quarantine is not None:  # before the spool closes: its tasks append to it
             await self.quarantine.stop()
         if self.attachments is not None:  # before the spool closes: it records results
             await self.attachments.stop()
         if self.policy_watcher is not None:
             await self.policy_watcher.stop()
+        if self.policy_sync is not None:
+            await self.policy_sync.stop()
+            await self.policy_sync.shared.close()
         if self.retention is not None:
             await self.retention.stop()
         if self.model_watcher is not None:
@@ -452,6 +559,8 @@ class ArchivingService:
             await self.rtbl.stop()
         if self.blocklist_watcher is not None:
             await self.blocklist_watcher.stop()
+        if self.rtbl_publishing is not None:
+            await self.rtbl_publishing.stop()
         if self.learning is not None:  # before the store closes: it reads reported messages
             await self.learning.stop()
         if hasattr(self, "indexer"):
@@ -484,7 +593,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         start_http_server(metrics_port, metrics_host)
     log.info(
         "proxy listening",
-        extra={"addresses": [f"{h}:{p}" for h, p in service.bound], "upstream": settings.upstream},
+        extra={
+            "addresses": [f"{h}:{p}" for h, p in service.bound],
+            "web": {name: f"{h}:{p}" for name, (h, p) in service.web_bound.items()},
+            "upstream": settings.upstream,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

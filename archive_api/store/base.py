@@ -389,6 +389,81 @@ class TokenStore(Protocol):
         ...
 
 
+# --- the published block list (docs/rtbl-publishing.md) ---------------------------------------
+
+BLOCKLIST_KINDS = frozenset({"domain", "jid"})
+BLOCKLIST_STATES = frozenset({"pending", "listed", "rejected", "retracted"})
+BLOCKLIST_ORIGINS = frozenset({"rule", "officer"})
+MAX_BLOCKLIST_VALUE = 1024
+MAX_BLOCKLIST_REASON = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class BlocklistEntry:
+    """One entry of the block list StanzaGuard publishes (`classifier.listing` decides).
+
+    `kind` is ``domain`` or ``jid`` (a bare JID; its SHA-256 is what is published),
+    `state` ``pending``, ``listed``, ``rejected`` or ``retracted``, `origin` who made the
+    last change (``rule`` or ``officer``), `actor` the officer's name for officer changes.
+    """
+
+    kind: str
+    value: str
+    state: str
+    origin: str
+    reason: str
+    updated: datetime
+    actor: str | None = None
+
+    def check(self) -> None:
+        """Raise ValueError unless every field is one the store accepts."""
+        if self.kind not in BLOCKLIST_KINDS:
+            raise ValueError(f"unknown block list kind {self.kind[:40]!r}")
+        if self.state not in BLOCKLIST_STATES:
+            raise ValueError(f"unknown block list state {self.state[:40]!r}")
+        if self.origin not in BLOCKLIST_ORIGINS:
+            raise ValueError(f"unknown block list origin {self.origin[:40]!r}")
+        if not self.value or len(self.value) > MAX_BLOCKLIST_VALUE:
+            raise ValueError(f"a block list value is 1 to {MAX_BLOCKLIST_VALUE} characters")
+        if len(self.reason) > MAX_BLOCKLIST_REASON:
+            raise ValueError(f"a block list reason is at most {MAX_BLOCKLIST_REASON} characters")
+        if self.actor is not None and len(self.actor) > MAX_BLOCKLIST_REASON:
+            raise ValueError("a block list actor is too long")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "value": self.value,
+            "state": self.state,
+            "origin": self.origin,
+            "reason": self.reason,
+            "updated": self.updated.isoformat(),
+            "actor": self.actor,
+        }
+
+
+class BlocklistStore(Protocol):
+    """The published block list's entries. Only the SQLite store has them: the list lives
+    in the service's own database even when the archive is in Elasticsearch."""
+
+    async def blocklist_entries(
+        self, *, kind: str | None = None, state: str | None = None
+    ) -> tuple[BlocklistEntry, ...]:
+        """Entries, optionally of one kind and/or state, ordered by kind and value."""
+        ...
+
+    async def blocklist_entry(self, kind: str, value: str) -> BlocklistEntry | None: ...
+
+    async def put_blocklist_entries(self, entries: Sequence[BlocklistEntry]) -> int:
+        """Insert or replace entries (keyed by kind and value) in one transaction; return
+        the list's new version. Raises InvalidRequest for an invalid entry."""
+        ...
+
+    async def blocklist_version(self) -> int:
+        """A number that grows with every change of the entries (0 before the first)."""
+        ...
+
+
 # --- message view, conversations and dashboard (archive_api/routes; docs/api.md) -------------
 
 

@@ -97,6 +97,8 @@ from archive_api.store.base import (
     SORT_ORDERS,
     Activity,
     ArchiveStore,
+    BlocklistEntry,
+    BlocklistStore,
     ChainPosition,
     ChainState,
     DayActivity,
@@ -1948,6 +1950,28 @@ class SqliteStore:
         check_token_name(name)
         return await self._run(_token_revoke, self._conn, name, to_us(at))
 
+    # -- the published block list (the work is in the module's section) --
+
+    async def blocklist_entries(
+        self, *, kind: str | None = None, state: str | None = None
+    ) -> tuple[BlocklistEntry, ...]:
+        return await self._run(_blocklist_select, self._conn, kind, state)
+
+    async def blocklist_entry(self, kind: str, value: str) -> BlocklistEntry | None:
+        found = await self._run(_blocklist_select, self._conn, kind, None, value)
+        return found[0] if found else None
+
+    async def put_blocklist_entries(self, entries: Sequence[BlocklistEntry]) -> int:
+        for entry in entries:
+            try:
+                entry.check()
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+        return await self._run(_blocklist_put, self._conn, tuple(entries))
+
+    async def blocklist_version(self) -> int:
+        return await self._run(_meta_version, self._conn, "blocklist_version")
+
     # -- message view, conversations and dashboard (the work is in the module's section) --
 
     async def record_position(self, record_id: str) -> ChainPosition | None:
@@ -2102,6 +2126,14 @@ def _connect(path: str, cache_mb: int, busy_timeout_ms: int) -> sqlite3.Connecti
             {0: _RETENTION_SCHEMA},
             _RETENTION_SCHEMA_VERSION,
             "retention schema",
+        )
+        _upgrade_section(  # the published block list
+            conn,
+            path,
+            "blocklist_schema",
+            _BLOCKLIST_SCHEMA_SQL,
+            _BLOCKLIST_SCHEMA,
+            "block list schema",
         )
     except sqlite3.Error as exc:
         conn.close()
@@ -3185,5 +3217,82 @@ def _activity(conn: sqlite3.Connection, since_us: int, until_us: int, top: int) 
 # --- end of message view, conversations and dashboard -----------------------------------------
 
 
+# --- the published block list (docs/rtbl-publishing.md) ---------------------------------------
+#
+# Versioned by `meta.blocklist_schema`. One row per (kind, value); `meta.blocklist_version`
+# grows with every write, in the same transaction, so a poller (the pubsub publisher, another
+# process) sees a change without reading the whole list.
+
+_BLOCKLIST_SCHEMA: Final = 1
+_BLOCKLIST_SCHEMA_SQL: Final = {
+    0: """
+CREATE TABLE blocklist_entries (
+    kind TEXT NOT NULL,              -- domain | jid
+    value TEXT NOT NULL,             -- normalised domain or bare JID
+    state TEXT NOT NULL,             -- pending | listed | rejected | retracted
+    origin TEXT NOT NULL,            -- rule | officer
+    reason TEXT NOT NULL,
+    updated_us INTEGER NOT NULL,
+    actor TEXT,
+    PRIMARY KEY (kind, value)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX blocklist_entries_state ON blocklist_entries (state, kind, value);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('blocklist_version', 0);
+""",
+}
+_BLOCKLIST_COLUMNS: Final = "kind, value, state, origin, reason, updated_us, actor"
+
+
+def _blocklist_select(
+    conn: sqlite3.Connection, kind: str | None, state: str | None, value: str | None = None
+) -> tuple[BlocklistEntry, ...]:
+    where: list[str] = []
+    params: list[str] = []
+    for column, wanted in (("kind", kind), ("state", state), ("value", value)):
+        if wanted is not None:
+            where.append(f"{column} = ?")
+            params.append(wanted)
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    rows = conn.execute(
+        f"SELECT {_BLOCKLIST_COLUMNS} FROM blocklist_entries {clause}"  # noqa: S608
+        "ORDER BY kind, value",
+        params,
+    )
+    return tuple(
+        BlocklistEntry(
+            kind=str(k),
+            value=str(v),
+            state=str(st),
+            origin=str(o),
+            reason=str(r),
+            updated=from_us(int(u)),
+            actor=None if a is None else str(a),
+        )
+        for k, v, st, o, r, u, a in rows
+    )
+
+
+def _blocklist_put(conn: sqlite3.Connection, entries: tuple[BlocklistEntry, ...]) -> int:
+    with _durable(conn), _transaction(conn):
+        conn.executemany(
+            f"INSERT OR REPLACE INTO blocklist_entries ({_BLOCKLIST_COLUMNS}) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (e.kind, e.value, e.state, e.origin, e.reason, to_us(e.updated), e.actor)
+                for e in entries
+            ],
+        )
+        version = _meta_version(conn, "blocklist_version") + (1 if entries else 0)
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('blocklist_version', ?)",
+            (version,),
+        )
+    return version
+
+
+# --- end of the published block list ---------------------------------------------------------
+
+
 if TYPE_CHECKING:  # mypy proves SqliteStore implements the protocol
     _conforms: type[ArchiveStore] = SqliteStore
+    _conforms_blocklist: type[BlocklistStore] = SqliteStore
