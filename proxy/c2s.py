@@ -866,13 +866,13 @@ class ClientSession:
                 state.epoch += 1  # writes from the connection it left no longer count
                 state.exact = True
                 state.owner = self.info.session_id
-                await self._save_new_sm(state)
                 out = _sm_nonza("resumed", ns, previd=attrs.get("previd", ""), h=str(source_h))
                 previous = self.proxy.resumed(self, state.sm_id)
                 self.client.push(out)
                 for data in self._resume_pending:
                     self.inject(Direction.TO_CLIENT, data)
                 self._resume_pending = []
+                await self._save_new_sm(state)  # with the injections sent again
                 # The previous connection is usually gone by now (it ended when the client's
                 # TCP connection died), so the JID comes from the SM state, not from it.
                 jid = state.bound_jid or (previous.info.bound_jid if previous else None)

@@ -1,4 +1,4 @@
-"""State several proxies share through Redis: the rate, fan-out and duplicate counters.
+"""State several proxies share through Redis: counters, stream-management states.
 
 `RedisCounterStore` implements `classifier.limits.CounterStore` with one sorted set per key
 (score: the event's time from the injected clock), updated by a Lua script so that trimming,
@@ -9,21 +9,46 @@ Calls are synchronous (the rules are), one loopback round trip each, with a shor
 timeout: a Redis that does not answer raises `SharedStateUnavailable`, and the rule chain
 treats that like any failing rule (its configured failure action), never as ALLOW by silence.
 
+`RedisSmStore` keeps XEP-0198 states (the proxy's `h` mappings, see `proxy.sm`) so that a
+client whose connection broke can resume through another replica; it is async, since the
+transport awaits it at the few moments a mapping changes. `PolicySync` shares the policy in
+force (its canonical form and fingerprint), so that every replica enforces one version.
+
 Keys are namespaced (``sg:cnt:``) and hashed when long, since they carry user-chosen text
 (JIDs, domains); each key expires one window after its last event.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import json
+import logging
 import math
 import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import redis
-from redis.commands.core import Script
+import redis.asyncio
+from redis.commands.core import AsyncScript, Script
 
+from classifier.errors import PolicyError
+from classifier.policy import (
+    ActivePolicy,
+    Policy,
+    PolicyHolder,
+    policy_fingerprint,
+    policy_from_dict,
+    policy_to_dict,
+)
 from proxy.errors import ProxyError
+from proxy.sm import SmRegistry, SmState, SmStateCorrupt, SmStoreUnavailable
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sg:cnt:"
 #: Longer keys and members are stored as their SHA-256 (they are user-chosen text).
@@ -101,3 +126,308 @@ class RedisCounterStore:
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"shared counters unavailable: {exc}") from exc
         return int(cast(int, count))
+
+
+# -- stream-management states (XEP-0198), so a client can resume through another replica ------
+
+SM_KEY_PREFIX = "sg:sm:"
+#: Largest stored state read back; anything longer is treated as garbage.
+MAX_SM_RECORD_BYTES = 8 * 1024 * 1024
+
+# KEYS[1] the state's hash; ARGV: epoch, JSON, TTL in ms.
+# Writes unless the stored epoch is newer: a connection the session has already left (it was
+# resumed elsewhere) must not put its stale counts back. A value that is not ours is replaced.
+_SAVE_SM = """
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+if kind ~= 'none' and kind ~= 'hash' then
+  redis.call('DEL', key)
+elseif kind == 'hash' then
+  local stored = tonumber(redis.call('HGET', key, 'epoch'))
+  if stored and stored > tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('HSET', key, 'epoch', ARGV[1], 'data', ARGV[2])
+redis.call('PEXPIRE', key, ARGV[3])
+return 1
+"""
+
+
+class RedisSmStore:
+    """An `SmStore` in Redis, shared by every proxy replica in front of one server.
+
+    One hash per SM id (``sg:sm:`` + SHA-256 of the id, which the client sends back in
+    ``<resume previd/>`` and so is attacker-chosen), expiring `ttl` seconds after its last
+    write: set it to the server's resumption timeout (Prosody's ``smacks_hibernation_time``).
+    States of this replica's own live connections are also kept in memory: they are exact,
+    and a resumption through this replica prefers them unless Redis holds a newer epoch.
+    """
+
+    def __init__(
+        self, client: redis.asyncio.Redis, *, ttl: float, prefix: str = SM_KEY_PREFIX
+    ) -> None:
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError("ttl must be positive")
+        self._client = client
+        self._ttl_ms = math.ceil(ttl * 1000)
+        self._prefix = prefix.encode()
+        self._save: AsyncScript = client.register_script(_SAVE_SM)
+        self._local = SmRegistry()
+
+    @classmethod
+    def from_url(cls, url: str, *, ttl: float, timeout: float = 0.5) -> RedisSmStore:
+        try:
+            client = redis.asyncio.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except (ValueError, redis.RedisError) as exc:
+            raise SmStoreUnavailable(f"bad redis_url: {exc}") from None
+        return cls(client, ttl=ttl)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _key(self, sm_id: str) -> bytes:
+        digest = hashlib.sha256(sm_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return self._prefix + digest.encode()
+
+    def create(self, sm_id: str) -> SmState:
+        return self._local.create(sm_id)
+
+    async def fetch(self, sm_id: str) -> SmState | None:
+        local = self._local.get(sm_id)
+        try:
+            raw: Any = await self._client.hget(self._key(sm_id), "data")
+        except redis.ResponseError as exc:  # e.g. WRONGTYPE: someone else's value
+            raise SmStateCorrupt(f"stored SM state unreadable: {exc}") from None
+        except redis.RedisError as exc:
+            raise SmStoreUnavailable(f"SM states unavailable: {exc}") from exc
+        if raw is None:
+            return local
+        if not isinstance(raw, bytes) or len(raw) > MAX_SM_RECORD_BYTES:
+            raise SmStateCorrupt("stored SM state too large")
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise SmStateCorrupt("stored SM state is not JSON") from None
+        stored = SmState.from_record(record, sm_id)
+        if local is not None and local.epoch >= stored.epoch:
+            return local
+        self._local.adopt(stored)  # resumed through this replica from now on, most likely
+        return stored
+
+    async def save(self, state: SmState, *, detached: bool = False) -> None:
+        data = json.dumps(state.to_record(detached=detached), separators=(",", ":"))
+        try:
+            await self._save(keys=[self._key(state.sm_id)], args=[state.epoch, data, self._ttl_ms])
+        except redis.RedisError as exc:
+            raise SmStoreUnavailable(f"SM states unavailable: {exc}") from exc
+        state.mark_written()
+
+    async def discard(self, sm_id: str) -> None:
+        self._local.forget(sm_id)
+        try:
+            await self._client.delete(self._key(sm_id))
+        except redis.RedisError as exc:
+            raise SmStoreUnavailable(f"SM states unavailable: {exc}") from exc
+
+
+# -- the policy in force, shared so that every replica enforces one version ---------------------
+
+POLICY_KEY = "sg:policy"
+MAX_POLICY_DOCUMENT_BYTES = 16 * 1024 * 1024
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+# KEYS[1] the shared policy's hash; ARGV: fingerprint, changed_at (ns), canonical JSON.
+# Publishes unless what is shared changed later (by its file's time). Returns {1, serial} when
+# published, {2, serial} when that very version is already shared, {0, 0} when the shared one
+# is newer (the caller then adopts it). Garbage is replaced.
+_PUBLISH_POLICY = """
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+local serial = 0
+if kind ~= 'none' and kind ~= 'hash' then
+  redis.call('DEL', key)
+elseif kind == 'hash' then
+  local fields = redis.call('HMGET', key, 'serial', 'changed_at', 'fingerprint')
+  serial = tonumber(fields[1]) or 0
+  local changed_at = tonumber(fields[2])
+  if fields[3] == ARGV[1] and serial > 0 then
+    return {2, serial}
+  end
+  if changed_at and changed_at > tonumber(ARGV[2]) then
+    return {0, 0}
+  end
+end
+serial = serial + 1
+redis.call('HSET', key, 'serial', serial, 'fingerprint', ARGV[1], 'changed_at', ARGV[2],
+  'document', ARGV[3])
+return {1, serial}
+"""
+
+
+class SharedPolicyInvalid(ProxyError):
+    """The policy shared in Redis is not one a replica published (garbage, or tampered)."""
+
+
+@dataclass(frozen=True)
+class SharedPolicy:
+    serial: int
+    fingerprint: str
+    changed_at_ns: int
+    policy: Policy
+
+
+class RedisPolicyVersion:
+    """The policy in force, as one hash: a serial, its fingerprint, when it changed, and its
+    canonical form (`policy_to_dict`, JSON). A replica that reads it re-parses the document
+    and checks that it has the published fingerprint before it enforces it."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, key: str = POLICY_KEY) -> None:
+        self._client = client
+        self._key = key
+        self._publish: AsyncScript = client.register_script(_PUBLISH_POLICY)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 0.5) -> RedisPolicyVersion:
+        try:
+            client = redis.asyncio.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except (ValueError, redis.RedisError) as exc:
+            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        return cls(client)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def publish(self, active: ActivePolicy, changed_at_ns: int) -> tuple[str, int]:
+        """Share `active` unless the shared one changed later.
+
+        Returns ('published' or 'already', serial), or ('newer', 0) when another replica
+        shared a version that changed later.
+        """
+        document = json.dumps(policy_to_dict(active.policy), separators=(",", ":"))
+        try:
+            answer: Any = await self._publish(
+                keys=[self._key], args=[active.fingerprint, max(0, changed_at_ns), document]
+            )
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"shared policy unavailable: {exc}") from exc
+        code, serial = (int(part) for part in answer)
+        return ("newer", "published", "already")[code], serial
+
+    async def read(self) -> SharedPolicy | None:
+        try:
+            kind: Any = await self._client.type(self._key)
+            if kind in (b"none", "none"):
+                return None
+            if kind not in (b"hash", "hash"):
+                raise SharedPolicyInvalid("the shared policy is not a hash")
+            fields: Any = await self._client.hmget(
+                self._key, ["serial", "fingerprint", "changed_at", "document"]
+            )
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"shared policy unavailable: {exc}") from exc
+        serial, fingerprint, changed_at, document = fields
+        try:
+            parsed_serial = int(serial)
+            parsed_changed_at = int(changed_at)
+            text_fingerprint = fingerprint.decode("ascii")
+        except (TypeError, ValueError, AttributeError, UnicodeDecodeError):
+            raise SharedPolicyInvalid("the shared policy's fields are malformed") from None
+        if not _FINGERPRINT.fullmatch(text_fingerprint) or parsed_serial < 1:
+            raise SharedPolicyInvalid("the shared policy's fields are malformed")
+        if not isinstance(document, bytes) or len(document) > MAX_POLICY_DOCUMENT_BYTES:
+            raise SharedPolicyInvalid("the shared policy document is missing or too large")
+        try:
+            policy = policy_from_dict(json.loads(document))
+        except (ValueError, RecursionError, TypeError, AttributeError, PolicyError) as exc:
+            raise SharedPolicyInvalid(f"the shared policy does not parse: {exc}") from None
+        if policy_fingerprint(policy) != text_fingerprint:
+            raise SharedPolicyInvalid("the shared policy does not match its fingerprint")
+        return SharedPolicy(parsed_serial, text_fingerprint, parsed_changed_at, policy)
+
+
+class PolicySync:
+    """Keeps this replica's policy and the shared one the same version.
+
+    When this replica's policy changes (its file was reloaded, or at start-up) it publishes
+    it, stamped with the file's modification time; when another replica published a newer
+    one, this replica enforces that. So an edit on any replica (the API writes the file of the
+    machine it runs on) reaches all of them within `interval` seconds, and a replica that
+    restarts with an older file follows the newer shared version instead of undoing it.
+    A shared document that does not parse or match its fingerprint is refused (logged) and
+    the policy in force stays.
+    """
+
+    def __init__(
+        self,
+        shared: RedisPolicyVersion,
+        holder: PolicyHolder,
+        policy_file: Path | None,
+        *,
+        interval: float = 1.0,
+    ) -> None:
+        self.shared = shared
+        self.holder = holder
+        self.policy_file = policy_file
+        self.interval = interval
+        self._synced: str | None = None  # the fingerprint last published or adopted
+        self._serial = 0
+        self._task: asyncio.Task[None] | None = None
+        self.adopted = 0
+        self.errors = 0
+
+    def _changed_at_ns(self) -> int:
+        if self.policy_file is None:
+            return 0
+        try:
+            return self.policy_file.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    async def check(self) -> str:
+        """One round: 'published', 'adopted' or 'unchanged'. Raises on an unusable Redis."""
+        local = self.holder.current
+        if local.fingerprint != self._synced:
+            outcome, serial = await self.shared.publish(local, self._changed_at_ns())
+            if outcome != "newer":
+                self._synced, self._serial = local.fingerprint, serial
+                if outcome == "already":
+                    return "unchanged"
+                log.info("policy published", extra={"fingerprint": local.fingerprint})
+                return "published"
+        shared = await self.shared.read()
+        if shared is None or shared.serial == self._serial:
+            return "unchanged"
+        self._serial = shared.serial
+        if shared.fingerprint == self.holder.current.fingerprint:
+            self._synced = shared.fingerprint
+            return "unchanged"
+        self.holder.replace(shared.policy)
+        self._synced = shared.fingerprint
+        self.adopted += 1
+        log.info("policy adopted from another replica", extra={"fingerprint": shared.fingerprint})
+        return "adopted"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check()
+            except (SharedStateUnavailable, SharedPolicyInvalid) as exc:
+                self.errors += 1
+                log.warning(
+                    "policy sync failed; the policy in force stays", extra={"error": str(exc)}
+                )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
