@@ -16,10 +16,11 @@ that did not finish. Formats (docs/retention.md has the details):
   records, set in an embedded Unicode font (DejaVu Sans, with Droid Sans Fallback for CJK
   when installed).
 
-Exports stream: records are read a page at a time through the store's cursor paging, in
-time order, and written as they come, so memory stays bounded whatever the size of the
-export (an EML message holds one conversation-day, a PDF volume its records). The caller
-writes the audit event; `ExportResult` carries what it needs.
+Exports stream: records are read a page at a time, in time order, through the store's
+consistent snapshot where it has one (`SnapshotReader`) and its cursor paging otherwise, and
+written as they come, so memory stays bounded whatever the size of the export (an EML message
+holds one conversation-day, a PDF volume its records). The caller writes the audit event;
+`ExportResult` carries what it needs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from fpdf.errors import FPDFException
 
 from archive_api.errors import ExportError
 from archive_api.holds import Hold
-from archive_api.store.base import MAX_PAGE_SIZE, ArchiveStore
+from archive_api.store.base import MAX_PAGE_SIZE, ArchiveStore, SnapshotReader
 from archive_api.store.query import Query, normalize_jid, parse_query
 from archive_api.store.records import ArchiveRecord, RecordKind
 from classifier.clock import Clock
@@ -164,7 +165,16 @@ class PdfFonts:
 async def iter_records(
     store: ArchiveStore, query: Query, *, page_size: int = 500
 ) -> AsyncIterator[list[ArchiveRecord]]:
-    """The matching records, oldest first, one page (a list) at a time."""
+    """The matching records, oldest first, one page (a list) at a time.
+
+    From one consistent view where the store offers it (`SnapshotReader`: Elasticsearch's
+    point in time or scroll), so records indexed or purged while an export runs neither
+    shift its pages nor end it early; otherwise through `search` cursor paging (SQLite).
+    """
+    if isinstance(store, SnapshotReader):
+        async for records in store.snapshot_pages(query, page_size=page_size):
+            yield records
+        return
     cursor: str | None = None
     while True:
         page = await store.search(query, limit=page_size, cursor=cursor, sort="time_asc")

@@ -1,8 +1,9 @@
 """API tokens and the audit log from the command line: `stanzaguard token ...`, `verify --audit`.
 
-Composition only: opens the data directory's store, builds the `AuditLog` with the
-checkpoint signing key and the system clock, and acts as the local operator. Whoever runs
-the command on the server can read the store file and the signing key anyway, so the
+Composition only: opens the configured store (the data directory's SQLite file, or
+Elasticsearch when the settings say `store = "elasticsearch"`), builds the `AuditLog` with the
+data directory's checkpoint signing key and the system clock, and acts as the local operator.
+Whoever runs the command on the server can read the store and the signing key anyway, so the
 command acts with the admin role, under the audited name ``cli:<unix user>``.
 """
 
@@ -18,12 +19,14 @@ from datetime import timedelta
 from archive_api.audit import AuditLog
 from archive_api.auth import AuthMethod, Identity, IssuedToken, Role, TokenService
 from archive_api.store.audit import AuditVerifyReport
+from archive_api.store.base import ArchiveStore
 from archive_api.store.sqlite import SqliteStore
 from archive_api.store.tokens import StoredToken
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.keys import load_or_create_signer
-from stanzaguard.operations import Paths, open_existing_store, public_key
+from stanzaguard.operations import Paths, open_chosen_store, public_key
+from stanzaguard.stores import SqliteSpec, StoreSpec, open_store_spec
 
 
 def cli_identity() -> Identity:
@@ -36,17 +39,25 @@ def cli_identity() -> Identity:
     return Identity(f"cli:{user}", f"{user} (command line)", Role.ADMIN, AuthMethod.CLI)
 
 
-async def _open_store(paths: Paths) -> SqliteStore:
-    """The store, created if the data directory exists but has no archive yet."""
+async def _open_store(paths: Paths, store_spec: StoreSpec | None) -> ArchiveStore:
+    """The configured store; the data directory's SQLite file is created if the directory
+    exists but has no archive yet (a token may be made before the service first ran)."""
     if not paths.data_dir.is_dir():
         raise StanzaGuardError(f"no data directory at {paths.data_dir} (is --data-dir right?)")
-    return await SqliteStore.open(paths.store)
+    if store_spec is None or (
+        isinstance(store_spec, SqliteSpec) and store_spec.path == paths.store
+    ):
+        return await SqliteStore.open(paths.store)
+    return await open_store_spec(store_spec, create=False)
 
 
 @asynccontextmanager
-async def token_service(paths: Paths) -> AsyncIterator[TokenService]:
-    """A TokenService on the data directory's store; the audit head is signed on the way out."""
-    store = await _open_store(paths)
+async def token_service(
+    paths: Paths, store_spec: StoreSpec | None = None
+) -> AsyncIterator[TokenService]:
+    """A TokenService on the configured store (`store_spec`; None: the data directory's
+    SQLite); the audit head is signed, with the data directory's key, on the way out."""
+    store = await _open_store(paths, store_spec)
     try:
         clock = SystemClock()
         audit = AuditLog(store, load_or_create_signer(paths.keys), clock)
@@ -59,23 +70,28 @@ async def token_service(paths: Paths) -> AsyncIterator[TokenService]:
 
 
 async def create_token(
-    paths: Paths, *, name: str, role: Role, expires_days: int | None
+    paths: Paths,
+    *,
+    name: str,
+    role: Role,
+    expires_days: int | None,
+    store_spec: StoreSpec | None = None,
 ) -> IssuedToken:
     expires_in = timedelta(days=expires_days) if expires_days is not None else None
-    async with token_service(paths) as tokens:
+    async with token_service(paths, store_spec) as tokens:
         return await tokens.create(cli_identity(), name=name, role=role, expires_in=expires_in)
 
 
-async def list_tokens(paths: Paths) -> tuple[StoredToken, ...]:
-    store = await open_existing_store(paths)
+async def list_tokens(paths: Paths, store_spec: StoreSpec | None = None) -> tuple[StoredToken, ...]:
+    store = await open_chosen_store(paths, store_spec)
     try:
         return await store.tokens()
     finally:
         await store.close()
 
 
-async def revoke_token(paths: Paths, name: str) -> StoredToken:
-    async with token_service(paths) as tokens:
+async def revoke_token(paths: Paths, name: str, store_spec: StoreSpec | None = None) -> StoredToken:
+    async with token_service(paths, store_spec) as tokens:
         return await tokens.revoke(cli_identity(), name)
 
 
@@ -85,9 +101,9 @@ class AuditVerification:
     key_found: bool  # False: no public key in DATA/keys, so signatures were not checked
 
 
-async def verify_audit(paths: Paths) -> AuditVerification:
+async def verify_audit(paths: Paths, store_spec: StoreSpec | None = None) -> AuditVerification:
     key = public_key(paths)
-    store = await open_existing_store(paths)
+    store = await open_chosen_store(paths, store_spec)
     try:
         return AuditVerification(await store.verify_audit(public_key=key), key is not None)
     finally:

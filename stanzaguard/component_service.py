@@ -1,9 +1,10 @@
 """Composition of component mode (`stanzaguard component`): the server forwards, we archive.
 
 The same parts as `stanzaguard run` (`stanzaguard.wiring`) minus the c2s proxy: policy and
-text model, the pipeline, a spool, the indexer, learning from spam reports, and the policy
-file watcher; plus `proxy.component.ComponentLink` in place of the listener, and
-`ComponentAdmin` behind its ad-hoc commands.
+text model, the pipeline, a spool, the indexer, learning from spam reports, the published
+block list (`stanzaguard.rtbl_publishing`: listing rule and pubsub publisher, with
+``blocklist_learning``), and the policy file watcher; plus `proxy.component.ComponentLink`
+in place of the listener, and `ComponentAdmin` behind its ad-hoc commands.
 
 Layout under the data directory, chosen so that the inline proxy (`stanzaguard run`) and the
 component may run side by side on one data directory and one archive:
@@ -13,7 +14,8 @@ component may run side by side on one data directory and one archive:
 - record ids are derived from the message alone (`proxy.stanza.dedupe_key`), so a message
   both modes saw is one record in the store with an observation from each.
 
-Nothing here can block: the decider is wrapped in `ObserveOnlyDecider`.
+Nothing here can block: the decider is wrapped in `ObserveOnlyDecider`. What the component
+learns is enforced elsewhere, by the servers and rooms that subscribe to the list it publishes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import tomlkit
+from prometheus_client import start_http_server
 from tomlkit.exceptions import TOMLKitError
 
 from archive_api.audit import Actor, AuditAction, AuditLog, AuditOutcome
@@ -62,6 +65,7 @@ from stanzaguard.keys import load_or_create_signer
 from stanzaguard.learning import Learning
 from stanzaguard.model_runtime import MODEL_OFF, ModelWatcher, configured_model
 from stanzaguard.registry import ModelRegistry
+from stanzaguard.rtbl_publishing import RtblPublishing, build_publish_config
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.stores import spec_from_settings
 from stanzaguard.wiring import PLACEHOLDER_SECRETS, DataLayout, open_store
@@ -326,15 +330,13 @@ class ComponentService:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.config = build_component_config(settings)
-        if self.config.admins and settings.store != "sqlite":
-            raise SettingsError(
-                "component_admins: the ad-hoc commands need the audit log, which "
-                "store=elasticsearch does not have yet"
-            )
+        # Checked before anything is opened: a wrong rtbl_publish_* stops start-up cleanly.
+        build_publish_config(settings)
         self.reputation = ReputationLedger()
         self.model_watcher: ModelWatcher | None = None
         self.policy_watcher: PolicyFileWatcher | None = None
         self.learning: Learning | None = None
+        self.rtbl_publishing: RtblPublishing | None = None  # docs/rtbl-publishing.md
         self.audit: AuditLog | None = None
         self.link: ComponentLink | None = None
         self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
@@ -374,8 +376,23 @@ class ComponentService:
             clock=self.clock,
         )
         self.learning.start()
+        # Component mode cannot block: the list it publishes is how its reports take effect.
+        if settings.blocklist_learning:
+            self.rtbl_publishing = await RtblPublishing.open(
+                settings,
+                self.store,
+                self.learning.examples,
+                self.clock,
+                sqlite_path=layout.store,
+                extra_own=self._policy_local_domains(),
+            )
+            await self.rtbl_publishing.start()
         self.pipeline = Pipeline(
-            PipelineConfig(local_domains=domains, upload_hosts=frozenset(settings.upload_hosts)),
+            PipelineConfig(
+                local_domains=domains,
+                upload_hosts=frozenset(settings.upload_hosts),
+                ibb_archive_max_bytes=settings.ibb_archive_max_bytes,
+            ),
             decider=ObserveOnlyDecider(self.policy),
             spool=self.spool,
             clock=self.clock,
@@ -424,6 +441,8 @@ class ComponentService:
         if self.audit is not None:
             with contextlib.suppress(AuditError):
                 await self.audit.close()
+        if self.rtbl_publishing is not None:
+            await self.rtbl_publishing.stop()
         if self.learning is not None:
             await self.learning.stop()
         if hasattr(self, "indexer"):
@@ -441,6 +460,11 @@ async def serve_component(settings: Settings, ready: asyncio.Event | None = None
     """Run component mode until SIGINT or SIGTERM."""
     service = ComponentService(settings)
     await service.start()
+    if settings.metrics_listen:
+        # The component's metrics (docs/integrations/component.md, "Settings"); in Kubernetes
+        # also what the probes ask.
+        metrics_host, metrics_port = split_host_port(settings.metrics_listen)
+        start_http_server(metrics_port, metrics_host)
     log.info(
         "component mode: archiving and scoring forwarded copies (no blocking)",
         extra={"jid": service.config.jid, "server": settings.component_server},

@@ -1,6 +1,7 @@
 """The service's own retention job: classify new records, then purge what is due, on a timer.
 
-`stanzaguard run` starts it when `retention_file` is set. Each round is exactly what
+`stanzaguard run` starts it when `retention_file` is set, on the configured store (SQLite or
+Elasticsearch). Each round is exactly what
 `stanzaguard purge` does (`retention_ops.purge`: extend-only classification, holds win, one
 audited batch at a time), acting as ``system:retention`` in the admin role. A round that fails
 is logged and tried again at the next interval; nothing is purged without its audit event.
@@ -17,6 +18,7 @@ from archive_api.auth import AuthMethod, Identity, Role
 from classifier.clock import Clock
 from stanzaguard.operations import Paths
 from stanzaguard.retention_ops import PurgeOutcome, load_retention, purge
+from stanzaguard.stores import StoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class RetentionJob:
         clock: Clock,
         interval: float,
         purge_due: bool = True,
+        store_spec: StoreSpec | None = None,
     ) -> None:
         self.paths = paths
         self.retention_file = retention_file
@@ -42,6 +45,7 @@ class RetentionJob:
         self.clock = clock
         self.interval = interval
         self.purge_due = purge_due
+        self.store_spec = store_spec  # the configured store; None: the data directory's SQLite
         self.rounds = 0
         self.failures = 0
         self.last: PurgeOutcome | None = None
@@ -70,6 +74,7 @@ class RetentionJob:
             retention=retention,
             dry_run=not self.purge_due,
             identity=SYSTEM_IDENTITY,
+            store_spec=self.store_spec,
         )
         self.rounds += 1
         self.last = outcome

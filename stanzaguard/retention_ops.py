@@ -1,7 +1,8 @@
 """Purge and export from the command line: `stanzaguard purge`, `stanzaguard export`.
 
-Composition only: opens the data directory's store, reads the retention policy file, builds
-the audit log with the checkpoint signing key and the system clock, and acts as the local
+Composition only: opens the configured store (the data directory's SQLite file, or
+Elasticsearch with `store = "elasticsearch"`), reads the retention policy file, builds the
+audit log with the data directory's checkpoint signing key and the clock, and acts as the local
 operator (`stanzaguard.access.cli_identity`, the admin role under ``cli:<unix user>``).
 
 Every purge batch is audited *before* it runs: a dry run plans the batch (at most
@@ -27,8 +28,8 @@ from archive_api.errors import ArchiveApiError, RetentionPolicyError
 from archive_api.exports import ExportFormat, ExportResult, ExportSource, export_records
 from archive_api.holds import HoldService
 from archive_api.retention import ApplyOutcome, RetentionPolicy, apply_policy, parse_retention
+from archive_api.store.base import ArchiveStore
 from archive_api.store.errors import StoreError
-from archive_api.store.sqlite import SqliteStore
 from classifier.clock import Clock
 from classifier.errors import PolicyError
 from classifier.patterns import UserGroup
@@ -36,7 +37,8 @@ from classifier.policy import parse_policy
 from stanzaguard.access import cli_identity
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.keys import load_or_create_signer
-from stanzaguard.operations import Paths, open_existing_store
+from stanzaguard.operations import Paths, open_chosen_store
+from stanzaguard.stores import StoreSpec
 
 PURGE_BATCH = 250  # record ids per audited batch: ~10 KiB of ids, under the audit size cap
 
@@ -62,8 +64,11 @@ def load_retention(retention_file: Path, policy_file: Path | None = None) -> Ret
 
 
 @asynccontextmanager
-async def _audited_store(paths: Paths, clock: Clock) -> AsyncIterator[tuple[SqliteStore, AuditLog]]:
-    store = await open_existing_store(paths)
+async def _audited_store(
+    paths: Paths, clock: Clock, store_spec: StoreSpec | None
+) -> AsyncIterator[tuple[ArchiveStore, AuditLog]]:
+    """The configured store (None: the data directory's SQLite) and its audit log."""
+    store = await open_chosen_store(paths, store_spec)
     try:
         audit = AuditLog(store, load_or_create_signer(paths.keys), clock)
         try:
@@ -97,15 +102,17 @@ async def purge(
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
     identity: Identity | None = None,
+    store_spec: StoreSpec | None = None,
 ) -> PurgeOutcome:
     """Apply the retention policy (new records, and due records re-checked, extend-only),
     then purge what is past its expiry and under no hold, one audited batch at a time.
 
     `identity`: who acts (the audit log's actor); the operator at the command line unless the
-    service's own retention job calls."""
+    service's own retention job calls. `store_spec`: the configured store (None: the data
+    directory's SQLite)."""
     identity = identity or cli_identity()
     outcome = PurgeOutcome(dry_run)
-    async with _audited_store(paths, clock) as (store, audit):
+    async with _audited_store(paths, clock, store_spec) as (store, audit):
         now = clock.now()
         if retention is not None:
             outcome.classified = await apply_policy(store, retention, now=now, which="unassigned")
@@ -185,8 +192,10 @@ async def export(
     query: str | None = None,
     hold_id: str | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    store_spec: StoreSpec | None = None,
 ) -> ExportResult:
-    """Export the records of a search or of a legal hold into `out`, audited."""
+    """Export the records of a search or of a legal hold into `out`, audited; from the
+    configured store (`store_spec`; None: the data directory's SQLite)."""
     if (query is None) == (hold_id is None):
         raise StanzaGuardError("give either --query or --hold")
     try:
@@ -195,7 +204,7 @@ async def export(
         known = ", ".join(f.value for f in ExportFormat)
         raise StanzaGuardError(f"unknown format {export_format[:40]!r}; use {known}") from None
     identity = cli_identity()
-    async with _audited_store(paths, clock) as (store, audit):
+    async with _audited_store(paths, clock, store_spec) as (store, audit):
         params: dict[str, object] = {"format": fmt.value, "directory": str(out)}
         try:
             if hold_id is not None:

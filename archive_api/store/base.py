@@ -33,7 +33,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -662,3 +662,16 @@ class ArchiveStore(AuditStore, TokenStore, ViewStore, Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SnapshotReader(Protocol):
+    """A store that reads every match of a query from one consistent view (Elasticsearch:
+    point in time or scroll). Exports use it where a store has it; SQLite pages `search`."""
+
+    def snapshot_pages(
+        self, query: Query | str, *, page_size: int = 500
+    ) -> AsyncIterator[list[ArchiveRecord]]:
+        """Every matching record, oldest first (as `search(sort="time_asc")`), a page at a
+        time, as the index stood when the first page was read."""
+        ...

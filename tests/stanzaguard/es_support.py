@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import pytest
 from elasticsearch import Elasticsearch
 
+from archive_api.store.elasticsearch import INDEX_KINDS
 from tests.support.es_subprocess import osmem_python_path
 from tests.support.opensearch import SearchServer, running_osmem
-
-KINDS = ("ledger", "records", "chains", "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -34,11 +33,15 @@ class EsLocation:
 
 
 def drop_prefix(client: Elasticsearch, prefix: str) -> None:
+    """Delete every index and index template the store made under `prefix` (by name: a real
+    cluster refuses wildcard deletes by default), and its rollover policy where there is ILM."""
     found = client.indices.get(index=f"{prefix}-*", allow_no_indices=True)
     if found.body:
         client.indices.delete(index=",".join(found.body))
-    for kind in KINDS:
+    for kind in INDEX_KINDS:
         client.options(ignore_status=404).indices.delete_index_template(name=f"{prefix}-{kind}")
+    # Servers without ILM (osmem-server, OpenSearch) answer 400/404/405: nothing to delete.
+    client.options(ignore_status=(400, 404, 405)).ilm.delete_lifecycle(name=f"{prefix}-rollover")
 
 
 @pytest.fixture(scope="session")

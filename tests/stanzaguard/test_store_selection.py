@@ -32,7 +32,7 @@ from stanzaguard.stores import (
     spec_from_settings,
     worker_arguments,
 )
-from stanzaguard.wiring import ArchivingService, open_store, refuse_unsupported_store_features
+from stanzaguard.wiring import ArchivingService, open_store
 from tests.stanzaguard import es_support
 from tests.stanzaguard.conftest import ArchivingFactory, receive, run_cli
 from tests.stanzaguard.es_support import EsLocation
@@ -142,21 +142,6 @@ def test_credentials_over_plain_http_only_in_development() -> None:
 def test_unknown_store_is_refused() -> None:
     with pytest.raises(SettingsError, match="store"):
         load_settings(store="mongodb")
-
-
-def test_features_not_on_elasticsearch_yet_are_refused(tmp_path: Path) -> None:
-    base = {"store": "elasticsearch", "es_url": ["https://es.internal:9200"]}
-    refuse_unsupported_store_features(load_settings(api_listen="off", **base), api=True)
-    with pytest.raises(SettingsError, match="api_listen"):
-        refuse_unsupported_store_features(load_settings(**base), api=True)
-    retention = tmp_path / "retention.toml"
-    retention.write_text("[retention]\n")
-    with pytest.raises(SettingsError, match="retention_file"):
-        refuse_unsupported_store_features(
-            load_settings(retention_file=retention, api_listen="off", **base), api=False
-        )
-    # SQLite has both.
-    refuse_unsupported_store_features(load_settings(retention_file=retention), api=True)
 
 
 # -- store specs ---------------------------------------------------------------------------------
@@ -306,15 +291,18 @@ async def test_service_archives_into_elasticsearch_and_the_commands_read_it(
     assert "no archive at" in missing.stderr
 
 
-def test_the_service_refuses_elasticsearch_with_retention(tmp_path: Path) -> None:
+def test_the_service_takes_elasticsearch_with_the_api_and_retention(tmp_path: Path) -> None:
+    """Both run on Elasticsearch now (tests/stanzaguard/test_es_operations.py runs them)."""
     retention = tmp_path / "retention.toml"
     retention.write_text("[retention]\n")
     settings = load_settings(
         store="elasticsearch",
         es_url=["https://es.internal:9200"],
         retention_file=retention,
+        api_listen="127.0.0.1:8080",
         domain=["localhost"],
         allow_plaintext=True,
+        environment="development",
     )
-    with pytest.raises(SettingsError, match="retention_file"):
-        ArchivingService(settings)
+    service = ArchivingService(settings)
+    assert service.settings.retention_file == retention
