@@ -31,18 +31,22 @@ from celery import Celery
 
 from archive_api.errors import InvalidInput
 from archive_api.store.base import ArchiveStore
-from archive_api.store.chain import ChainLink
+from archive_api.store.chain import ChainLink, Checkpoint
 from archive_api.store.errors import ChainGap
 
-#: The task's registered name (the wire contract between shippers and workers).
+#: The tasks' registered names (the wire contract between shippers and workers).
 INDEX_BATCH = "stanzaguard.index_batch"
+ADD_CHECKPOINTS = "stanzaguard.add_checkpoints"
 #: Most links one task may carry, and most payload bytes in all; a larger batch is refused.
 MAX_BATCH_LINKS = 20_000
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 #: Largest single entry (as the spool allows).
 MAX_ENTRY_BYTES = 16 * 1024 * 1024
 MAX_CHAIN_NAME = 128
+#: Most signed chain heads one `add_checkpoints` task may carry.
+MAX_CHECKPOINTS = 1000
 _HASH_HEX = 64
+_SIGNATURE_HEX = 128  # Ed25519
 
 StoreOpener = Callable[[], Awaitable[ArchiveStore]]
 _T = TypeVar("_T")
@@ -68,13 +72,51 @@ def links_to_json(links: Sequence[ChainLink]) -> list[list[int | str]]:
     ]
 
 
-def _hash_field(value: object, what: str) -> bytes:
-    if not isinstance(value, str) or len(value) != _HASH_HEX:
-        raise InvalidBatch(f"{what} must be {_HASH_HEX} hex digits")
+def _hash_field(value: object, what: str, digits: int = _HASH_HEX) -> bytes:
+    if not isinstance(value, str) or len(value) != digits:
+        raise InvalidBatch(f"{what} must be {digits} hex digits")
     try:
         return bytes.fromhex(value)
     except ValueError:
-        raise InvalidBatch(f"{what} must be {_HASH_HEX} hex digits") from None
+        raise InvalidBatch(f"{what} must be {digits} hex digits") from None
+
+
+def _chain_field(chain: object) -> str:
+    if not isinstance(chain, str) or not chain or len(chain) > MAX_CHAIN_NAME:
+        raise InvalidBatch(f"the chain name must be 1 to {MAX_CHAIN_NAME} characters")
+    if not chain.isprintable():
+        raise InvalidBatch("the chain name must be printable")
+    return chain
+
+
+def checkpoints_to_json(checkpoints: Sequence[Checkpoint]) -> list[list[int | str]]:
+    """Signed chain heads as JSON-safe lists: ``[seq, head hex, signature hex]``."""
+    return [[c.seq, c.head.hex(), c.signature.hex()] for c in checkpoints]
+
+
+def checkpoints_from_json(chain: object, data: object) -> tuple[str, list[Checkpoint]]:
+    """Check and decode an `add_checkpoints` message (one chain's signed heads).
+
+    The signatures are not checked here (the worker has no proxy's key); the store checks
+    each head against its stored hash, and `stanzaguard verify` checks the signatures.
+    """
+    name = _chain_field(chain)
+    if not isinstance(data, list) or not data:
+        raise InvalidBatch("checkpoints come as a non-empty list")
+    if len(data) > MAX_CHECKPOINTS:
+        raise InvalidBatch(f"at most {MAX_CHECKPOINTS} checkpoints a task, not {len(data)}")
+    checkpoints: list[Checkpoint] = []
+    for index, item in enumerate(data):
+        where = f"checkpoint {index}"
+        if not isinstance(item, list) or len(item) != 3:
+            raise InvalidBatch(f"{where}: expected [seq, head, signature]")
+        seq, head_hex, signature_hex = item
+        if type(seq) is not int or not 1 <= seq < 2**63:
+            raise InvalidBatch(f"{where}: seq must be a positive integer")
+        head = _hash_field(head_hex, f"{where}: head")
+        signature = _hash_field(signature_hex, f"{where}: signature", _SIGNATURE_HEX)
+        checkpoints.append(Checkpoint(name, seq, head, signature))
+    return name, checkpoints
 
 
 def links_from_json(chain: object, data: object) -> tuple[str, list[ChainLink]]:
@@ -82,10 +124,7 @@ def links_from_json(chain: object, data: object) -> tuple[str, list[ChainLink]]:
 
     Only the shape is checked here; the store verifies sequence and hashes when applying.
     """
-    if not isinstance(chain, str) or not chain or len(chain) > MAX_CHAIN_NAME:
-        raise InvalidBatch(f"the chain name must be 1 to {MAX_CHAIN_NAME} characters")
-    if not chain.isprintable():
-        raise InvalidBatch("the chain name must be printable")
+    chain = _chain_field(chain)
     if not isinstance(data, list) or not data:
         raise InvalidBatch("a batch is a non-empty list of links")
     if len(data) > MAX_BATCH_LINKS:
@@ -169,6 +208,32 @@ async def apply_batch(store: ArchiveStore, chain: str, links: Sequence[ChainLink
     return await store.last_seq(chain=chain)
 
 
+async def add_checkpoints(
+    store: ArchiveStore, chain: str, checkpoints: Sequence[Checkpoint]
+) -> int:
+    """Store signed heads of `chain` the store does not hold yet; return how many were new.
+
+    A checkpoint past the store's head is refused (`stanzaguard verify` would report it as
+    lying past the end of the chain): the shipper sends only what the store has indexed.
+    A head that differs from the stored hash raises `ChainConflict` (tampering or a
+    mix-up of chains): the task fails and the operator hears of it.
+    """
+    last = await store.last_seq(chain=chain)
+    beyond = [c.seq for c in checkpoints if c.seq > last]
+    if beyond:
+        raise InvalidBatch(
+            f"checkpoint at seq {beyond[0]} is past the store's head of {chain!r} ({last})"
+        )
+    known = {c.seq for c in await store.checkpoints(chain)}
+    added = 0
+    for checkpoint in checkpoints:
+        if checkpoint.seq not in known:
+            await store.add_checkpoint(checkpoint)
+            known.add(checkpoint.seq)
+            added += 1
+    return added
+
+
 def create_celery_app(
     broker_url: str,
     *,
@@ -219,11 +284,20 @@ def create_celery_app(
         beat_schedule=dict(beat_schedule or {}),
     )
     process_store = _ProcessStore(store_opener)
+    # shared=False on every task: Celery's default adds each task to every app finalized
+    # later in the process, where the first closure registered under a name would win (a
+    # second app's store or settings silently ignored).
 
-    @app.task(name=INDEX_BATCH, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=INDEX_BATCH, shared=False, acks_late=True, reject_on_worker_lost=True)
     def index_batch(chain: object, links_as_json: object) -> int:
         """Apply a batch of chain links to the store; return the store's last seq of `chain`."""
         name, links = links_from_json(chain, links_as_json)
         return process_store.run(lambda store: apply_batch(store, name, links))
+
+    @app.task(name=ADD_CHECKPOINTS, shared=False, acks_late=True, reject_on_worker_lost=True)
+    def add_checkpoints_task(chain: object, checkpoints_as_json: object) -> int:
+        """Store a proxy's signed chain heads (its spool's checkpoints); return how many new."""
+        name, checkpoints = checkpoints_from_json(chain, checkpoints_as_json)
+        return process_store.run(lambda store: add_checkpoints(store, name, checkpoints))
 
     return app

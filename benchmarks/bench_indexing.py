@@ -20,8 +20,17 @@ and prints wall-clock records/s, CPU µs per record (process CPU time: every thr
 loop included) and the ratio store/baseline. Finally the archive's size on disk after a WAL
 checkpoint, per table, extrapolated linearly to one million messages.
 
+With ``--pipeline``, instead: the same entries are spooled once (not timed) and indexed from
+that spool twice, in one run: by the embedded indexer (`proxy.indexer.Indexer`, in this
+process, into a SQLite file) and by the distributed pipeline (`CeleryIndexer` shipping
+2,000-entry `index_batch` tasks over a real redis-server to one `stanzaguard worker`
+process writing a SQLite file, then the Elasticsearch store on osmem-server). Prints
+entries/s of each and the ratios, and the CPU per entry of the shipper, the worker and
+osmem-server.
+
     .venv/bin/python benchmarks/bench_indexing.py [--count 200000] [--quick]
         [--batch 256 --batch 1000 ...] [--dir /tmp]
+    .venv/bin/python benchmarks/bench_indexing.py --pipeline [--count 20000]
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ import argparse
 import asyncio
 import gc
 import os
+import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -138,13 +149,182 @@ def machine() -> str:
     )
 
 
+# --- embedded indexer vs the Celery pipeline (--pipeline) ---------------------------------------
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in fields[11:15]) / ticks
+
+
+def _child_named(word: str) -> int | None:
+    """A direct child of this process whose command line mentions `word` (osmem-server)."""
+    me = os.getpid()
+    for child in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+        if word in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+            return int(child)
+    return None
+
+
+def _tree_cpu(pid: int) -> float:
+    total = _proc_cpu(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        for child in children.read_text().split():
+            total += _tree_cpu(int(child))
+    return total
+
+
+def start_worker(root: Path, redis_url: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """One `stanzaguard worker` process (concurrency 1: one batch per chain is in flight)."""
+    argv = [sys.executable, "-m", "stanzaguard.cli", "worker", "--data-dir", str(root / "worker")]
+    argv += ["--redis-url", redis_url, "--concurrency", "1"]
+    with (root / "worker.log").open("wb") as log:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+async def pipeline(count: int, root: Path) -> None:
+    """Spool once; index it embedded (SQLite) and through Celery (into SQLite, and into
+    osmem-server); compare."""
+    from classifier.clock import ManualClock
+    from proxy.indexer import Indexer
+    from proxy.spool import Spool
+    from tests.support.es_subprocess import osmem_python_path
+    from tests.support.opensearch import running_osmem
+    from tests.support.redis import running_redis
+
+    entries = make_entries(count)
+    payloads = [e.payload() for e in entries]
+    del entries
+    gc.collect()
+    spool_dir = root / "spool"
+    spool = await Spool.open(spool_dir, clock=ManualClock(), fsync=False)
+    for i in range(0, len(payloads), 5000):
+        await spool.append(payloads[i : i + 5000])
+    await spool.close()
+    mean = sum(map(len, payloads)) / len(payloads)
+    print(f"spooled {count:,} entries once (mean payload {mean:,.0f} B)")
+
+    # The embedded indexer: the proxy's process applies spool batches to SQLite.
+    spool_copy = root / "spool-embedded"
+    shutil.copytree(spool_dir, spool_copy)
+    spool = await Spool.open(spool_copy, clock=ManualClock(), fsync=False)
+    store = await SqliteStore.open(root / "embedded.sqlite3")
+    indexer = Indexer(spool, store, batch_size=2000)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    await indexer.drain()
+    embedded = Run(time.perf_counter() - wall0, time.process_time() - cpu0, count)
+    assert await store.last_seq() == count
+    await store.close()
+    await spool.close()
+    print(
+        f"embedded Indexer -> SQLite:          {embedded.rate:>9,.0f} entries/s, "
+        f"{embedded.cpu_us:>6.1f} µs CPU/entry (one process)"
+    )
+
+    # The pipeline: shipper here, redis-server, one worker process; into SQLite (the
+    # pipeline's own cost) and into osmem-server (the Elasticsearch store's path).
+    with running_redis(root / "redis") as redis_server, running_osmem() as search:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("STANZAGUARD_")}
+        base["STANZAGUARD_LOG_LEVEL"] = "warning"
+        targets = {
+            "SQLite": dict(base),
+            "osmem": dict(
+                base,
+                STANZAGUARD_STORE="elasticsearch",
+                STANZAGUARD_ES_URL=search.url,
+                STANZAGUARD_ES_INDEX_PREFIX="bench",
+                PYTHONPATH=osmem_python_path(base),
+            ),
+        }
+        runs: dict[str, Run] = {}
+        for label, env in targets.items():
+            runs[label] = await celery_run(
+                root / label, spool_dir, redis_server.url, env, payloads[:10], count, label
+            )
+    for label, run in runs.items():
+        print(f"ratio pipeline into {label}/embedded: {run.rate / embedded.rate:.3f} (throughput)")
+
+
+async def celery_run(
+    root: Path,
+    spool_dir: Path,
+    redis_url: str,
+    env: dict[str, str],
+    warm_payloads: list[bytes],
+    count: int,
+    label: str,
+) -> Run:
+    """Ship a copy of the spool through one fresh worker writing the store `env` names."""
+    from archive_api.tasks import create_celery_app
+    from classifier.clock import ManualClock
+    from proxy.spool import Spool
+    from stanzaguard.celery_indexer import CeleryIndexer
+
+    root.mkdir()
+    copy = root / "spool"
+    shutil.copytree(spool_dir, copy)
+    worker = start_worker(root, redis_url, env)
+    try:
+        app = create_celery_app(redis_url)
+        # Warm-up: the worker starts, opens the store and creates its tables or indices.
+        warm = await Spool.open(root / "warm", clock=ManualClock(), chain_name="warm")
+        await warm.append(warm_payloads)
+        await CeleryIndexer(warm, app, task_timeout=120.0).drain()
+        await warm.close()
+        spool = await Spool.open(copy, clock=ManualClock(), fsync=False)
+        shipper = CeleryIndexer(spool, app, batch_size=2000, task_timeout=120.0)
+        osmem_pid = _child_named("osmem")
+        osmem_cpu0 = _proc_cpu(osmem_pid) if osmem_pid else 0.0
+        worker_cpu0 = _tree_cpu(worker.pid)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        await shipper.drain()
+        run = Run(time.perf_counter() - wall0, time.process_time() - cpu0, count)
+        worker_cpu = _tree_cpu(worker.pid) - worker_cpu0
+        store_cpu = (_proc_cpu(osmem_pid) if osmem_pid else 0.0) - osmem_cpu0
+        await shipper.stop()
+        await spool.close()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    store_part = f", {store_cpu / count * 1e6:>6.1f} µs in osmem-server" if label == "osmem" else ""
+    print(
+        f"CeleryIndexer -> worker -> {label + ':':<8} {run.rate:>9,.0f} entries/s, "
+        f"{run.cpu_us:>6.1f} µs CPU/entry in the shipper, "
+        f"{worker_cpu / count * 1e6:>6.1f} µs in the worker{store_part}",
+        flush=True,
+    )
+    return run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200_000, help="spool entries per run")
     parser.add_argument("--quick", action="store_true", help="20,000 entries, one batch size")
     parser.add_argument("--batch", type=int, action="append", help="batch size (repeatable)")
     parser.add_argument("--dir", type=Path, default=None, help="where the test files go")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="embedded indexer vs the Celery pipeline"
+    )
     args = parser.parse_args()
+    if args.pipeline:
+        print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}")
+        with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-pipeline-") as where:
+            asyncio.run(pipeline(args.count if args.count != 200_000 else 20_000, Path(where)))
+        return 0
     count = 20_000 if args.quick else args.count
     batches = args.batch or ([1000] if args.quick else [256, 1000, 5000])
 

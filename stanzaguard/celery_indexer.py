@@ -11,6 +11,10 @@ that goes wrong on the way (Redis down or restarted, no worker, a worker killed 
 the store refusing) leaves the cursor where it was; the batch is sent again after a backoff,
 and a copy that was delivered late anyway is a no-op in the store. Meanwhile the proxy keeps
 spooling, and fails closed only when the spool is full (`spool_max_bytes`).
+
+The spool's signed checkpoints (every `checkpoint_every` entries and at each seal) follow as
+`add_checkpoints` tasks once the store holds their seq, as the embedded indexers copy them:
+the store then carries each proxy's signed heads and `stanzaguard verify` checks them.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from typing import Any
 
 from celery import Celery
 
-from archive_api.store.chain import ChainLink
-from archive_api.tasks import INDEX_BATCH, links_to_json
-from proxy.spool import Spool
+from archive_api.store.chain import ChainLink, Checkpoint
+from archive_api.tasks import (
+    ADD_CHECKPOINTS,
+    INDEX_BATCH,
+    MAX_CHECKPOINTS,
+    checkpoints_to_json,
+    links_to_json,
+)
+from proxy.spool import Spool, read_checkpoints
 from stanzaguard.errors import StanzaGuardError
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,12 @@ class CeleryIndexer:
         #: (first seq, last seq) of the batch sent and not yet answered, for operators and tests.
         self.in_flight: tuple[int, int] | None = None
         self._next: int | None = None
+        #: Checkpoints the store acknowledged since start (a restarted shipper sends every
+        #: one again: a no-op for those it has); its place in the spool's checkpoint file;
+        #: whether that file may hold checkpoints not yet sent.
+        self.checkpoints_sent = 0
+        self._checkpoints_read = 0
+        self._checkpoints_due = True
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -107,6 +123,10 @@ class CeleryIndexer:
         target = self.spool.head()[0]
         while self.spool.cursor() < target:
             await self.ship_once()
+        async with self._lock:
+            if self.seal:
+                await self._seal()
+            await self._ship_checkpoints()
 
     # -- shipping ----------------------------------------------------------------------------
 
@@ -140,6 +160,7 @@ class CeleryIndexer:
             if not links:
                 if self.seal:
                     await self._seal()
+                await self._ship_checkpoints()
                 return 0
             first, last = links[0].seq, links[-1].seq
             self.in_flight = (first, last)
@@ -160,8 +181,10 @@ class CeleryIndexer:
                 await self.spool.commit_cursor(through)
             self._next = through + 1
             self.indexed += through - first + 1
+            self._checkpoints_due = True
             if self.seal and (len(links) < self.batch_size or through < last):
                 await self._seal()
+            await self._ship_checkpoints()
             return through - first + 1
 
     def _limit_bytes(self, links: list[ChainLink]) -> list[ChainLink]:
@@ -173,11 +196,16 @@ class CeleryIndexer:
         return links
 
     def _send_and_wait(self, payload: list[list[int | str]]) -> int:
-        """In the shipper's thread: publish the task and wait for the worker's answer."""
+        """In the shipper's thread: publish the batch and wait for the worker's answer."""
+        value = self._call(INDEX_BATCH, [self.chain, payload])
+        if type(value) is not int or value < 0:
+            raise ShippingFailed(f"the worker answered {str(value)[:80]!r}, not a seq")
+        return value
+
+    def _call(self, task: str, args: list[Any]) -> Any:
+        """In the shipper's thread: publish one task and wait for its result."""
         try:
-            result = self.app.send_task(
-                INDEX_BATCH, args=[self.chain, payload], retry=True, retry_policy=_PUBLISH_RETRY
-            )
+            result = self.app.send_task(task, args=args, retry=True, retry_policy=_PUBLISH_RETRY)
             try:
                 value: Any = result.get(timeout=self.task_timeout, propagate=True)
             finally:
@@ -185,11 +213,39 @@ class CeleryIndexer:
                     result.forget()
         except Exception as exc:  # the broker's, the backend's or the worker's error
             raise ShippingFailed(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-        if type(value) is not int or value < 0:
-            raise ShippingFailed(f"the worker answered {str(value)[:80]!r}, not a seq")
         return value
 
     async def _seal(self) -> None:
         sealed = await self.spool.seal_indexed()
         if sealed:
+            self._checkpoints_due = True  # each seal signs a checkpoint
             log.info("sealed spool segments", extra={"count": len(sealed)})
+
+    async def _ship_checkpoints(self) -> None:
+        """Send the spool's checkpoints the store has indexed and not yet acknowledged.
+
+        The checkpoint file is append-only but not in seq order (a seal signs a segment's
+        last seq after later periodic checkpoints), so the shipper keeps its place as a
+        position in the file: it moves past the longest run of checkpoints the store has
+        the entries for, and stops at the first one it has not.
+        """
+        if not self._checkpoints_due:
+            return
+        indexed = self.spool.cursor()
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, read_checkpoints, self.spool.directory)
+        unread = found[self._checkpoints_read :]
+        ready = 0
+        while ready < len(unread) and unread[ready].seq <= indexed:
+            ready += 1
+        ours = [c for c in unread[:ready] if c.chain_name == self.chain]
+        for start in range(0, len(ours), MAX_CHECKPOINTS):
+            part = ours[start : start + MAX_CHECKPOINTS]
+            await loop.run_in_executor(self._executor, self._send_checkpoints, part)
+            self.checkpoints_sent += len(part)
+        self._checkpoints_read += ready
+        # What is left waits for its entries to be stored.
+        self._checkpoints_due = ready < len(unread)
+
+    def _send_checkpoints(self, checkpoints: list[Checkpoint]) -> None:
+        self._call(ADD_CHECKPOINTS, [self.chain, checkpoints_to_json(checkpoints)])
