@@ -7,8 +7,8 @@ setting, and 0 leaves the job out of the schedule:
 - ``retention_round`` (`retention_interval`, only when `retention_file` is set): one round of
   `stanzaguard purge` as ``system:retention`` (`stanzaguard.retention_job`).
 - ``audit_checkpoint`` (`audit_checkpoint_interval`, default hourly): sign the audit log's
-  head with the data directory's key, so a quiet hour still ends with a signed head (not
-  with store=elasticsearch, which has no audit log yet). The
+  head with the data directory's key, so a quiet hour still ends with a signed head (on
+  whichever store the settings choose). The
   spool chains are not signed here: each proxy signs its own chain with the key on its own
   volume (every `checkpoint_every` entries and at every seal) and its shipper sends those
   checkpoints to the store (`add_checkpoints`); a central job holding every proxy's key
@@ -85,8 +85,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     schedule: dict[str, dict[str, Any]] = {}
     if settings.retention_file is not None and settings.retention_interval > 0:
         schedule["retention"] = every(RETENTION_ROUND, settings.retention_interval)
-    # The audit log is not on Elasticsearch yet (docs/elasticsearch.md): nothing to sign.
-    if settings.audit_checkpoint_interval > 0 and settings.store != "elasticsearch":
+    if settings.audit_checkpoint_interval > 0:
         schedule["audit-checkpoint"] = every(AUDIT_CHECKPOINT, settings.audit_checkpoint_interval)
     if settings.blocklist_downloads and settings.blocklist_refresh_interval > 0:
         schedule["blocklist-refresh"] = every(
@@ -214,6 +213,7 @@ def register_beat_tasks(app: Celery, settings: Settings, paths: Paths) -> None:
             clock=SystemClock(),
             interval=settings.retention_interval,
             purge_due=settings.retention_purge,
+            store_spec=spec_from_settings(settings, paths.store),
         )
         outcome = asyncio.run(job.run_once())
         return {"purged": outcome.purged, "held_back": outcome.held_back}
