@@ -3,6 +3,12 @@
 The store applies entries idempotently (by sequence number), so the cursor in the spool moves
 only after the store acknowledged a batch: a crash between the two re-applies a batch, which
 changes nothing. Fully indexed segments are sealed and then removed or kept as evidence.
+
+One batch at a time: the loop and `drain()` (which the quarantine and learning services call
+on a running service) take turns through one lock around "read from the spool, apply,
+advance the cursor", so a drain waits for the loop's batch in flight and then applies only
+what remains. Two overlapping applies of the same links would be refused by a store that
+checks its chain head on write (Elasticsearch: `ChainConflict`), and on SQLite be done twice.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class Indexer:
         self.seal = seal
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Held from reading a batch to advancing the cursor past it (see the module doc).
+        self._batch_lock = asyncio.Lock()
         self.indexed = 0
         self.failures = 0
 
@@ -96,7 +104,15 @@ class Indexer:
                     waiter.cancel()
 
     async def index_once(self) -> int:
-        """Index one batch; return how many entries moved."""
+        """Index one batch; return how many entries moved.
+
+        Waits for a batch another caller (the loop, a drain) has in flight, then starts
+        from where the store is, so no entry is applied twice at once.
+        """
+        async with self._batch_lock:
+            return await self._index_batch()
+
+    async def _index_batch(self) -> int:
         # The store's own last seq, not the cursor: a power loss can roll back the store's
         # newest commits (synchronous=NORMAL), and those entries must be applied again.
         start = await self.store.last_seq(chain=self.spool.chain_name) + 1
@@ -113,7 +129,10 @@ class Indexer:
         return len(links)
 
     async def drain(self) -> None:
-        """Index until the store has everything the spool holds (for tests and shutdown)."""
+        """Index until the store has everything the spool holds (for tests and shutdown).
+
+        Safe while the loop runs: batch by batch, it takes turns with the loop.
+        """
         await self.spool.flush()
         while await self.index_once():
             pass
