@@ -50,7 +50,7 @@ def stanzas(count: int, direction: Direction) -> list[Element]:
             data = (
                 f"<message to='bob@{DOMAIN}' id='m{i}' type='chat'>"
                 f"<body>message {i}: shall we meet at three to go over the numbers?</body>"
-                "<origin-id xmlns='urn:xmpp:sid:0' id='o{i}'/></message>"
+                f"<origin-id xmlns='urn:xmpp:sid:0' id='o{i}'/></message>"
             )
         else:
             data = (

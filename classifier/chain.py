@@ -172,6 +172,22 @@ class RuleMetrics:
         with self._lock:
             self._verdicts[action] += 1
 
+    def record_evaluation(
+        self, results: Sequence[tuple[str, RuleResult | None]], action: Action
+    ) -> None:
+        """Count one judged stanza: what each rule that ran returned, then the verdict.
+
+        The same counts as `record_result` per rule and `record_verdict`, under one lock:
+        the chain calls this once per stanza instead of taking the lock once per rule.
+        """
+        with self._lock:
+            for rule_id, result in results:
+                stats = self._stats(rule_id)
+                stats.evaluations += 1
+                if result is not None:
+                    stats.hits[result.action] += 1
+            self._verdicts[action] += 1
+
     def snapshot(self) -> MetricsSnapshot:
         """A consistent, immutable copy of every counter."""
         with self._lock:
@@ -274,7 +290,14 @@ class RuleChain:
     def policy_fingerprint(self) -> str | None:
         return self._fingerprint
 
-    def _run(self, rule_id: str, rule: Rule, ctx: DecisionContext) -> RuleResult | None:
+    def _run(
+        self,
+        rule_id: str,
+        rule: Rule,
+        ctx: DecisionContext,
+        counted: list[tuple[str, RuleResult | None]],
+    ) -> RuleResult | None:
+        """Run one rule; a result is appended to ``counted``, a failure counted at once."""
         try:
             result = rule.evaluate(ctx)
             if result is not None and not isinstance(result, RuleResult):
@@ -296,7 +319,7 @@ class RuleChain:
             return RuleResult(
                 self._failure_action, 0.0, f"rule {rule_id} failed: {type(exc).__name__}"
             )
-        self._metrics.record_result(rule_id, result)
+        counted.append((rule_id, result))
         return result
 
     def evaluate(self, ctx: DecisionContext) -> Verdict:
@@ -307,16 +330,17 @@ class RuleChain:
             fired) with its contribution.
         """
         reasons: list[Reason] = []
+        counted: list[tuple[str, RuleResult | None]] = []  # metrics, recorded with the verdict
         score = 0.0
         action = Action.ALLOW
         for rule_id, rule in self._rules:
-            result = self._run(rule_id, rule, ctx)
+            result = self._run(rule_id, rule, ctx, counted)
             if result is None:
                 continue
             reasons.append(Reason(rule_id, result.detail or rule_id, result.score, result.action))
             score += result.score
             if result.action.is_final:
-                return self._verdict(result.action, score, reasons)
+                return self._verdict(result.action, score, reasons, counted)
             if result.action.severity > action.severity:
                 action = result.action
         thresholds, whose = self._thresholds_for(ctx, score)
@@ -333,8 +357,14 @@ class RuleChain:
             )
             if by_score.severity > action.severity:
                 action = by_score
-        return self._verdict(action, score, reasons)
+        return self._verdict(action, score, reasons, counted)
 
-    def _verdict(self, action: Action, score: float, reasons: list[Reason]) -> Verdict:
-        self._metrics.record_verdict(action)
+    def _verdict(
+        self,
+        action: Action,
+        score: float,
+        reasons: list[Reason],
+        counted: list[tuple[str, RuleResult | None]],
+    ) -> Verdict:
+        self._metrics.record_evaluation(counted, action)
         return Verdict(action, score, tuple(reasons), policy_fingerprint=self._fingerprint)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Protocol
+from typing import Final, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from archive_api.store.records import (
@@ -89,6 +89,12 @@ _STATUS_OF_ACTION = {
     Action.REJECT: RecordStatus.REJECTED,
     Action.DROP: RecordStatus.DROPPED,
 }
+# Enum members read in the per-stanza path: a module constant is one dict lookup, the class
+# attribute an enum-metaclass lookup.
+_TO_CLIENT: Final = Direction.TO_CLIENT
+_FROM_CLIENT: Final = Direction.FROM_CLIENT
+_RECORD: Final = EntryOp.RECORD
+_OBSERVE: Final = EntryOp.OBSERVE
 HISTORY_VERDICT = Verdict(
     Action.ALLOW, 0.0, (Reason("history", "a copy of an earlier message: never re-decided"),)
 )
@@ -480,20 +486,23 @@ class Pipeline:
     ) -> _Planned:
         record_id = dedupe_key(event)
         observation = observation_of(event, session.bound_jid, now)
-        fail_closed = partial(_fail_closed, element, session, event.leg)
         if event.stanza_type != "groupchat" and (
-            event.direction == Direction.TO_CLIENT or self._copy_to_local(event)
+            event.direction == _TO_CLIENT or self._copy_to_local(event)
         ):
             self.delivered.note(event, record_id)
         if record_id in self.recent:
             # A copy of a record already decided: one more observation, never a new decision.
-            entry = SpoolEntry(EntryOp.OBSERVE, record_id, observation=observation)
-            return _Planned(index, [entry], PASS, fail_closed, behind=True)
+            # Written behind, so it can never fail closed: no bounce to prepare.
+            entry = SpoolEntry(_OBSERVE, record_id, observation=observation)
+            return _Planned(index, [entry], PASS, behind=True)
+        fail_closed = partial(_fail_closed, element, session, event.leg)
         if event.history is not None:
             # History is never blocked; but a first sighting (a remote sender's message that
             # waited offline, or a forged delay) is still scored so reviewers see it.
             verdict = self._history_verdict(event, now)
-            (record,) = to_records(event, verdict, RecordStatus.DELIVERED, observation)
+            (record,) = to_records(
+                event, verdict, RecordStatus.DELIVERED, observation, record_id=record_id
+            )
             self._note_correspondent(event, now)
             return _Planned(
                 index, [SpoolEntry(EntryOp.RECORD, record_id, record)], PASS, fail_closed
@@ -502,8 +511,8 @@ class Pipeline:
         if verdict.action.delivers:
             self._note_correspondent(event, now)
         status = _STATUS_OF_ACTION[verdict.action]
-        (record,) = to_records(event, verdict, status, observation)
-        entry = SpoolEntry(EntryOp.RECORD, record_id, record)
+        (record,) = to_records(event, verdict, status, observation, record_id=record_id)
+        entry = SpoolEntry(_RECORD, record_id, record)
         return _Planned(index, [entry], _enforce(verdict, element, session, event.leg), fail_closed)
 
     def _history_verdict(self, event: MessageEvent, now: datetime) -> Verdict:
@@ -581,7 +590,8 @@ class Pipeline:
         if event.other_bodies:  # a second-language body must not hide from the rules
             body = "\n".join([body or "", *(text for _, text in event.other_bodies)])
         urls = tuple(_URL.findall(body)) if body else ()
-        urls += tuple(a.url for a in event.attachments if a.url not in urls)
+        if event.attachments:
+            urls += tuple(a.url for a in event.attachments if a.url not in urls)
         kind = StanzaKind.MUC_INVITE if event.invitation is not None else StanzaKind.MESSAGE
         known = None
         if event.stanza_type != "groupchat" and event.room is None:

@@ -1007,6 +1007,9 @@ def _invitation(
 def _attachments(
     scan: _Scan, body: str | None, upload_hosts: frozenset[str]
 ) -> tuple[Attachment, ...]:
+    upload_urls = bool(body and upload_hosts and "://" in body)
+    if not (scan.references or scan.sfs or scan.oobs or upload_urls):
+        return ()  # the common chat message: nothing to look at
     # Richest description first; the same URL again (SIMS + OOB + the URL as body is what
     # Conversations-style clients send) keeps the first.
     found: dict[str, Attachment] = {}
@@ -1033,7 +1036,7 @@ def _attachments(
             add(url_data.get("target"), "sfs", meta)
     for oob in scan.oobs:
         add(oob.findtext(_OOB_URL), "oob")
-    if body and upload_hosts and "://" in body:
+    if body and upload_urls:
         for url in _upload_urls(body, upload_hosts):
             add(url, "upload")
     return tuple(found.values())
@@ -1374,7 +1377,12 @@ def dedupe_key(event: ArchivableEvent) -> str:
     re-sending a pending request at each login adds observations, not records.
     Reports: reporter, iq id (or minute bucket); `to_records` adds the reported JID per item.
     """
-    return deterministic_record_id(*(_clean(part) for part in _key_parts(event)))
+    parts = _key_parts(event)
+    # Almost every key is ASCII (JIDs, ids, hex digests): one check of the joined parts
+    # saves cleaning them one by one.
+    if not "".join(parts).isascii():
+        parts = tuple(map(_clean, parts))
+    return deterministic_record_id(*parts)
 
 
 def _key_parts(event: ArchivableEvent) -> tuple[str, ...]:
@@ -1446,11 +1454,20 @@ _VIA_OF_HISTORY: Final = {
 
 
 def to_records(
-    event: ArchivableEvent, verdict: Verdict, status: RecordStatus, observation: Observation
+    event: ArchivableEvent,
+    verdict: Verdict,
+    status: RecordStatus,
+    observation: Observation,
+    *,
+    record_id: str | None = None,
 ) -> tuple[ArchiveRecord, ...]:
-    """The archive records for an event: one, except one per reported JID for a report."""
+    """The archive records for an event: one, except one per reported JID for a report.
+
+    `record_id`, for a message, is its `dedupe_key` when the caller already has it (the
+    pipeline computes it first to tell a copy from a first sighting); it is not checked.
+    """
     if isinstance(event, MessageEvent):
-        return (_message_record(event, verdict, status, observation),)
+        return (_message_record(event, verdict, status, observation, record_id),)
     if isinstance(event, SubscriptionEvent):
         return (_subscription_record(event, verdict, status, observation),)
     if isinstance(event, ReportEvent):
@@ -1472,7 +1489,11 @@ def to_record(
 
 
 def _message_record(
-    event: MessageEvent, verdict: Verdict, status: RecordStatus, observation: Observation
+    event: MessageEvent,
+    verdict: Verdict,
+    status: RecordStatus,
+    observation: Observation,
+    record_id: str | None = None,
 ) -> ArchiveRecord:
     body = event.body
     if event.other_bodies:
@@ -1481,7 +1502,7 @@ def _message_record(
         body = f"{body}\n\n{extra}" if body else extra
     invitation = event.invitation
     return ArchiveRecord(
-        record_id=dedupe_key(event),
+        record_id=record_id if record_id is not None else dedupe_key(event),
         kind=RecordKind.MESSAGE,
         occurred_at=event.occurred_at,
         direction=event.direction,

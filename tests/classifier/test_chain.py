@@ -280,6 +280,23 @@ class TestMetrics:
         chain.evaluate(make_ctx())
         assert "never" not in chain.metrics.snapshot().rules
 
+    def test_a_final_action_counts_the_rules_that_ran_and_the_verdict(self) -> None:
+        # The chain records an evaluation's counts at the end, also when a rule ends it early.
+        chain = RuleChain(
+            [Fixed("quiet", None), fixed("flagger", Action.FLAG), fixed("r", Action.REJECT)]
+        )
+        for _ in range(2):
+            chain.evaluate(make_ctx())
+        snap = chain.metrics.snapshot()
+        assert {rule: stats.evaluations for rule, stats in snap.rules.items()} == {
+            "quiet": 2,
+            "flagger": 2,
+            "r": 2,
+        }
+        assert dict(snap.rules["r"].hits) == {Action.REJECT: 2}
+        assert dict(snap.rules["flagger"].hits) == {Action.FLAG: 2}
+        assert dict(snap.verdicts) == {Action.REJECT: 2}
+
     def test_snapshot_is_a_copy(self) -> None:
         chain = RuleChain([fixed("a", Action.FLAG)])
         chain.evaluate(make_ctx())
