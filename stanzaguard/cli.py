@@ -305,7 +305,7 @@ def verify(
     from stanzaguard import operations
 
     if audit:
-        _verify_audit(data_dir)
+        _verify_audit(data_dir, config)
         return
     try:
         store_spec = _configured_store(config, data_dir)
@@ -977,12 +977,13 @@ def model_rollback(
 # -- API tokens and the audit log (stanzaguard/access.py) ----------------------------------------
 
 
-def _verify_audit(data_dir: Path) -> None:
+def _verify_audit(data_dir: Path, config: Path | None) -> None:
     from archive_api.store.errors import StoreError
     from stanzaguard import access, operations
 
     try:
-        outcome = asyncio.run(access.verify_audit(operations.Paths(data_dir)))
+        store_spec = _configured_store(config, data_dir)
+        outcome = asyncio.run(access.verify_audit(operations.Paths(data_dir), store_spec))
     except (StanzaGuardError, StoreError) as exc:
         raise _fail(exc) from None
     out = Console()
@@ -1027,6 +1028,7 @@ def token_create(
         typer.Option("--expires", min=1, max=3650, help="Days until it expires (default: never)."),
     ] = None,
     data_dir: DataDirOption = Path("stanzaguard-data"),
+    config: ConfigOption = None,
 ) -> None:
     """Create an API token and print its secret: shown once, stored only as a hash. Audited."""
     from archive_api.auth import Role
@@ -1039,7 +1041,11 @@ def token_create(
     try:
         issued = asyncio.run(
             access.create_token(
-                operations.Paths(data_dir), name=name, role=Role(role), expires_days=expires
+                operations.Paths(data_dir),
+                name=name,
+                role=Role(role),
+                expires_days=expires,
+                store_spec=_configured_store(config, data_dir),
             )
         )
     except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
@@ -1058,6 +1064,7 @@ def token_create(
 def token_list(
     data_dir: DataDirOption = Path("stanzaguard-data"),
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """List API tokens (names, roles, dates, state); secrets are never stored, so never shown."""
     from archive_api.auth import token_state
@@ -1065,7 +1072,8 @@ def token_list(
     from stanzaguard import access, operations
 
     try:
-        tokens = asyncio.run(access.list_tokens(operations.Paths(data_dir)))
+        store_spec = _configured_store(config, data_dir)
+        tokens = asyncio.run(access.list_tokens(operations.Paths(data_dir), store_spec))
     except (StanzaGuardError, StoreError) as exc:
         raise _fail(exc) from None
     now = datetime.now(UTC)
@@ -1104,6 +1112,7 @@ def token_list(
 def token_revoke(
     name: Annotated[str, typer.Argument(help="The token's name.")],
     data_dir: DataDirOption = Path("stanzaguard-data"),
+    config: ConfigOption = None,
 ) -> None:
     """Revoke an API token at once (its UI sessions end with it). Audited."""
     from archive_api.errors import ArchiveApiError
@@ -1111,7 +1120,8 @@ def token_revoke(
     from stanzaguard import access, operations
 
     try:
-        token = asyncio.run(access.revoke_token(operations.Paths(data_dir), name))
+        store_spec = _configured_store(config, data_dir)
+        token = asyncio.run(access.revoke_token(operations.Paths(data_dir), name, store_spec))
     except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
         raise _fail(exc) from None
     assert token.revoked_at is not None
@@ -1229,6 +1239,7 @@ def purge(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only report what would be purged (audited).")
     ] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Purge records past their retention that no legal hold covers; every batch is audited.
 
@@ -1243,6 +1254,7 @@ def purge(
 
     try:
         rules = retention_ops.load_retention(retention, policy) if retention else None
+        store_spec = _configured_store(config, data_dir)
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True
         ) as progress:
@@ -1254,6 +1266,7 @@ def purge(
                     retention=rules,
                     dry_run=dry_run,
                     progress=lambda n: progress.update(task, description=f"purged {n}"),
+                    store_spec=store_spec,
                 )
             )
     except (StanzaGuardError, StoreError, ArchiveApiError) as exc:
@@ -1291,6 +1304,7 @@ def export(
         str, typer.Option("--format", help="jsonl, csv, eml or pdf.")
     ] = "jsonl",
     data_dir: DataDirOption = Path("stanzaguard-data"),
+    config: ConfigOption = None,
 ) -> None:
     """Export a search or a legal hold, with manifest.json (sha256 of every file). Audited."""
     from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
@@ -1301,6 +1315,7 @@ def export(
     from stanzaguard.clock import SystemClock
 
     try:
+        store_spec = _configured_store(config, data_dir)
         with Progress(
             SpinnerColumn(),
             TextColumn("exporting"),
@@ -1319,6 +1334,7 @@ def export(
                     query=query,
                     hold_id=hold,
                     progress=lambda done, total: progress.update(task, completed=done, total=total),
+                    store_spec=store_spec,
                 )
             )
     except (StanzaGuardError, StoreError, ArchiveApiError) as exc:

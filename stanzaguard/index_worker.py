@@ -233,9 +233,11 @@ class IndexWorker:
         seal: bool = True,
         stop_timeout: float = 30.0,
         notify_interval: float = 0.1,
+        follow_interval: float = 1.0,
         python: str = sys.executable,
     ) -> None:
         self.notify_interval = notify_interval
+        self.follow_interval = follow_interval
         self.stop_timeout = stop_timeout
         self.spool = spool
         # A bare path is the SQLite store (how the worker was first configured).
@@ -256,6 +258,7 @@ class IndexWorker:
         self._next_token = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._cursor_task: asyncio.Task[None] | None = None
+        self._follow_task: asyncio.Task[None] | None = None
         self._cursor_dirty = asyncio.Event()
         self._ready = asyncio.Event()
         self._stopping = False
@@ -266,6 +269,7 @@ class IndexWorker:
     def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise())
         self._cursor_task = asyncio.create_task(self._cursor_loop())
+        self._follow_task = asyncio.create_task(self._follow_loop())
 
     async def stop(self) -> None:
         """Index what is spooled, then let the worker exit (kill it after `stop_timeout`)."""
@@ -284,12 +288,12 @@ class IndexWorker:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        for task in (self._supervisor, self._cursor_task):
+        for task in (self._supervisor, self._cursor_task, self._follow_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._supervisor = self._cursor_task = None
+        self._supervisor = self._cursor_task = self._follow_task = None
         await self._move_cursor()
         for future in self._drains.values():
             if not future.done():
@@ -407,6 +411,15 @@ class IndexWorker:
             log.error("index worker: %s", rest[:MAX_LINE])
         else:
             log.error("index worker said %r", line[:MAX_LINE])
+
+    async def _follow_loop(self) -> None:
+        # Entries written behind (sightings of records already archived: carbons, MAM
+        # replays, reflections) come with no notify(). Looking at the head now and then
+        # brings them to the store in a quiet hour too, not only with the next spooled stanza.
+        while True:
+            await asyncio.sleep(self.follow_interval)
+            if self._ready.is_set() and self.spool.head()[0] > self._sent:
+                self._tell_head()
 
     async def _cursor_loop(self) -> None:
         while True:

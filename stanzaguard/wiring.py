@@ -225,23 +225,6 @@ async def open_store(settings: Settings) -> ArchiveStore:
     return await open_store_spec(spec_from_settings(settings, layout.store))
 
 
-def refuse_unsupported_store_features(settings: Settings, *, api: bool) -> None:
-    """Parts of the service that still need the SQLite store (docs/elasticsearch.md).
-
-    The API's audit log, tokens and holds and the retention job are not on Elasticsearch
-    yet; starting them would quietly use a second, SQLite archive beside the real one.
-    """
-    if settings.store != "elasticsearch":
-        return
-    if settings.retention_file is not None:
-        raise SettingsError("retention_file: retention is not supported on store=elasticsearch yet")
-    if api and settings.api_listen is not None:
-        raise SettingsError(
-            "api_listen: the API needs the audit log, which store=elasticsearch does not have "
-            "yet; set api_listen=off"
-        )
-
-
 def build_counter_store(settings: Settings) -> CounterStore | None:
     """Rate and fan-out counters: None (the policy's own, in memory) or shared in Redis."""
     if settings.counters != "redis" or settings.redis_url is None:
@@ -313,7 +296,8 @@ async def open_spool(settings: Settings, clock: Clock) -> Spool:
 
 
 class ArchivingService:
-    """The one-machine service: proxy → pipeline → spool → indexer → SQLite store."""
+    """The one-machine service: proxy → pipeline → spool → indexer → store (SQLite or
+    Elasticsearch, `store`)."""
 
     def __init__(
         self, settings: Settings, clock: Clock | None = None, hook: StanzaHook | None = None
@@ -321,7 +305,6 @@ class ArchivingService:
         self.settings = settings
         self.clock = clock or SystemClock()
         tune_tls_buffers(settings)
-        refuse_unsupported_store_features(settings, api=False)
         self.proxy_config = build_proxy_config(settings)
         self.fetcher_config = build_fetcher_config(settings)
         self.attachments: AttachmentFetcher | None = None
@@ -474,6 +457,8 @@ class ArchivingService:
                 clock=self.clock,
                 interval=settings.retention_interval,
                 purge_due=settings.retention_purge,
+                # The configured store, Elasticsearch too: never a SQLite file beside it.
+                store_spec=spec_from_settings(settings, DataLayout(settings.data_dir).store),
             )
             try:
                 self.retention.check()
@@ -578,7 +563,6 @@ class ArchivingService:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run the service until SIGINT or SIGTERM."""
-    refuse_unsupported_store_features(settings, api=True)
     service = ArchivingService(settings)
     await service.start()
     # The search, review and audit API beside the proxy (api_listen; stanzaguard/api_wiring.py).

@@ -124,6 +124,35 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "--set",
         "networkPolicy.enabled=true",
     ),
+    # Component mode (docs/integrations/component.md) publishing the block list it learns.
+    "component": (
+        "--set",
+        "component.enabled=true",
+        "--set",
+        "component.jid=archive.example.org",
+        "--set-json",
+        'component.admins=["officer@example.org"]',
+        "--set",
+        "secrets.existingSecret=stanzaguard-secrets",
+        "--set",
+        "secrets.keys.componentSecret=component_secret",
+        "--set",
+        "rtblPublishing.enabled=true",
+        "--set",
+        "rtblPublishing.publisher=component",
+        "--set",
+        "rtblPublishing.http=public",
+        "--set",
+        "rtblPublishing.pubsub.service=pubsub.example.org",
+        "--set",
+        "rtblPublishing.pubsub.jid=rtbl-publisher@example.org",
+        "--set",
+        "secrets.keys.rtblPublishPassword=rtbl_publish_password",
+        "--set",
+        "ibbArchiveMaxBytes=0",
+        "--set",
+        "networkPolicy.enabled=true",
+    ),
 }
 
 
@@ -192,6 +221,8 @@ SECRET_STAND_INS = {
     "rtbl_password": "a-long-rtbl-password",
     "es_username": "stanzaguard",
     "es_password": "an-es-password",
+    "component_secret": "a-long-component-secret",
+    "rtbl_publish_password": "a-long-publishing-password",
 }
 
 #: What the downward API gives a pod: the longest pod name a StatefulSet makes (a DNS label).
@@ -634,6 +665,79 @@ REFUSED: list[tuple[str, tuple[str, ...], str]] = [
         "settings.model: String length",
     ),
     ("bad digest", ("--set", "image.digest=md5:abc"), "image.digest: Does not match"),
+    ("component without jid", ("--set", "component.enabled=true"), "needs component.jid"),
+    (
+        "component without its secret",
+        ("--set", "component.enabled=true", "--set", "component.jid=archive.example.org"),
+        "secrets.keys.componentSecret",
+    ),
+    (
+        "component jid with a user",
+        ("--set", "component.jid=archive@example.org"),
+        "component.jid: Does not match",
+    ),
+    (
+        "component server without port",
+        ("--set", "component.server=xmpp-server"),
+        "component.server: Does not match",
+    ),
+    (
+        "component admin injection",
+        ("--set-json", 'component.admins=["a@example.org,b@example.org"]'),
+        "component.admins.0: Does not match",
+    ),
+    (
+        "publisher component without component",
+        ("--set", "rtblPublishing.publisher=component"),
+        "needs component.enabled=true",
+    ),
+    (
+        "pubsub without learning",
+        ("--set", "rtblPublishing.pubsub.service=pubsub.example.org"),
+        "needs rtblPublishing.enabled=true",
+    ),
+    (
+        "pubsub without password",
+        (
+            "--set",
+            "rtblPublishing.enabled=true",
+            "--set",
+            "rtblPublishing.pubsub.service=pubsub.example.org",
+            "--set",
+            "rtblPublishing.pubsub.jid=rtbl@example.org",
+        ),
+        "secrets.keys.rtblPublishPassword",
+    ),
+    (
+        "pubsub in plain text in production",
+        (
+            "--set",
+            "rtblPublishing.enabled=true",
+            "--set",
+            "rtblPublishing.pubsub.service=pubsub.example.org",
+            "--set",
+            "rtblPublishing.pubsub.jid=rtbl@example.org",
+            "--set",
+            "secrets.existingSecret=s",
+            "--set",
+            "secrets.keys.rtblPublishPassword=p",
+            "--set",
+            "rtblPublishing.pubsub.tls=plain",
+        ),
+        "tls=plain is refused",
+    ),
+    ("unknown review mode", ("--set", "rtblPublishing.review=never"), "review must be one of"),
+    ("negative ibb bytes", ("--set", "ibbArchiveMaxBytes=-1"), "ibbArchiveMaxBytes: Must be"),
+    (
+        "managed component setting",
+        ("--set", "settings.component_jid=x.example.org"),
+        "settings.component_jid: the chart sets",
+    ),
+    (
+        "managed publishing setting",
+        ("--set", "settings.rtbl_publish_service=pubsub.example.org"),
+        "settings.rtbl_publish_service: the chart sets",
+    ),
 ]
 
 
@@ -720,3 +824,55 @@ def test_web_listeners_are_served_and_reachable(helm: str) -> None:
     default_container = default_proxy["spec"]["template"]["spec"]["containers"][0]
     assert env_of(default_container)["STANZAGUARD_LISTEN_WEBSOCKET"]["value"] == "off"
     assert "websocket" not in {port["name"] for port in default_container["ports"]}
+
+
+def test_component_mode_is_one_deployment_that_publishes_the_list(
+    helm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """component.enabled: one `stanzaguard component` (Recreate, its own kept claim), its
+    secret from the Secret; with publisher=component the pubsub settings go to it alone."""
+    manifests = render(helm, *VALUE_SETS["component"])
+    deployment = one(manifests, "Deployment", "-component")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["args"] == ["component"]
+    env = env_of(container)
+    assert env["STANZAGUARD_COMPONENT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "stanzaguard-secrets",
+        "key": "component_secret",
+    }
+    claim = one(manifests, "PersistentVolumeClaim", "-component")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    settings = _settings_from(container, monkeypatch)
+    assert settings.component_jid == "archive.example.org"
+    assert settings.component_admins == ["officer@example.org"]
+    assert settings.component_secret is not None
+    assert (settings.blocklist_learning, settings.blocklist_http) == (True, "public")
+    assert settings.rtbl_publish_service == "pubsub.example.org"
+    assert settings.rtbl_publish_jid == "rtbl-publisher@example.org"
+    assert settings.ibb_archive_max_bytes == 0
+    proxy = one(manifests, "StatefulSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    proxy_settings = _settings_from(proxy, monkeypatch)
+    assert proxy_settings.rtbl_publish_service is None, "one publisher only"
+    assert proxy_settings.blocklist_learning is True
+    assert proxy_settings.ibb_archive_max_bytes == 0
+    policy = one(manifests, "NetworkPolicy", "-component")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"]
+        == deployment["spec"]["selector"]["matchLabels"]
+    )
+
+
+def test_component_mode_and_publishing_are_off_by_default(
+    default: list[Manifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert [m for m in default if m["metadata"]["name"].endswith("-component")] == []
+    proxy = one(default, "StatefulSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    settings = _settings_from(proxy, monkeypatch)
+    assert settings.blocklist_learning is False
+    assert settings.rtbl_publish_service is None
+    assert settings.ibb_archive_max_bytes == 10 * 1024 * 1024

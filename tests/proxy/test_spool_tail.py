@@ -8,6 +8,7 @@ own and survive a refused write.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -150,4 +151,35 @@ async def test_flush_returns_at_once_when_nothing_is_queued(tmp_path: Path) -> N
         with pytest.raises(ValueError):
             spool.append_behind([b"x" * (17 * 1024 * 1024)])
     finally:
+        await spool.close()
+
+
+async def test_flush_waits_for_the_batch_the_writer_is_writing(tmp_path: Path) -> None:
+    # The index drain flushes, then reads the head: entries the writer had already taken
+    # from its queue but not yet written must count, or the drain stops short of them
+    # (a MAM sighting written behind went missing from the archive this way).
+    spool = await open_spool(tmp_path)
+    disk_free = threading.Event()
+
+    async def flush_then_head() -> int:
+        await spool.flush()
+        return spool.head()[0]
+
+    try:
+        await spool.append([payload(1)])
+        # A slow disk: the writer's one thread is busy when it takes the entries below.
+        busy = asyncio.ensure_future(spool._disk.run(disk_free.wait, 30))
+        spool.append_behind([payload(2)], within=0)
+        for _ in range(1000):
+            if not spool._queue:
+                break
+            await asyncio.sleep(0.005)
+        assert not spool._queue, "the writer did not take the entry written behind"
+        flushed = asyncio.ensure_future(flush_then_head())
+        await asyncio.sleep(0.05)
+        disk_free.set()
+        assert await asyncio.wait_for(flushed, 10) == 2
+        assert await busy is True
+    finally:
+        disk_free.set()
         await spool.close()

@@ -68,6 +68,32 @@ async def test_worker_indexes_restarts_after_a_kill_and_drains_on_stop(tmp_path:
     assert worker._proc is not None and worker._proc.returncode == 0
 
 
+async def test_entries_written_behind_alone_reach_the_store(tmp_path: Path) -> None:
+    # A sighting written behind calls no notify(); with nothing else spooled after it (a quiet
+    # hour), the worker must still learn of it and index it.
+    spool = await Spool.open(tmp_path / "spool", clock=ManualClock())
+    store_path = tmp_path / "archive.sqlite3"
+    worker = IndexWorker(spool, store_path, follow_interval=0.05)
+    worker.start()
+    try:
+        await spool.append([entry_payload(1)])
+        worker.notify()
+        for _ in range(600):  # the worker was told of entry 1 and indexed it
+            if await store_count(store_path) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await store_count(store_path) == 1
+        spool.append_behind([entry_payload(2)], within=0.01)
+        for _ in range(600):
+            if await store_count(store_path) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert await store_count(store_path) == 2
+    finally:
+        await worker.stop()
+        await spool.close()
+
+
 async def test_drain_waits_for_entries_written_behind(tmp_path: Path) -> None:
     spool = await Spool.open(tmp_path / "spool", clock=ManualClock())
     store_path = tmp_path / "archive.sqlite3"

@@ -105,6 +105,9 @@ retention_file store es_url es_index_prefix es_api_key es_username es_password e
 indexing counters redis_url worker_concurrency metrics_listen api_listen session_secret
 rtbl_password log_level chain_name listen_websocket listen_bosh
 component_secret rtbl_publish_password
+component_jid component_server component_admins component_chain_name ibb_archive_max_bytes
+blocklist_learning blocklist_review blocklist_http blocklist_http_plain_jids
+rtbl_publish_service rtbl_publish_jid rtbl_publish_server rtbl_publish_tls
 {{- end }}
 
 {{/* One value of `settings:` as environment text: lists comma-joined, whole numbers exact. */}}
@@ -268,6 +271,27 @@ refused install says what to do.
 {{- if and $v.policy.enabled (not $v.policy.content) }}
 {{- fail "policy.enabled needs policy.content (docs/policy.md), or policy.enabled=false for the built-in allow-all policy" }}
 {{- end }}
+{{- if $v.component.enabled }}
+{{- if not $v.component.jid }}
+{{- fail "component.enabled needs component.jid (the component's domain, as in the XMPP server's Component section)" }}
+{{- end }}
+{{- if not $v.secrets.keys.componentSecret }}
+{{- fail "component.enabled needs the component's shared secret: secrets.existingSecret and secrets.keys.componentSecret" }}
+{{- end }}
+{{- end }}
+{{- $pubsub := $v.rtblPublishing.pubsub }}
+{{- if and $pubsub.service (not $v.rtblPublishing.enabled) }}
+{{- fail "rtblPublishing.pubsub.service needs rtblPublishing.enabled=true (the list is what learning builds)" }}
+{{- end }}
+{{- if and $pubsub.service (or (not $pubsub.jid) (not $v.secrets.keys.rtblPublishPassword)) }}
+{{- fail "rtblPublishing.pubsub.service needs rtblPublishing.pubsub.jid and its password: secrets.existingSecret and secrets.keys.rtblPublishPassword" }}
+{{- end }}
+{{- if and (eq $pubsub.tls "plain") (ne $v.environment "development") }}
+{{- fail "rtblPublishing.pubsub.tls=plain is refused outside environment=development" }}
+{{- end }}
+{{- if and (eq $v.rtblPublishing.publisher "component") (not $v.component.enabled) }}
+{{- fail "rtblPublishing.publisher=component needs component.enabled=true" }}
+{{- end }}
 {{- if eq $v.image.tag "latest" }}
 {{- fail "image.tag=latest is refused: pin a version (or image.digest) so a restarted proxy runs the code it ran before" }}
 {{- end }}
@@ -280,6 +304,70 @@ refused install says what to do.
 {{- if has $name $managed }}
 {{- fail (printf "settings.%s: the chart sets this one from its own values (see values.yaml); secrets come from secrets.existingSecret" $name) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The published block list (docs/rtbl-publishing.md): learning, review, the HTTP lists.
+Every process that learns from reports or serves the API gets it. */}}
+{{- define "stanzaguard.blocklistEnv" -}}
+{{- $b := .Values.rtblPublishing }}
+- name: STANZAGUARD_BLOCKLIST_LEARNING
+  value: {{ $b.enabled | quote }}
+{{- if $b.enabled }}
+- name: STANZAGUARD_BLOCKLIST_REVIEW
+  value: {{ $b.review | quote }}
+- name: STANZAGUARD_BLOCKLIST_HTTP
+  value: {{ $b.http | quote }}
+- name: STANZAGUARD_BLOCKLIST_HTTP_PLAIN_JIDS
+  value: {{ $b.httpPlainJids | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The pubsub publisher's settings: for the one process that publishes
+(rtblPublishing.publisher), never two (they would retract each other's items). */}}
+{{- define "stanzaguard.publishEnv" -}}
+{{- $p := .Values.rtblPublishing.pubsub }}
+{{- if and .Values.rtblPublishing.enabled $p.service }}
+- name: STANZAGUARD_RTBL_PUBLISH_SERVICE
+  value: {{ $p.service | quote }}
+- name: STANZAGUARD_RTBL_PUBLISH_JID
+  value: {{ $p.jid | quote }}
+{{- if $p.server }}
+- name: STANZAGUARD_RTBL_PUBLISH_SERVER
+  value: {{ $p.server | quote }}
+{{- end }}
+- name: STANZAGUARD_RTBL_PUBLISH_TLS
+  value: {{ $p.tls | quote }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_RTBL_PUBLISH_PASSWORD" "key" .Values.secrets.keys.rtblPublishPassword) }}
+{{- end }}
+{{- end }}
+
+{{/* What the stanza pipeline of the proxy and of the component shares. */}}
+{{- define "stanzaguard.pipelineEnv" }}
+- name: STANZAGUARD_IBB_ARCHIVE_MAX_BYTES
+  value: {{ .Values.ibbArchiveMaxBytes | int64 | quote }}
+{{- include "stanzaguard.blocklistEnv" . }}
+{{- end }}
+
+{{/* The component's environment (`stanzaguard component`, docs/integrations/component.md). */}}
+{{- define "stanzaguard.componentEnv" -}}
+{{- $c := .Values.component }}
+{{- include "stanzaguard.commonEnv" . }}
+{{- include "stanzaguard.configEnv" . }}
+{{- include "stanzaguard.pipelineEnv" . }}
+- name: STANZAGUARD_COMPONENT_JID
+  value: {{ $c.jid | quote }}
+- name: STANZAGUARD_COMPONENT_SERVER
+  value: {{ $c.server | quote }}
+- name: STANZAGUARD_COMPONENT_ADMINS
+  value: {{ join "," $c.admins | quote }}
+- name: STANZAGUARD_COMPONENT_CHAIN_NAME
+  value: {{ $c.chainName | quote }}
+- name: STANZAGUARD_METRICS_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int $c.metricsPort) | quote }}
+{{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_COMPONENT_SECRET" "key" .Values.secrets.keys.componentSecret) }}
+{{- if eq .Values.rtblPublishing.publisher "component" }}
+{{- include "stanzaguard.publishEnv" . }}
 {{- end }}
 {{- end }}
 
@@ -331,6 +419,10 @@ refused install says what to do.
 {{- end }}
 {{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_SESSION_SECRET" "key" .Values.secrets.keys.sessionSecret) }}
 {{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_RTBL_PASSWORD" "key" .Values.secrets.keys.rtblPassword) }}
+{{- include "stanzaguard.pipelineEnv" . }}
+{{- if eq .Values.rtblPublishing.publisher "proxy" }}
+{{- include "stanzaguard.publishEnv" . }}
+{{- end }}
 {{- end }}
 
 {{/* The API Deployment's environment (store=elasticsearch; see preview.apiOnElasticsearch). */}}
@@ -340,6 +432,7 @@ refused install says what to do.
 - name: STANZAGUARD_API_LISTEN
   value: {{ printf "0.0.0.0:%d" (int .Values.api.port) | quote }}
 {{- include "stanzaguard.secretEnv" (dict "root" . "env" "STANZAGUARD_SESSION_SECRET" "key" .Values.secrets.keys.sessionSecret) }}
+{{- include "stanzaguard.blocklistEnv" . }}
 {{- end }}
 
 {{/* A Celery worker's environment. */}}
