@@ -214,6 +214,7 @@ def register_beat_tasks(app: Celery, settings: Settings, paths: Paths) -> None:
             interval=settings.retention_interval,
             purge_due=settings.retention_purge,
             store_spec=spec_from_settings(settings, paths.store),
+            local_domains=frozenset(settings.domain),
         )
         outcome = asyncio.run(job.run_once())
         return {"purged": outcome.purged, "held_back": outcome.held_back}

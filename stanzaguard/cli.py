@@ -1253,7 +1253,12 @@ def purge(
     from stanzaguard.clock import SystemClock
 
     try:
-        rules = retention_ops.load_retention(retention, policy) if retention else None
+        settings = load_settings(config, data_dir=data_dir)
+        rules = (
+            retention_ops.load_retention(retention, policy, frozenset(settings.domain))
+            if retention
+            else None
+        )
         store_spec = _configured_store(config, data_dir)
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True

@@ -38,8 +38,10 @@ class RetentionJob:
         interval: float,
         purge_due: bool = True,
         store_spec: StoreSpec | None = None,
+        local_domains: frozenset[str] = frozenset(),
     ) -> None:
         self.paths = paths
+        self.local_domains = local_domains  # the served domains (see load_retention)
         self.retention_file = retention_file
         self.policy_file = policy_file
         self.clock = clock
@@ -53,7 +55,7 @@ class RetentionJob:
 
     def check(self) -> None:
         """Read the retention policy once, so a broken file stops start-up."""
-        load_retention(self.retention_file, self.policy_file)
+        load_retention(self.retention_file, self.policy_file, self.local_domains)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="retention job")
@@ -67,7 +69,7 @@ class RetentionJob:
 
     async def run_once(self) -> PurgeOutcome:
         # Re-read every round: the policy may have changed since the last one.
-        retention = load_retention(self.retention_file, self.policy_file)
+        retention = load_retention(self.retention_file, self.policy_file, self.local_domains)
         outcome = await purge(
             self.paths,
             clock=self.clock,

@@ -33,7 +33,7 @@ from archive_api.store.errors import StoreError
 from classifier.clock import Clock
 from classifier.errors import PolicyError
 from classifier.patterns import UserGroup
-from classifier.policy import parse_policy
+from proxy.policy_source import load_policy
 from stanzaguard.access import cli_identity
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.keys import load_or_create_signer
@@ -43,17 +43,25 @@ from stanzaguard.stores import StoreSpec
 PURGE_BATCH = 250  # record ids per audited batch: ~10 KiB of ids, under the audit size cap
 
 
-def load_retention(retention_file: Path, policy_file: Path | None = None) -> RetentionPolicy:
+def load_retention(
+    retention_file: Path,
+    policy_file: Path | None = None,
+    local_domains: frozenset[str] = frozenset(),
+) -> RetentionPolicy:
     """The `[retention]` section of `retention_file`; rules may name the `[groups]` of the
-    policy file."""
+    policy file.
+
+    ``local_domains``: the served domains, local when the policy file does not list
+    `local_domains` itself (as the proxy reads the same file).
+    """
     groups: dict[str, UserGroup] = {}
     if policy_file is not None:
         try:
-            policy = parse_policy(policy_file.read_bytes())
-        except OSError as exc:
-            raise StanzaGuardError(f"cannot read {policy_file}: {exc.strerror or exc}") from None
+            policy = load_policy(policy_file, local_domains)
         except PolicyError as exc:
-            raise StanzaGuardError(f"{policy_file}: {exc}") from None
+            reason = str(exc)
+            where = "" if str(policy_file) in reason else f"{policy_file}: "
+            raise StanzaGuardError(f"{where}{reason}") from None
         groups = {g.name: UserGroup.of(g.name, g.members) for g in policy.groups}
     try:
         return parse_retention(retention_file.read_bytes(), groups=groups)

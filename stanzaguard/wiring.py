@@ -459,6 +459,7 @@ class ArchivingService:
                 purge_due=settings.retention_purge,
                 # The configured store, Elasticsearch too: never a SQLite file beside it.
                 store_spec=spec_from_settings(settings, DataLayout(settings.data_dir).store),
+                local_domains=frozenset(settings.domain),
             )
             try:
                 self.retention.check()

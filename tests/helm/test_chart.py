@@ -753,16 +753,6 @@ REFUSED: list[tuple[str, tuple[str, ...], str]] = [
         ),
         "needs indexing=celery",
     ),
-    (
-        "retention beside a policy without local_domains",
-        (
-            "--set",
-            "retention.enabled=true",
-            "--set-json",
-            f"retention.content={json.dumps(RETENTION_TOML)}",
-        ),
-        "needs local_domains in policy.content",
-    ),
     ("retention without rules", (*ES, "--set", "retention.enabled=true"), "retention.content"),
     (
         "obsolete switch of the wrong type",

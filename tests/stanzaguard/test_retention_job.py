@@ -66,3 +66,28 @@ def test_a_broken_retention_file_is_refused_up_front(data_dir: Path) -> None:
     (data_dir.parent / "retention.toml").write_text("[retention]\ndefault = 'nope'\n[[x")
     with pytest.raises(StanzaGuardError):
         job(data_dir).check()
+
+
+def test_a_policy_without_local_domains_takes_the_served_domains(data_dir: Path) -> None:
+    # The proxy reads a policy that leaves out `local_domains` with the served domains as
+    # local; the retention job must read the same file the same way, groups included.
+    policy = data_dir.parent / "policy.toml"
+    policy.write_text('version = 1\n\n[groups.traders]\nmembers = ["alice@corp.example"]\n')
+    (data_dir.parent / "retention.toml").write_text(
+        '[retention]\ndefault = "standard"\n[retention.classes]\nstandard = "3y"\n'
+        'desk = "6y"\n[[retention.rules]]\nclass = "desk"\ngroups = ["traders"]\n'
+    )
+
+    def with_domains(domains: frozenset[str]) -> RetentionJob:
+        return RetentionJob(
+            Paths(data_dir),
+            data_dir.parent / "retention.toml",
+            policy_file=policy,
+            clock=ManualClock(datetime(2026, 1, 1, tzinfo=UTC)),
+            interval=3600.0,
+            local_domains=domains,
+        )
+
+    with_domains(frozenset({"corp.example"})).check()
+    with pytest.raises(StanzaGuardError, match="local_domains"):
+        with_domains(frozenset()).check()

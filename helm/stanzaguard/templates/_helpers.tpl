@@ -290,12 +290,6 @@ refused install says what to do.
 {{- if and $v.retention.enabled (not $v.retention.content) }}
 {{- fail "retention.enabled needs retention.content (the [retention] section, docs/retention.md)" }}
 {{- end }}
-{{- /* The retention round reads the policy as written (retention_ops.load_retention), without
-the served domains the proxy fills in for a missing local_domains: without it every round, and
-the proxy's start with retention_file, fails. */}}
-{{- if and $v.retention.enabled $v.policy.enabled (not (regexMatch "(?m)^\\s*local_domains\\s*=" $v.policy.content)) }}
-{{- fail "retention.enabled needs local_domains in policy.content: the retention rounds read the policy file as written and, unlike the proxy, do not take the served domains (xmpp.domains) for a missing local_domains" }}
-{{- end }}
 {{- if and $v.policy.enabled (not $v.policy.content) }}
 {{- fail "policy.enabled needs policy.content (docs/policy.md), or policy.enabled=false for the built-in allow-all policy" }}
 {{- end }}
