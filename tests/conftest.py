@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,6 +11,7 @@ import pytest
 
 from proxy.hook import StanzaHook
 from proxy.sm import SmStore
+from stanzaguard.logs import CurrentStderrHandler
 from tests.support.certs import TlsPair, make_self_signed
 from tests.support.clients import ChatClient
 from tests.support.ejabberd import EjabberdServer, make_ejabberd
@@ -23,6 +25,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Undo what a command run in-process did to the root logger (`configure_logging`).
+
+    Otherwise its JSON handler and level outlive the test, and a later test's library
+    warnings (with their tracebacks) show up in that test's captured command output.
+    """
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, CurrentStderrHandler)]
+    root.setLevel(level)
 
 
 def _failed(request: pytest.FixtureRequest) -> bool:
