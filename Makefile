@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 # Reinstall only when the dependency list changed, not on every run.
 STAMP := $(VENV)/.install-stamp
 INSTALL_DEPS ?= scripts/install-deps.sh
-PYTEST_ARGS ?=
+# Test files run in parallel workers (one file stays on one worker: module-scoped servers are
+# shared within a file); every server a test starts binds its own free loopback port.
+PYTEST_ARGS ?= --numprocesses auto --maxprocesses 4 --dist loadfile
 # .ci/run sets this: a run that collects no tests (pytest exit 5) then still counts as passed.
 ALLOW_NO_TESTS ?= 0
 
