@@ -60,7 +60,7 @@ from classifier.verdict import Action, Reason, Verdict
 from proxy.errors import ProxyError
 from proxy.hook import DecisionKind, SessionInfo, StanzaHook
 from proxy.pipeline import Decider
-from proxy.rtbl import backoff_delay
+from proxy.rtbl import SessionEnded, SessionWatch, backoff_delay
 from proxy.stream import Element
 
 log = logging.getLogger(__name__)
@@ -314,14 +314,6 @@ class AdminCommands(Protocol):
 # --- the connection ------------------------------------------------------------------------------
 
 
-class _SessionEnded(Exception):
-    """The component's stream is over (or never started); the reason is the message."""
-
-    def __init__(self, reason: str, began: float | None = None) -> None:
-        super().__init__(reason)
-        self.began = began  # monotonic time the session started, if it did
-
-
 @dataclass(slots=True)
 class ComponentStats:
     sessions: int = 0
@@ -409,7 +401,7 @@ class ComponentLink:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except _SessionEnded as exc:
+            except SessionEnded as exc:
                 log.warning("component connection ended", extra={"reason": str(exc)})
                 began = exc.began
             except Exception:
@@ -455,22 +447,11 @@ class ComponentLink:
         return xmpp
 
     async def _session(self) -> None:
-        """One connection: handshake, then serve until it drops (always `_SessionEnded`)."""
+        """One connection: handshake, then serve until it drops (always `SessionEnded`)."""
         cfg = self.config
         xmpp = self._xmpp = self._build()
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        ended: asyncio.Future[str] = loop.create_future()
-
-        def end(reason: str) -> None:
-            if not started.done():
-                started.set_exception(_SessionEnded(reason))
-            if not ended.done():
-                ended.set_result(reason)
-
-        def on_session_start(_event: object) -> None:
-            if not started.done():
-                started.set_result(None)
+        watch = SessionWatch()
+        started, ended, end, on_session_start = watch.started, watch.ended, watch.end, watch.start
 
         def on_connection_failed(error: object) -> None:
             xmpp.cancel_connection_attempt()  # our loop does the backoff, not slixmpp's
@@ -498,7 +479,7 @@ class ComponentLink:
             try:
                 await asyncio.wait_for(started, cfg.connect_timeout)
             except TimeoutError:
-                raise _SessionEnded(f"no session within {cfg.connect_timeout}s") from None
+                raise SessionEnded(f"no session within {cfg.connect_timeout}s") from None
             began = time.monotonic()
             self.stats.sessions += 1
             self.connected.set()
@@ -506,7 +487,7 @@ class ComponentLink:
             log.info("component connected", extra={"jid": cfg.jid, "server": cfg.host})
             ping = asyncio.create_task(self._ping(xmpp, end), name="component-ping")
             reason = await ended
-            raise _SessionEnded(reason, began=began)
+            raise SessionEnded(reason, began=began)
         finally:
             if ping is not None:
                 ping.cancel()

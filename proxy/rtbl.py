@@ -377,8 +377,39 @@ def _install_redaction() -> None:
         stream_log.addFilter(_REDACTION)
 
 
-class _SessionEnded(Exception):
-    """The XMPP session is over (or never started); the reason is the message."""
+class SessionEnded(Exception):
+    """An XMPP session is over (or never started); the reason is the message.
+
+    Shared by the three long-lived XMPP connections (RTBL subscriber, RTBL publisher,
+    component), whose reconnect loops catch it and back off (`backoff_delay`).
+    """
+
+    def __init__(self, reason: str, began: float | None = None) -> None:
+        super().__init__(reason)
+        self.began = began  # monotonic time the session started, if it did
+
+
+class SessionWatch:
+    """The two moments of one connection: its session started, and it ended (with a reason).
+
+    slixmpp reports both through event handlers; whichever comes first settles `started`
+    (an end before the start makes awaiting `started` raise `SessionEnded`).
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[None] = loop.create_future()
+        self.ended: asyncio.Future[str] = loop.create_future()
+
+    def start(self, _event: object = None) -> None:
+        if not self.started.done():
+            self.started.set_result(None)
+
+    def end(self, reason: str) -> None:
+        if not self.started.done():
+            self.started.set_exception(SessionEnded(reason))
+        if not self.ended.done():
+            self.ended.set_result(reason)
 
 
 class RtblSubscriber:
@@ -442,7 +473,7 @@ class RtblSubscriber:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except _SessionEnded as exc:
+            except SessionEnded as exc:
                 log.warning("RTBL connection ended", extra={"jid": self._bare, "reason": str(exc)})
             except Exception:
                 log.exception("RTBL client failed", extra={"jid": self._bare})
@@ -487,19 +518,8 @@ class RtblSubscriber:
         """One connection: log in, sync every node, then serve notifications until it drops."""
         cfg = self.config
         xmpp = self._xmpp = self._build()
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        ended: asyncio.Future[str] = loop.create_future()
-
-        def end(reason: str) -> None:
-            if not started.done():
-                started.set_exception(_SessionEnded(reason))
-            if not ended.done():
-                ended.set_result(reason)
-
-        def on_session_start(_event: object) -> None:
-            if not started.done():
-                started.set_result(None)
+        watch = SessionWatch()
+        started, ended, end, on_session_start = watch.started, watch.ended, watch.end, watch.start
 
         def on_failed_all_auth(_event: object) -> None:
             end("authentication failed (check rtbl_jid and rtbl_password)")
@@ -537,8 +557,8 @@ class RtblSubscriber:
                 await asyncio.wait_for(started, cfg.connect_timeout)
             except TimeoutError:
                 CONNECTS.labels("failed").inc()
-                raise _SessionEnded(f"no session within {cfg.connect_timeout}s") from None
-            except _SessionEnded:
+                raise SessionEnded(f"no session within {cfg.connect_timeout}s") from None
+            except SessionEnded:
                 CONNECTS.labels("failed").inc()
                 raise
             CONNECTS.labels("ok").inc()
@@ -558,7 +578,7 @@ class RtblSubscriber:
             ]
             tasks.append(asyncio.create_task(self._ping(xmpp, end), name="rtbl-ping"))
             reason = await ended
-            raise _SessionEnded(reason)
+            raise SessionEnded(reason)
         finally:
             for task in tasks:
                 task.cancel()

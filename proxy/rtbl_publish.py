@@ -48,6 +48,8 @@ from proxy.rtbl import (
     PUBSUB_NS,
     STABLE_SESSION_SECONDS,
     RtblError,
+    SessionEnded,
+    SessionWatch,
     TlsMode,
     backoff_delay,
     install_sasl_redaction,
@@ -73,10 +75,6 @@ PUBLISH_CONNECTED = Gauge("stanzaguard_rtbl_publisher_connected", "1 while the p
 
 class PublishError(Exception):
     """The pubsub service refused or did not answer; the session is restarted."""
-
-
-class _SessionEnded(Exception):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +243,7 @@ class RtblPublisher:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (_SessionEnded, PublishError) as exc:
+            except (SessionEnded, PublishError) as exc:
                 self.failures += 1
                 log.warning("RTBL publisher session ended", extra={"reason": str(exc)[:300]})
             except Exception:
@@ -279,19 +277,8 @@ class RtblPublisher:
     async def _session(self) -> None:
         cfg = self.config
         xmpp = self._build()
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        ended: asyncio.Future[str] = loop.create_future()
-
-        def end(reason: str) -> None:
-            if not started.done():
-                started.set_exception(_SessionEnded(reason))
-            if not ended.done():
-                ended.set_result(reason)
-
-        def on_start(_event: object) -> None:
-            if not started.done():
-                started.set_result(None)
+        watch = SessionWatch()
+        started, ended, end, on_start = watch.started, watch.ended, watch.end, watch.start
 
         def on_failed_connection(error: object) -> None:
             xmpp.cancel_connection_attempt()
@@ -316,7 +303,7 @@ class RtblPublisher:
             try:
                 await asyncio.wait_for(started, cfg.connect_timeout)
             except TimeoutError:
-                raise _SessionEnded(f"no session within {cfg.connect_timeout}s") from None
+                raise SessionEnded(f"no session within {cfg.connect_timeout}s") from None
             self.sessions += 1
             self.connected = True
             PUBLISH_CONNECTED.set(1)
@@ -326,7 +313,7 @@ class RtblPublisher:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
                 work.result()  # raises PublishError; a clean return cannot happen
-            raise _SessionEnded(ended.result())
+            raise SessionEnded(ended.result())
         finally:
             if work is not None:
                 work.cancel()
