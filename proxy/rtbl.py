@@ -368,10 +368,6 @@ _REDACTION = _SaslRedaction()
 
 def install_sasl_redaction() -> None:
     """Hide SASL exchanges in slixmpp's stream log (the RTBL publisher uses it too)."""
-    _install_redaction()
-
-
-def _install_redaction() -> None:
     stream_log = logging.getLogger("slixmpp.xmlstream.xmlstream")
     if _REDACTION not in stream_log.filters:
         stream_log.addFilter(_REDACTION)
@@ -451,7 +447,7 @@ class RtblSubscriber:
         return frozenset(self._synced_nodes)
 
     async def start(self) -> None:
-        _install_redaction()
+        install_sasl_redaction()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="rtbl-subscriber")
 

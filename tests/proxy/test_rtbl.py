@@ -36,10 +36,10 @@ from proxy.rtbl import (
     RtblNode,
     RtblSubscriber,
     TlsMode,
-    _install_redaction,
     apply_items,
     apply_update,
     backoff_delay,
+    install_sasl_redaction,
     parse_event,
     parse_items_page,
     parse_rtbl_node,
@@ -193,7 +193,7 @@ def test_the_password_is_not_in_repr_or_the_sasl_log(caplog: pytest.LogCaptureFi
     assert "hunter2" not in repr(config)
     subscriber = RtblSubscriber(config, BlockList())
     assert subscriber.config.password == "hunter2-secret"
-    _install_redaction()
+    install_sasl_redaction()
     stream_log = logging.getLogger("slixmpp.xmlstream.xmlstream")
     with caplog.at_level(logging.DEBUG, logger="slixmpp.xmlstream.xmlstream"):
         stream_log.debug(
