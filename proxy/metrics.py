@@ -20,3 +20,9 @@ STANZAS_BY = {d: STANZAS.labels(d.value) for d in Direction}
 DROPPED_BY = {d: DROPPED.labels(d.value) for d in Direction}
 INJECTED_BY = {d: INJECTED.labels(d.value) for d in Direction}
 BYTES_BY = {d: BYTES.labels(d.value) for d in Direction}
+
+SEEN_LEDGER = Counter(
+    "stanzaguard_seen_ledger",
+    "Look-ups and writes of the record ids shared by all proxies (seen_ledger=redis), by outcome",
+    ["outcome"],
+)

@@ -153,12 +153,16 @@ class AttachmentSink(Protocol):
         ...
 
 
+#: Record ids a proxy remembers to tell a first sighting from a copy.
+RECENT_IDS: Final = 500_000
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     local_domains: frozenset[str]
     upload_hosts: frozenset[str] = frozenset()
     fail_open: bool = False
-    recent_ids: int = 500_000  # record ids remembered to tell a first sighting from a copy
+    recent_ids: int = RECENT_IDS  # record ids remembered to tell a first sighting from a copy
     report_links: int = 100_000  # delivered messages remembered to link spam reports to
     # In-band bytestream (XEP-0047) bytes archived per session; later blocks keep only their
     # size and SHA-256 (docs/calls-and-files.md).
@@ -176,6 +180,15 @@ class _Planned:
     reports: list[ReportNotice] = field(default_factory=list)
     # Only observations of records already durable: forwarding need not wait for them.
     behind: bool = False
+
+
+class SeenIds(Protocol):
+    """Record ids already spooled: by this process (`RecentIds`), or by any proxy
+    (`proxy.redis_state.SharedRecentIds`)."""
+
+    def __contains__(self, record_id: object) -> bool: ...
+
+    def add(self, record_id: str) -> None: ...
 
 
 class RecentIds:
@@ -245,6 +258,7 @@ class Pipeline:
         attachments: AttachmentSink | None = None,
         trust: TrustStore | None = None,
         report_observer: ReportObserver | None = None,
+        recent: SeenIds | None = None,
     ) -> None:
         self.config = config
         self.attachments = attachments  # fetches upload-service files of new records
@@ -257,7 +271,7 @@ class Pipeline:
         self.clock = clock
         self.on_spooled = on_spooled
         self.roster_observer = roster_observer
-        self.recent = RecentIds(config.recent_ids)
+        self.recent: SeenIds = recent if recent is not None else RecentIds(config.recent_ids)
         # Who knows whom (rosters, correspondents): asked for every incoming stanza's
         # context, told about every message a local user sends.
         self.trust = trust

@@ -9,6 +9,12 @@ Calls are synchronous (the rules are), one loopback round trip each, with a shor
 timeout: a Redis that does not answer raises `SharedStateUnavailable`, and the rule chain
 treats that like any failing rule (its configured failure action), never as ALLOW by silence.
 
+`SharedRecentIds` is the duplicate ledger several proxies share: which record ids some proxy
+already spooled (hashed keys ``sg:seen:``, expiring after a TTL), so that the recipient's proxy
+records another observation of a message the sender's proxy decided instead of deciding it
+again. It is an accelerator, never a guarantee: the store merges two RECORD entries of one id
+anyway, so a lost or late ledger write costs a second decision, not a duplicate record.
+
 `RedisSmStore` keeps XEP-0198 states (the proxy's `h` mappings, see `proxy.sm`) so that a
 client whose connection broke can resume through another replica; it is async, since the
 transport awaits it at the few moments a mapping changes. `PolicySync` shares the policy in
@@ -27,15 +33,19 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import redis
 import redis.asyncio
 from redis.commands.core import AsyncScript, Script
 
+from classifier.clock import Clock
 from classifier.errors import PolicyError
 from classifier.policy import (
     ActivePolicy,
@@ -46,6 +56,8 @@ from classifier.policy import (
     policy_to_dict,
 )
 from proxy.errors import ProxyError
+from proxy.metrics import SEEN_LEDGER
+from proxy.pipeline import RecentIds
 from proxy.sm import SmRegistry, SmState, SmStateCorrupt, SmStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -431,3 +443,187 @@ class PolicySync:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+# -- the duplicate ledger: record ids some proxy already spooled ---------------------------------
+
+SEEN_KEY_PREFIX = "sg:seen:"
+#: Bytes of SHA-256 kept per key: 128 bits make a collision between two record ids as likely
+#: as a guessed key, and keep a key at about 24 bytes (record ids carry JIDs and can be long).
+SEEN_DIGEST_BYTES = 16
+SEEN_WRITE_BATCH = 1000
+
+
+class RedisSeenLedger:
+    """Record ids remembered in Redis for `ttl` seconds: one short string key per id.
+
+    Synchronous, like the counters: the look-up is made while a stanza is planned, one round
+    trip with a short socket timeout; writes are batched in one pipeline.
+    """
+
+    def __init__(self, client: redis.Redis, *, ttl: float, prefix: str = SEEN_KEY_PREFIX) -> None:
+        if not (math.isfinite(ttl) and ttl >= 1):
+            raise ValueError("ttl must be at least one second")
+        self._client = client
+        self._ttl_ms = math.ceil(ttl * 1000)
+        self._prefix = prefix.encode()
+
+    @classmethod
+    def from_url(cls, url: str, *, ttl: float, timeout: float = 0.2) -> RedisSeenLedger:
+        try:
+            client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except (ValueError, redis.RedisError) as exc:
+            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        return cls(client, ttl=ttl)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def key(self, record_id: str) -> bytes:
+        raw = record_id.encode("utf-8", "surrogatepass")
+        return self._prefix + hashlib.sha256(raw).digest()[:SEEN_DIGEST_BYTES]
+
+    def seen(self, record_id: str) -> bool:
+        try:
+            return bool(self._client.exists(self.key(record_id)))
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"duplicate ledger unavailable: {exc}") from exc
+
+    def remember(self, record_ids: Sequence[str]) -> None:
+        """Mark ids as spooled; each expires `ttl` after its newest marking."""
+        if not record_ids:
+            return
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for record_id in record_ids:
+                    pipe.set(self.key(record_id), b"1", px=self._ttl_ms)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"duplicate ledger unavailable: {exc}") from exc
+
+
+_STOP: Final = object()
+
+
+class SharedRecentIds:
+    """This proxy's `RecentIds`, backed by a `RedisSeenLedger` every proxy shares.
+
+    The pipeline asks ``record_id in ids`` for every stanza it plans and calls ``add`` for every
+    entry it spooled. A local hit costs nothing; a local miss asks Redis once. Writes go to
+    Redis from a background thread, after the spool write: the sender's proxy never waits for
+    Redis before forwarding, so the recipient's copy can, rarely, arrive before the mark and
+    be decided a second time (the store still makes one record of both).
+
+    When Redis does not answer, look-ups say "not seen" (decide again: the safe side) and are
+    not tried again for `pause` seconds, so a dead Redis costs one socket timeout per `pause`,
+    not one per stanza; marks queued meanwhile are dropped once `max_pending` wait.
+    """
+
+    def __init__(
+        self,
+        local: RecentIds,
+        ledger: RedisSeenLedger,
+        *,
+        clock: Clock,
+        pause: float = 5.0,
+        max_pending: int = 100_000,
+    ) -> None:
+        self._local = local
+        self._ledger = ledger
+        self._clock = clock
+        self._pause = pause
+        self._paused_until = -math.inf
+        self._pending: queue.Queue[object] = queue.Queue(max_pending)
+        self._writer = threading.Thread(
+            target=self._write_forever, name="stanzaguard-seen-ledger", daemon=True
+        )
+        self._writer.start()
+        self._hit = SEEN_LEDGER.labels("shared_hit")
+        self._miss = SEEN_LEDGER.labels("miss")
+        self._unavailable = SEEN_LEDGER.labels("unavailable")
+        self._dropped = SEEN_LEDGER.labels("dropped")
+        self._written = SEEN_LEDGER.labels("written")
+
+    def __contains__(self, record_id: object) -> bool:
+        if record_id in self._local:
+            return True
+        if not isinstance(record_id, str) or self._clock.monotonic() < self._paused_until:
+            return False
+        try:
+            found = self._ledger.seen(record_id)
+        except SharedStateUnavailable as exc:
+            self._unavailable.inc()
+            self._paused_until = self._clock.monotonic() + self._pause
+            log.warning(
+                "duplicate ledger unavailable: deciding locally",
+                extra={"error": str(exc), "retry_in_s": self._pause},
+            )
+            return False
+        if found:
+            self._hit.inc()
+            self._local.add(record_id)
+        else:
+            self._miss.inc()
+        return found
+
+    def add(self, record_id: str) -> None:
+        self._local.add(record_id)
+        try:
+            self._pending.put_nowait(record_id)
+        except queue.Full:
+            self._dropped.inc()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every id added so far was handed to Redis (tests, shutdown)."""
+        done = threading.Event()
+        try:
+            self._pending.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is pending (for at most `timeout` seconds), stop, close the client."""
+        if self._writer.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._pending.put(_STOP, timeout=timeout)
+            self._writer.join(timeout)
+        self._ledger.close()
+
+    def _write_forever(self) -> None:
+        while True:
+            batch: list[str] = []
+            waiters: list[threading.Event] = []
+            item = self._pending.get()
+            stop = False
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    waiters.append(item)
+                elif isinstance(item, str):
+                    batch.append(item)
+                if stop or len(batch) >= SEEN_WRITE_BATCH:
+                    break
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+            self._write(batch)
+            for waiter in waiters:
+                waiter.set()
+            if stop:
+                return
+
+    def _write(self, batch: list[str]) -> None:
+        if not batch:
+            return
+        try:
+            self._ledger.remember(batch)
+        except SharedStateUnavailable as exc:
+            self._dropped.inc(len(batch))
+            log.warning("duplicate ledger write failed", extra={"error": str(exc)})
+        else:
+            self._written.inc(len(batch))

@@ -228,6 +228,18 @@ class Settings(BaseSettings):
         description="Seconds a stream-management state is kept for a resumption (match the "
         "server's, Prosody's smacks_hibernation_time).",
     )
+    seen_ledger: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Which record ids count as already decided: those this proxy spooled "
+        "('memory') or those any proxy on redis_url spooled ('redis'), so that the recipient's "
+        "proxy adds an observation instead of deciding the sender's message again.",
+    )
+    seen_ledger_ttl: float = Field(
+        86_400.0,
+        ge=1.0,
+        le=30 * 86_400.0,
+        description="Seconds a record id stays in the shared duplicate ledger (seen_ledger=redis).",
+    )
     policy_sync: Literal["off", "redis"] = Field(
         "off",
         description="'redis': publish the policy in force on redis_url and follow what other "
@@ -512,11 +524,12 @@ class Settings(BaseSettings):
                 self.indexing == "celery"
                 or self.counters == "redis"
                 or self.sm_store == "redis"
+                or self.seen_ledger == "redis"
                 or self.policy_sync == "redis"
             ):
                 raise ValueError(
                     "redis_url: required with indexing=celery, counters=redis, "
-                    "sm_store=redis or policy_sync=redis"
+                    "sm_store=redis, seen_ledger=redis or policy_sync=redis"
                 )
             return self
         url = self.redis_url.get_secret_value()

@@ -59,7 +59,7 @@ from stanzaguard.stores import open_store_spec, spec_from_settings
 from stanzaguard.tls import server_context, upstream_context
 
 if TYPE_CHECKING:
-    from proxy.redis_state import PolicySync
+    from proxy.redis_state import PolicySync, SharedRecentIds
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,22 @@ def build_counter_store(settings: Settings) -> CounterStore | None:
         raise SettingsError(f"redis_url: {exc}") from None
 
 
+def build_seen_ids(settings: Settings, clock: Clock) -> SharedRecentIds | None:
+    """With seen_ledger=redis: the record ids every proxy spooled, shared in Redis."""
+    if settings.seen_ledger != "redis" or settings.redis_url is None:
+        return None
+    from proxy.pipeline import RECENT_IDS, RecentIds
+    from proxy.redis_state import RedisSeenLedger, SharedRecentIds, SharedStateUnavailable
+
+    try:
+        ledger = RedisSeenLedger.from_url(
+            settings.redis_url.get_secret_value(), ttl=settings.seen_ledger_ttl
+        )
+    except SharedStateUnavailable as exc:
+        raise SettingsError(f"redis_url: {exc}") from None
+    return SharedRecentIds(RecentIds(RECENT_IDS), ledger, clock=clock)
+
+
 def build_sm_store(settings: Settings) -> SmStore:
     """XEP-0198 states: this process's own, or shared in Redis so clients resume anywhere."""
     if settings.sm_store != "redis" or settings.redis_url is None:
@@ -311,6 +327,7 @@ class ArchivingService:
         self._hook_override = hook
         self.policy_watcher: PolicyFileWatcher | None = None
         self.policy_sync: PolicySync | None = None
+        self.seen_ids: SharedRecentIds | None = None
         self.retention: RetentionJob | None = None
         self.bound: list[tuple[str, int]] = []
         self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
@@ -425,6 +442,7 @@ class ArchivingService:
                 extra_own=self._policy_local_domains(),
             )
             await self.rtbl_publishing.start()
+        self.seen_ids = build_seen_ids(settings, self.clock)
         self.pipeline = Pipeline(
             PipelineConfig(
                 local_domains=domains,
@@ -445,6 +463,7 @@ class ArchivingService:
                 TrustRosterObserver(self.trust).roster_seen, self.quarantine.roster_seen
             ),
             report_observer=self.learning,
+            recent=self.seen_ids,
         )
         if settings.fail_open:
             log.warning("FAIL-OPEN is on: stanzas are delivered even when they cannot be archived")
@@ -528,6 +547,8 @@ class ArchivingService:
             await self.proxy.stop()
         if hasattr(self, "sm_store"):
             await self.sm_store.close()
+        if self.seen_ids is not None:  # writes what the proxy spooled last
+            await asyncio.to_thread(self.seen_ids.close)
         if self.quarantine is not None:  # before the spool closes: its tasks append to it
             await self.quarantine.stop()
         if self.attachments is not None:  # before the spool closes: it records results
