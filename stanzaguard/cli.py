@@ -482,6 +482,11 @@ def _move_archive(
         "target",
         highlight=False,
     )
+    out.print(
+        f"legal holds copied or released: {outcome.holds_copied}; retention assignments "
+        f"copied: {outcome.retention_copied}",
+        highlight=False,
+    )
     if not outcome.ok:
         out.print(f"[bold red]MISMATCH[/]: {outcome.problems[0]}", highlight=False)
         for extra in outcome.problems[1:10]:

@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -16,6 +17,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from archive_api.store.base import (
     ArchiveStore,
+    HoldRecord,
+    RetentionAssignment,
+    RetentionState,
     SearchPage,
     Tombstone,
     VerifyProblem,
@@ -300,6 +304,8 @@ class MoveOutcome:
     target_records: int
     target_report: VerifyReport
     problems: list[str] = field(default_factory=list)
+    holds_copied: int = 0  # holds added to the target, or released there as in the source
+    retention_copied: int = 0  # records whose retention class and expiry the target took
 
     @property
     def ok(self) -> bool:
@@ -402,6 +408,8 @@ async def _move(
     progress: Callable[[int, int], None] | None,
 ) -> MoveOutcome:
     plan = await _plan(source, target, target_spec)
+    # Holds first: from its first record on, the target must never purge what is held.
+    holds_copied, hold_problems = await _move_holds(source, target)
     total = sum(move.entries - move.already_there for move in plan)
     copied = 0
     if progress is not None:
@@ -434,10 +442,14 @@ async def _move(
         if (checkpoint.chain_name, checkpoint.seq, checkpoint.signature) not in known:
             await target.add_checkpoint(checkpoint)
             checkpoints_copied += 1
+    retention_copied, retention_problems = await _move_retention(source, target, batch_size)
     outcome = MoveOutcome(
         chains=plan,
         copied=copied,
         checkpoints_copied=checkpoints_copied,
+        holds_copied=holds_copied,
+        retention_copied=retention_copied,
+        problems=[*hold_problems, *retention_problems],
         source_records=await source.count(""),
         target_records=await target.count(""),
         target_report=await target.verify(public_key=key),
@@ -457,3 +469,80 @@ async def _move(
         )
     outcome.problems.extend(str(problem) for problem in outcome.target_report.problems)
     return outcome
+
+
+def _unreleased(hold: HoldRecord) -> HoldRecord:
+    return dataclasses.replace(hold, released_at=None, released_by=None, release_reason=None)
+
+
+async def _move_holds(source: ArchiveStore, target: ArchiveStore) -> tuple[int, list[str]]:
+    """Copy every legal hold, with its id, author, times and release. A hold the target has
+    already is left alone if it is the same (a re-run), released if the source released it
+    since, and reported if it differs in anything else."""
+    theirs = {hold.hold_id: hold for hold in await target.list_holds()}
+    copied = 0
+    problems: list[str] = []
+    for hold in await source.list_holds():
+        there = theirs.get(hold.hold_id)
+        if there == hold:
+            continue
+        if there is None:
+            await target.add_hold(_unreleased(hold))
+        elif _unreleased(there) != _unreleased(hold) or not there.active:
+            problems.append(f"hold {hold.hold_id!r}: the target holds a different hold")
+            continue
+        if hold.released_at is not None:
+            await target.release_hold(
+                hold.hold_id,
+                released_by=hold.released_by or "",
+                released_at=hold.released_at,
+                reason=hold.release_reason,
+            )
+        copied += 1
+    return copied, problems
+
+
+async def _move_retention(
+    source: ArchiveStore, target: ArchiveStore, batch_size: int
+) -> tuple[int, list[str]]:
+    """Copy each record's retention class, expiry and assignment time, then read them back.
+
+    `set_retention` only ever extends, so a re-run changes nothing, and a target that already
+    kept a record longer (its own policy ran) keeps it longer: reported, never shortened.
+    """
+    copied = 0
+    problems: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await source.retention_subjects(cursor=cursor, limit=batch_size)
+        wanted: dict[str, RetentionState] = {}
+        by_time: dict[datetime, list[RetentionAssignment]] = {}
+        for subject in page.subjects:
+            if subject.retention_class is None:
+                continue
+            state = await source.retention_of(subject.record_id)
+            if state is None or state.purged_at is not None:
+                continue
+            wanted[state.record_id] = state
+            by_time.setdefault(state.assigned_at, []).append(
+                RetentionAssignment(state.record_id, state.retention_class, state.expires_at)
+            )
+        for assigned_at, assignments in by_time.items():
+            update = await target.set_retention(assignments, assigned_at=assigned_at)
+            copied += update.assigned + update.extended
+        for record_id, state in wanted.items():
+            there = await target.retention_of(record_id)
+            if there is None:
+                problems.append(f"record {record_id!r}: the target has no retention for it")
+            elif (there.retention_class, there.expires_at) != (
+                state.retention_class,
+                state.expires_at,
+            ):
+                problems.append(
+                    f"record {record_id!r}: retention {there.retention_class} until "
+                    f"{there.expires_at.isoformat()} in the target, {state.retention_class} "
+                    f"until {state.expires_at.isoformat()} in the source"
+                )
+        cursor = page.next_cursor
+        if cursor is None:
+            return copied, problems

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from elasticsearch import Elasticsearch
 from typer.testing import CliRunner
 
+from archive_api.store.base import ArchiveStore, HoldRecord, RetentionAssignment, RetentionState
 from archive_api.store.chain import CheckpointSigner
 from archive_api.store.elasticsearch import ElasticsearchStore
 from archive_api.store.sqlite import SqliteStore
@@ -274,3 +277,150 @@ def test_move_refuses_a_zero_batch(tmp_path: Path) -> None:
         asyncio.run(
             move_archive(SqliteSpec(tmp_path / "a"), SqliteSpec(tmp_path / "b"), batch_size=0)
         )
+
+
+# -- legal holds and retention move with the records -----------------------------------------
+
+LATER = T0 + timedelta(days=1)
+
+
+def held(hold_id: str, query: str, *, released: bool = False) -> HoldRecord:
+    hold = HoldRecord(hold_id, f"Case {hold_id}", "officer@corp.example", T0, "{}", query)
+    if released:
+        hold = dataclasses.replace(
+            hold, released_at=LATER, released_by="counsel@corp.example", release_reason="settled"
+        )
+    return hold
+
+
+async def add_holds_and_retention(store: ArchiveStore) -> None:
+    await store.add_hold(held("h-active", '"number 7"'))
+    await store.add_hold(held("h-released", "from:alice@corp.example"))
+    await store.release_hold(
+        "h-released", released_by="counsel@corp.example", released_at=LATER, reason="settled"
+    )
+    seven_years = T0 + timedelta(days=7 * 365)
+    await store.set_retention(
+        [RetentionAssignment(f"r{i:04d}", "finra-3y", seven_years) for i in range(100)],
+        assigned_at=T0,
+    )
+    await store.set_retention(
+        [
+            RetentionAssignment(f"r{i:04d}", "short", T0 + timedelta(days=30))
+            for i in range(100, 130)
+        ],
+        assigned_at=LATER,
+    )
+
+
+async def snapshot(
+    store: ArchiveStore,
+) -> tuple[tuple[HoldRecord, ...], list[RetentionState | None]]:
+    states = [await store.retention_of(f"r{i:04d}") for i in (0, 99, 100, 129, 130, ENTRIES - 1)]
+    return await store.list_holds(), states
+
+
+async def test_holds_and_retention_move_there_and_back(
+    tmp_path: Path, es_location: EsLocation
+) -> None:
+    source = tmp_path / "archive.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source)
+    store = await SqliteStore.open(source)
+    try:
+        await add_holds_and_retention(store)
+        expected = await snapshot(store)
+    finally:
+        await store.close()
+    assert expected[1][4] is None and expected[1][5] is None  # never assigned: stays so
+    es = EsSpec((es_location.url,), es_location.prefix)
+
+    outcome = await move_archive(SqliteSpec(source), es, batch_size=64)
+    assert outcome.ok, outcome.problems
+    assert (outcome.holds_copied, outcome.retention_copied) == (2, 130)
+    target = await ElasticsearchStore.open(es_location.url, index_prefix=es_location.prefix)
+    try:
+        assert await snapshot(target) == expected
+        # The target's own purge now honours the moved hold: r0007 stays past its expiry.
+        batch = await target.purge(T0 + timedelta(days=8 * 365), dry_run=True, limit=500)
+        assert "r0007" not in {p.record_id for p in batch.purged}
+        assert "r0008" in {p.record_id for p in batch.purged}
+    finally:
+        await target.close()
+
+    rerun = await move_archive(SqliteSpec(source), es, batch_size=64)
+    assert rerun.ok, rerun.problems
+    assert (rerun.copied, rerun.holds_copied, rerun.retention_copied) == (0, 0, 0)
+
+    back = tmp_path / "back.sqlite3"
+    code, out = await asyncio.to_thread(
+        reindex,
+        "--from",
+        es_location.spec,
+        "--from-prefix",
+        es_location.prefix,
+        "--to",
+        f"sqlite:{back}",
+    )
+    assert code == 0, out
+    assert "legal holds copied or released: 2; retention assignments copied: 130" in out
+    store = await SqliteStore.open(back)
+    try:
+        assert await snapshot(store) == expected
+    finally:
+        await store.close()
+
+
+async def test_a_hold_released_in_the_source_after_a_move_is_released_by_the_next(
+    tmp_path: Path,
+) -> None:
+    source, target = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source, entries=5)
+    store = await SqliteStore.open(source)
+    try:
+        await store.add_hold(held("h1", "lunch"))
+        assert (await move_archive(SqliteSpec(source), SqliteSpec(target))).holds_copied == 1
+        await store.release_hold("h1", released_by="counsel@corp.example", released_at=LATER)
+    finally:
+        await store.close()
+    outcome = await move_archive(SqliteSpec(source), SqliteSpec(target))
+    assert outcome.ok, outcome.problems
+    assert outcome.holds_copied == 1
+    moved = await SqliteStore.open(target)
+    try:
+        hold = await moved.get_hold("h1")
+        assert hold is not None and hold.released_at == LATER
+    finally:
+        await moved.close()
+
+
+async def test_conflicting_holds_and_longer_retention_in_the_target_are_reported(
+    tmp_path: Path,
+) -> None:
+    source, target = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source, entries=5)
+    await asyncio.to_thread(build_sqlite_archive, target, entries=5)  # the same archive
+    src, dst = await SqliteStore.open(source), await SqliteStore.open(target)
+    try:
+        await src.add_hold(held("h1", "lunch"))
+        await dst.add_hold(held("h1", "from:someone@else.example"))  # same id, other scope
+        await src.set_retention(
+            [RetentionAssignment("r0001", "short", T0 + timedelta(days=30))], assigned_at=T0
+        )
+        await dst.set_retention(  # the target keeps it longer: never shortened by a move
+            [RetentionAssignment("r0001", "long", T0 + timedelta(days=3000))], assigned_at=T0
+        )
+    finally:
+        await src.close()
+        await dst.close()
+    outcome = await move_archive(SqliteSpec(source), SqliteSpec(target))
+    assert not outcome.ok
+    assert any("hold 'h1'" in problem for problem in outcome.problems)
+    assert any("record 'r0001': retention long" in problem for problem in outcome.problems)
+    moved = await SqliteStore.open(target)
+    try:
+        hold = await moved.get_hold("h1")
+        assert hold is not None and hold.query == "from:someone@else.example"
+        state = await moved.retention_of("r0001")
+        assert state is not None and state.retention_class == "long"
+    finally:
+        await moved.close()
