@@ -26,7 +26,7 @@ from archive_api.store.base import (
     VerifyReport,
 )
 from archive_api.store.chain import ChainLink
-from archive_api.store.errors import StoreError, StoreUnavailable
+from archive_api.store.errors import InvalidRequest, StoreError, StoreUnavailable
 from archive_api.store.sqlite import SqliteStore
 from proxy.errors import SpoolCorrupt
 from proxy.spool import (
@@ -414,25 +414,21 @@ async def _move(
     copied = 0
     if progress is not None:
         progress(copied, total)
+    purges = _PurgeMover(source, target)
     for move in plan:
         batch: list[ChainLink] = []
         async for link in source.chain_links(
             move.already_there + 1, move.entries, chain=move.chain
         ):
-            if _is_tombstone(link.payload):
-                raise StanzaGuardError(
-                    f"chain {move.chain!r} entry {link.seq} was purged by retention; archives "
-                    "with purged entries cannot be moved yet"
-                )
             batch.append(link)
             if len(batch) >= batch_size:
-                await target.apply(batch, chain=move.chain)
+                await purges.apply(batch, move.chain)
                 copied += len(batch)
                 batch = []
                 if progress is not None:
                     progress(copied, total)
         if batch:
-            await target.apply(batch, chain=move.chain)
+            await purges.apply(batch, move.chain)
             copied += len(batch)
             if progress is not None:
                 progress(copied, total)
@@ -469,6 +465,55 @@ async def _move(
         )
     outcome.problems.extend(str(problem) for problem in outcome.target_report.problems)
     return outcome
+
+
+class _PurgeMover:
+    """Applies batches of a moved chain; entries the source purged by retention (tombstones)
+    go over with their purge: the source's record of it is checked against the tombstone,
+    recorded in the target (`import_purges`), and the tombstone applied without its hash."""
+
+    def __init__(self, source: ArchiveStore, target: ArchiveStore) -> None:
+        self._source = source
+        self._target = target
+        self._imported: set[str] = set()
+
+    async def apply(self, batch: list[ChainLink], chain: str) -> None:
+        named: dict[str, tuple[int, Tombstone]] = {}
+        any_tombstone = False
+        for link in batch:
+            try:
+                tombstone = Tombstone.from_payload(link.payload)
+            except ValueError as exc:
+                raise StanzaGuardError(
+                    f"chain {chain!r} entry {link.seq} of the source is damaged: {exc}"
+                ) from None
+            any_tombstone = any_tombstone or tombstone is not None
+            if tombstone is not None and tombstone.record_id not in self._imported:
+                named.setdefault(tombstone.record_id, (link.seq, tombstone))
+        if not any_tombstone:
+            await self._target.apply(batch, chain=chain)
+            return
+        states: list[RetentionState] = []
+        for record_id, (seq, tombstone) in named.items():
+            state = await self._source.retention_of(record_id)
+            recorded = (
+                None
+                if state is None or state.purged_at is None
+                else Tombstone(record_id, state.purged_at, state.retention_class, state.expires_at)
+            )
+            if recorded != tombstone:
+                raise StanzaGuardError(
+                    f"chain {chain!r} entry {seq}: a tombstone the source has no matching "
+                    "purge for (run `stanzaguard verify` on the source)"
+                )
+            assert state is not None
+            states.append(state)
+        try:
+            await self._target.import_purges(states)
+        except InvalidRequest as exc:
+            raise StanzaGuardError(f"the target cannot take the source's purges: {exc}") from None
+        self._imported.update(named)
+        await self._target.apply(batch, chain=chain, tombstones=True)
 
 
 def _unreleased(hold: HoldRecord) -> HoldRecord:

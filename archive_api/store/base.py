@@ -520,12 +520,27 @@ class ViewStore(Protocol):
 
 
 class ArchiveStore(AuditStore, TokenStore, ViewStore, Protocol):
-    async def apply(self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN) -> None:
+    async def apply(
+        self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN, tombstones: bool = False
+    ) -> None:
         """Ingest spool links in seq order as one atomic batch.
 
         Raises ChainGap if the batch starts past `last_seq() + 1`, ChainConflict if a link
         does not hash, does not continue the stored chain, or differs from an applied link
         with the same seq, and InvalidEntry if a payload is not a spool entry.
+
+        `tombstones` (moving an archive whose source purged records, never the spool): a link
+        whose payload is a `Tombstone` naming a purge this store recorded (`import_purges`)
+        is accepted without its hash (the payload it covers is gone), provided it continues
+        the chain; one naming no such purge is an InvalidEntry.
+        """
+        ...
+
+    async def import_purges(self, purges: Sequence[RetentionState]) -> int:
+        """Record purges another store made (moving an archive): each state needs its
+        `purged_at`. Returns how many were new; a purge already recorded the same way is
+        skipped. Raises InvalidRequest for a state without `purged_at`, for a record this
+        store holds (it was not purged here) and for a different purge of the same record.
         """
         ...
 

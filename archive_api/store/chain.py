@@ -8,7 +8,7 @@ sequence number and the hash at that sequence.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -48,9 +48,16 @@ class ChainLink:
 
 
 def verify_links(
-    links: Iterable[ChainLink], *, start_seq: int = 1, start_prev: bytes = GENESIS
+    links: Iterable[ChainLink],
+    *,
+    start_seq: int = 1,
+    start_prev: bytes = GENESIS,
+    unhashable: Container[int] = (),
 ) -> ChainBreak | None:
-    """Check a run of links in order; return the first break or None when whole."""
+    """Check a run of links in order; return the first break or None when whole.
+
+    Links whose seq is in `unhashable` (tombstones checked by the caller) must still continue
+    the chain, but their hash is not recomputed: the payload it covered is gone."""
     expected_seq = start_seq
     prev = start_prev
     for link in links:
@@ -59,7 +66,9 @@ def verify_links(
             return ChainBreak(expected_seq, f"{kind} entry (found seq {link.seq})")
         if link.prev_hash != prev:
             return ChainBreak(link.seq, "previous-hash does not match the entry before it")
-        if link_hash(link.prev_hash, link.seq, link.payload) != link.hash:
+        if link.seq not in unhashable and (
+            link_hash(link.prev_hash, link.seq, link.payload) != link.hash
+        ):
             return ChainBreak(link.seq, "content does not match its hash (edited)")
         prev = link.hash
         expected_seq += 1

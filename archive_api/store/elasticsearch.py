@@ -1205,7 +1205,9 @@ class ElasticsearchStore:
 
     # -- apply --
 
-    async def apply(self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN) -> None:
+    async def apply(
+        self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN, tombstones: bool = False
+    ) -> None:
         _check_chain_name(chain)
         self._check_open()
         if not links:
@@ -1229,11 +1231,18 @@ class ElasticsearchStore:
                     raise StoreCorrupted(f"chain {chain!r} has no stored entry at seq {link.seq}")
                 if not _same_link(_entry_from_source(src).link, link):
                     raise ChainConflict(chain, link.seq, "differs from the applied entry")
+        moved = await self._moved_tombstones(chain, new) if tombstones else {}
         prev = head
         entries: list[tuple[ChainLink, SpoolEntry]] = []
         for link in new:
             if link.prev_hash != prev:
                 raise ChainConflict(chain, link.seq, "previous-hash does not continue the chain")
+            if link.seq in moved:
+                # A purged entry of a moved archive: its hash covered a payload that is gone.
+                # As a stand-in entry it is entombed (and not indexed) like a late arrival.
+                entries.append((link, SpoolEntry(EntryOp.RECORD, moved[link.seq].record_id)))
+                prev = link.hash
+                continue
             if link_hash(link.prev_hash, link.seq, link.payload) != link.hash:
                 raise ChainConflict(chain, link.seq, "content does not match its hash")
             try:
@@ -1249,6 +1258,41 @@ class ElasticsearchStore:
         await self._write_records(chain, live)
         await self._refresh("ledger", "records", "chains")
         await self._advance_chain(chain, state, entries[-1][0])
+
+    async def _moved_tombstones(
+        self, chain: str, links: Sequence[ChainLink]
+    ) -> dict[int, Tombstone]:
+        """The links that are tombstones of purges recorded here (`import_purges`), by seq;
+        a tombstone naming no such purge, or another one, is refused."""
+        named: dict[int, Tombstone] = {}
+        for link in links:
+            try:
+                tombstone = Tombstone.from_payload(link.payload)
+            except ValueError as exc:
+                raise InvalidEntry(chain, link.seq, str(exc)) from None
+            if tombstone is not None:
+                named[link.seq] = tombstone
+        if not named:
+            return named
+        ids = sorted({t.record_id for t in named.values()})
+        traces = await self._mget("retention", [_retention_id(rid) for rid in ids])
+        for seq, tombstone in named.items():
+            src = traces.get(_retention_id(tombstone.record_id))
+            recorded = (
+                None
+                if src is None or src.get("purged_us") is None
+                else Tombstone(
+                    tombstone.record_id,
+                    _from_us(int(src["purged_us"])),
+                    src["retention_class"],
+                    _from_us(int(src["expires_us"])),
+                )
+            )
+            if recorded != tombstone:
+                raise InvalidEntry(
+                    chain, seq, "a tombstone that names no purge recorded here (import_purges)"
+                )
+        return named
 
     async def _entomb_arrivals(
         self, entries: list[tuple[ChainLink, SpoolEntry]]
@@ -2526,6 +2570,43 @@ class ElasticsearchStore:
         except (ApiError, TransportError) as exc:
             raise _translate(exc) from exc
         return out
+
+    async def import_purges(self, purges: Sequence[RetentionState]) -> int:
+        sources: dict[str, dict[str, Any]] = {}
+        for state in purges:
+            if state.purged_at is None or not state.record_id or not state.retention_class:
+                raise InvalidRequest("an imported purge needs a record id, a class and a time")
+            sources[state.record_id] = {
+                "record_id": state.record_id,
+                "retention_class": state.retention_class,
+                "expires_us": _to_us(state.expires_at),
+                "assigned_us": _to_us(state.assigned_at),
+                "purged_us": _to_us(state.purged_at),
+            }
+        ids = sorted(sources)
+        new = 0
+        for start in range(0, len(ids), _PAGE):
+            chunk = ids[start : start + _PAGE]
+            held_here = await self._locate("records", [_record_doc_id(r) for r in chunk])
+            if held_here:
+                rid = min(hit["_source"]["record_id"] for hit in held_here.values())
+                raise InvalidRequest(f"record {rid!r} is in this store: it cannot be marked purged")
+            current = await self._mget("retention", [_retention_id(r) for r in chunk])
+            for rid in chunk:
+                wanted = sources[rid]
+                found = current.get(_retention_id(rid))
+                if found is not None:
+                    keys = ("retention_class", "expires_us", "purged_us")
+                    if any(found.get(k) != wanted[k] for k in keys):
+                        raise InvalidRequest(
+                            f"record {rid!r}: this store recorded another retention or purge"
+                        )
+                    continue
+                if not await self._create("retention", _retention_id(rid), wanted):
+                    raise InvalidRequest(f"record {rid!r}: its retention changed meanwhile")
+                new += 1
+        await self._refresh("retention")
+        return new
 
     async def retention_of(self, record_id: str) -> RetentionState | None:
         found = await self._get("retention", _retention_id(record_id))

@@ -1153,12 +1153,14 @@ class SqliteStore:
 
     # -- ingest --
 
-    async def apply(self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN) -> None:
+    async def apply(
+        self, links: Sequence[ChainLink], *, chain: str = DEFAULT_CHAIN, tombstones: bool = False
+    ) -> None:
         _check_chain_name(chain)
         if links:
-            await self._run(self._apply, chain, tuple(links))
+            await self._run(self._apply, chain, tuple(links), tombstones)
 
-    def _apply(self, chain: str, links: tuple[ChainLink, ...]) -> None:
+    def _apply(self, chain: str, links: tuple[ChainLink, ...], tombstones: bool = False) -> None:
         conn = self._conn
         first = links[0].seq
         for offset, link in enumerate(links):
@@ -1186,19 +1188,27 @@ class SqliteStore:
             new = links[len(old) :]
             if not new:
                 return
-            broken = verify_links(new, start_seq=row.last_seq + 1, start_prev=row.head)
+            moved = _moved_tombstones(conn, chain, new) if tombstones else frozenset()
+            broken = verify_links(
+                new, start_seq=row.last_seq + 1, start_prev=row.head, unhashable=moved
+            )
             if broken is not None:
                 if broken.seq == row.last_seq + 1 and new[0].seq > row.last_seq + 1:
                     raise ChainGap(chain, broken.seq, f"not applied yet; {broken.problem}")
                 raise ChainConflict(chain, broken.seq, broken.problem)
-            self._ingest(conn, chain, base, new)
+            self._ingest(conn, chain, base, new, moved)
             conn.execute(
                 "UPDATE chains SET last_seq = ?, head = ? WHERE id = ?",
                 (new[-1].seq, new[-1].hash, row.id),
             )
 
     def _ingest(
-        self, conn: sqlite3.Connection, chain: str, base: int, links: Sequence[ChainLink]
+        self,
+        conn: sqlite3.Connection,
+        chain: str,
+        base: int,
+        links: Sequence[ChainLink],
+        moved_tombstones: frozenset[int] = frozenset(),
     ) -> None:
         ledger_rows = []
         obs_rows: list[tuple[int, int, str, str]] = []
@@ -1208,6 +1218,8 @@ class SqliteStore:
         for link in links:
             entry = base | link.seq
             ledger_rows.append((entry, link.prev_hash, link.hash, link.payload))
+            if link.seq in moved_tombstones:
+                continue  # a purged entry of a moved archive: nothing left to index
             try:
                 parsed = _parse_payload(link.payload)
             except ValueError as exc:
@@ -1750,6 +1762,58 @@ class SqliteStore:
                     updates,
                 )
         return RetentionUpdate(assigned, extended, kept, unknown)
+
+    async def import_purges(self, purges: Sequence[RetentionState]) -> int:
+        rows: dict[str, tuple[str, int, int, int]] = {}
+        for state in purges:
+            if state.purged_at is None or not state.record_id or not state.retention_class:
+                raise InvalidRequest("an imported purge needs a record id, a class and a time")
+            rows[state.record_id] = (
+                state.retention_class,
+                _to_us(state.expires_at),
+                _to_us(state.assigned_at),
+                _to_us(state.purged_at),
+            )
+        if not rows:
+            return 0
+        return await self._run(self._import_purges, rows)
+
+    def _import_purges(self, rows: dict[str, tuple[str, int, int, int]]) -> int:
+        conn = self._conn
+        ids = sorted(rows)
+        new = 0
+        with _transaction(conn):
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                held_here = _existing_record_ids(conn, chunk)
+                if held_here:
+                    raise InvalidRequest(
+                        f"record {min(held_here)!r} is in this store: it cannot be marked purged"
+                    )
+                marks = ", ".join("?" * len(chunk))
+                current = {
+                    rid: (cls, expires_us, purged_us)
+                    for rid, cls, expires_us, purged_us in conn.execute(
+                        "SELECT record_id, class, expires_us, purged_us FROM retention "  # noqa: S608
+                        f"WHERE record_id IN ({marks})",
+                        chunk,
+                    )
+                }
+                for rid in chunk:
+                    cls, expires_us, assigned_us, purged_us = rows[rid]
+                    if rid in current:
+                        if current[rid] != (cls, expires_us, purged_us):
+                            raise InvalidRequest(
+                                f"record {rid!r}: this store recorded another retention or purge"
+                            )
+                        continue
+                    conn.execute(
+                        "INSERT INTO retention (record_id, class, expires_us, assigned_us, "
+                        "purged_us) VALUES (?, ?, ?, ?, ?)",
+                        (rid, cls, expires_us, assigned_us, purged_us),
+                    )
+                    new += 1
+        return new
 
     async def retention_of(self, record_id: str) -> RetentionState | None:
         found = await self._run(
@@ -2417,6 +2481,31 @@ def _not_held_sql(plans: Sequence[tuple[str, _Plan]], outer: str) -> tuple[str, 
         )
         params.extend(plan.all_params())
     return (" AND ".join(parts) or "1"), params
+
+
+def _moved_tombstones(
+    conn: sqlite3.Connection, chain: str, links: Sequence[ChainLink]
+) -> frozenset[int]:
+    """The seqs of links that are tombstones of purges recorded here (`import_purges`);
+    a tombstone naming no such purge, or another one, is refused."""
+    named: dict[int, Tombstone] = {}
+    for link in links:
+        try:
+            tombstone = Tombstone.from_payload(link.payload)
+        except ValueError as exc:
+            raise InvalidEntry(chain, link.seq, str(exc)) from None
+        if tombstone is not None:
+            named[link.seq] = tombstone
+    if not named:
+        return frozenset()
+    traces = _purged_record_ids(conn, {t.record_id for t in named.values()})
+    for seq, tombstone in named.items():
+        trace = traces.get(tombstone.record_id)
+        if trace is None or trace.tombstone(tombstone.record_id) != tombstone:
+            raise InvalidEntry(
+                chain, seq, "a tombstone that names no purge recorded here (import_purges)"
+            )
+    return frozenset(named)
 
 
 def _purged_record_ids(conn: sqlite3.Connection, record_ids: set[str]) -> dict[str, _PurgeTrace]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +19,13 @@ import pytest
 from elasticsearch import Elasticsearch
 from typer.testing import CliRunner
 
-from archive_api.store.base import ArchiveStore, HoldRecord, RetentionAssignment, RetentionState
+from archive_api.store.base import (
+    ArchiveStore,
+    HoldRecord,
+    RetentionAssignment,
+    RetentionState,
+    Tombstone,
+)
 from archive_api.store.chain import CheckpointSigner
 from archive_api.store.elasticsearch import ElasticsearchStore
 from archive_api.store.sqlite import SqliteStore
@@ -424,3 +431,80 @@ async def test_conflicting_holds_and_longer_retention_in_the_target_are_reported
         assert state is not None and state.retention_class == "long"
     finally:
         await moved.close()
+
+
+# -- archives whose retention purged records -----------------------------------------------------
+
+
+async def purge_some(path: Path) -> tuple[int, list[RetentionState | None]]:
+    """Expire and purge r0010..r0019 of a built archive, then replay one of them from another
+    proxy's chain (entombed on arrival); returns the record count and their states."""
+    store = await SqliteStore.open(path)
+    try:
+        gone = [f"r{i:04d}" for i in range(10, 20)]
+        await store.set_retention(
+            [RetentionAssignment(rid, "short", T0 + timedelta(days=30)) for rid in gone],
+            assigned_at=T0,
+        )
+        await store.add_hold(held("h-keep", '"number 15"'))  # one of them is held: it stays
+        batch = await store.purge(T0 + timedelta(days=31))
+        assert len(batch.purged) == 9
+        other = ChainWriter()
+        await store.apply(other.records(record("r0011", body="replayed")), chain="proxy-2")
+        assert (await store.verify()).ok
+        return await store.count(""), [await store.retention_of(rid) for rid in gone]
+    finally:
+        await store.close()
+
+
+async def test_an_archive_with_purged_records_moves_there_and_back(
+    tmp_path: Path, es_location: EsLocation
+) -> None:
+    source = tmp_path / "archive.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source)
+    records, states = await purge_some(source)
+    assert records == ENTRIES - 9
+    es = EsSpec((es_location.url,), es_location.prefix)
+
+    outcome = await move_archive(SqliteSpec(source), es, batch_size=7)
+    assert outcome.ok, outcome.problems
+    assert outcome.copied == ENTRIES + 1
+    assert (outcome.source_records, outcome.target_records) == (records, records)
+    target = await ElasticsearchStore.open(es_location.url, index_prefix=es_location.prefix)
+    try:
+        assert [await target.retention_of(f"r{i:04d}") for i in range(10, 20)] == states
+        assert await target.get("r0012") is None
+        assert await target.get("r0015") is not None  # the held one
+        (link,) = [entry async for entry in target.chain_links(chain="proxy-2")]
+        assert Tombstone.from_payload(link.payload) is not None
+    finally:
+        await target.close()
+    assert (await move_archive(SqliteSpec(source), es)).copied == 0  # a re-run: nothing
+
+    back = tmp_path / "back.sqlite3"
+    code, out = await asyncio.to_thread(
+        reindex,
+        *("--from", es_location.spec, "--from-prefix", es_location.prefix),
+        *("--to", f"sqlite:{back}", "--batch-size", "5"),
+    )
+    assert code == 0, out
+    assert "OK" in out
+    store = await SqliteStore.open(back)
+    try:
+        report = await store.verify()
+        assert report.ok, report.problems
+        assert await store.count("") == records
+        assert [await store.retention_of(f"r{i:04d}") for i in range(10, 20)] == states
+    finally:
+        await store.close()
+
+
+async def test_a_source_tombstone_without_its_purge_is_refused(tmp_path: Path) -> None:
+    source, target = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source, entries=30)
+    await purge_some(source)
+    # Someone rewrote the source's purge record: its tombstones no longer match it.
+    with sqlite3.connect(source) as conn:
+        conn.execute("UPDATE retention SET class = 'forged' WHERE record_id = 'r0012'")
+    with pytest.raises(StanzaGuardError, match="no matching purge"):
+        await move_archive(SqliteSpec(source), SqliteSpec(target))

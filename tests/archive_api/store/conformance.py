@@ -27,6 +27,7 @@ from archive_api.store.base import (
     HoldRecord,
     PurgedRecord,
     RetentionAssignment,
+    RetentionState,
     RetentionUpdate,
     SearchPage,
     SortOrder,
@@ -1183,6 +1184,51 @@ class ArchiveStoreConformance:
         report = await observed.verify()
         assert report.ok, report.problems
         assert report.entries_checked == 17
+
+    async def test_purged_entries_move_to_another_store_with_their_purge(
+        self, observed: ArchiveStore, store_factory: StoreFactory
+    ) -> None:
+        await self.expire(observed, "r01", "r04")
+        await observed.purge(_NOW)
+        links = [link async for link in observed.chain_links()]
+        states = [await observed.retention_of(rid) for rid in ("r01", "r04")]
+        assert all(state is not None and state.purged_at == _NOW for state in states)
+        purges = [state for state in states if state is not None]
+        target = await store_factory()
+        try:
+            with pytest.raises(ChainConflict):  # a tombstone never hashes: not from a spool
+                await target.apply(links)
+            with pytest.raises(InvalidEntry):  # moved, but no purge recorded here for it
+                await target.apply(links, tombstones=True)
+            assert await target.last_seq() == 0
+            assert await target.import_purges(purges) == 2
+            assert await target.import_purges(purges) == 0  # the same purges again: nothing
+            await target.apply(links[:10], tombstones=True)
+            await target.apply(links[10:], tombstones=True)  # more batches, same purges
+            await self.settle(target)
+            report = await target.verify()
+            assert report.ok, report.problems
+            assert report.entries_checked == 17
+            assert await target.get("r01") is None and await target.get("r04") is None
+            assert await target.count("") == await observed.count("")
+            for rid, state in zip(("r01", "r04"), states, strict=True):
+                assert await target.retention_of(rid) == state
+            # A forged tombstone (another class) is refused even with the flag.
+            forged = Tombstone("r02", _NOW, "short", _PAST).payload()
+            with pytest.raises((InvalidEntry, ChainConflict)):
+                await target.apply(
+                    [ChainLink(18, links[-1].hash, link_hash(links[-1].hash, 18, forged), forged)],
+                    tombstones=True,
+                )
+            with pytest.raises(InvalidRequest):  # a different purge of the same record
+                await target.import_purges([replace(purges[0], retention_class="other")])
+            with pytest.raises(InvalidRequest):  # the target holds r02: it was not purged
+                await target.import_purges([RetentionState("r02", "short", _PAST, T0, _NOW)])
+            with pytest.raises(InvalidRequest):  # not a purge at all
+                await target.import_purges([RetentionState("zz", "short", _PAST, T0)])
+            assert await target.get("r02") is not None
+        finally:
+            await target.close()
 
     async def test_purged_records_never_come_back(self, store: ArchiveStore) -> None:
         signer = CheckpointSigner.generate()
