@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from archive_api.store.audit import MAX_APPEND_BATCH
 from archive_api.store.base import (
     ArchiveStore,
     HoldRecord,
@@ -304,6 +305,8 @@ class MoveOutcome:
     target_records: int
     target_report: VerifyReport
     problems: list[str] = field(default_factory=list)
+    audit_copied: int = 0  # audit events appended to the target's log, as they were
+    audit_checkpoints_copied: int = 0
     holds_copied: int = 0  # holds added to the target, or released there as in the source
     retention_copied: int = 0  # records whose retention class and expiry the target took
 
@@ -439,13 +442,16 @@ async def _move(
             await target.add_checkpoint(checkpoint)
             checkpoints_copied += 1
     retention_copied, retention_problems = await _move_retention(source, target, batch_size)
+    audit_copied, audit_checkpoints_copied, audit_problems = await _move_audit(source, target)
     outcome = MoveOutcome(
         chains=plan,
         copied=copied,
         checkpoints_copied=checkpoints_copied,
         holds_copied=holds_copied,
         retention_copied=retention_copied,
-        problems=[*hold_problems, *retention_problems],
+        problems=[*hold_problems, *retention_problems, *audit_problems],
+        audit_copied=audit_copied,
+        audit_checkpoints_copied=audit_checkpoints_copied,
         source_records=await source.count(""),
         target_records=await target.count(""),
         target_report=await target.verify(public_key=key),
@@ -464,7 +470,43 @@ async def _move(
             f"the target has {outcome.target_records} records, the source {outcome.source_records}"
         )
     outcome.problems.extend(str(problem) for problem in outcome.target_report.problems)
+    if not audit_problems:
+        audit_report = await target.verify_audit(public_key=key)
+        outcome.problems.extend(f"audit log: {problem}" for problem in audit_report.problems)
     return outcome
+
+
+async def _move_audit(source: ArchiveStore, target: ArchiveStore) -> tuple[int, int, list[str]]:
+    """Append the source's audit events the target lacks, seqs and hashes unchanged, and its
+    signed audit checkpoints. The target's log must be empty or a beginning of the source's
+    (a re-run); a target with a log of its own keeps it and the move reports it (the source's
+    log then stays verifiable in the source)."""
+    there = await target.audit_head()
+    copied = 0
+    cursor: str | None = None
+    while True:
+        page = await source.audit_events(limit=MAX_APPEND_BATCH, cursor=cursor, newest_first=False)
+        fresh = [event for event in page.events if event.seq > there.seq]
+        known = [event for event in page.events if event.seq == there.seq]
+        if known and known[0].hash != there.hash:
+            return 0, 0, ["audit log: the target has an audit log of its own; not copied"]
+        if fresh:
+            try:
+                copied += await target.import_audit(fresh)
+            except InvalidRequest as exc:
+                return copied, 0, [f"audit log: {exc}"]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    if copied == 0 and there.seq > (await source.audit_head()).seq:
+        return 0, 0, ["audit log: the target has an audit log of its own; not copied"]
+    theirs = {(c.seq, c.signature) for c in await target.audit_checkpoints()}
+    checkpoints = 0
+    for checkpoint in await source.audit_checkpoints():
+        if (checkpoint.seq, checkpoint.signature) not in theirs:
+            await target.add_audit_checkpoint(checkpoint)
+            checkpoints += 1
+    return copied, checkpoints, []
 
 
 class _PurgeMover:

@@ -237,6 +237,38 @@ def chain_entry(entry: CheckedEntry, seq: int, prev_hash: bytes) -> AuditRow:
     )
 
 
+def imported_rows(events: Iterable[AuditEvent], head: AuditHead) -> list[AuditRow]:
+    """The stored rows of events copied from another store's log, checked to continue the log
+    whose head is `head`: consecutive seqs, each prev_hash the hash before it, each hash what
+    the event's fields hash to (so nothing can be edited on the way). InvalidRequest if not."""
+    rows: list[AuditRow] = []
+    seq, prev = head.seq, head.hash
+    for event in events:
+        if not isinstance(event, AuditEvent):
+            raise InvalidRequest("expected AuditEvents")
+        if event.seq != seq + 1 or event.prev_hash != prev:
+            raise InvalidRequest(
+                f"audit event {event.seq} does not continue this log (its head is seq {seq})"
+            )
+        checked = check_entry(
+            AuditEntry(
+                event.at,
+                event.actor,
+                event.action,
+                event.params,
+                event.outcome,
+                event.role,
+                event.result_count,
+            )
+        )
+        row = chain_entry(checked, event.seq, event.prev_hash)
+        if row.hash != event.hash:
+            raise InvalidRequest(f"audit event {event.seq} does not match its hash")
+        rows.append(row)
+        seq, prev = row.seq, row.hash
+    return rows
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """One event of the audit log as readers see it (the params parsed back into a dict)."""

@@ -344,6 +344,13 @@ class AuditStore(Protocol):
         and order it came from (InvalidCursor); paging never repeats nor skips an event."""
         ...
 
+    async def import_audit(self, events: Sequence[AuditEvent]) -> int:
+        """Append events copied from another store's audit log (moving an archive), keeping
+        their seqs, times and hashes; they must continue this log's head exactly and hash
+        (`audit.imported_rows`), else InvalidRequest and nothing is written. At most
+        MAX_APPEND_BATCH per call; returns how many were appended."""
+        ...
+
     async def audit_head(self) -> AuditHead:
         """The last event's seq and hash (seq 0 and 32 zero bytes when the log is empty)."""
         ...

@@ -74,6 +74,7 @@ from archive_api.store.audit import (
     check_page_args,
     decode_cursor,
     encode_cursor,
+    imported_rows,
 )
 from archive_api.store.audit import to_us as audit_us
 from archive_api.store.base import (
@@ -2094,6 +2095,32 @@ class ElasticsearchStore:
         await self._advance_audit_head(AuditHead(seq, prev))
         await self._refresh("audit")
         return tuple(AuditEvent.from_row(row) for row in rows)
+
+    async def import_audit(self, events: Sequence[AuditEvent]) -> int:
+        if len(events) > MAX_APPEND_BATCH:
+            raise InvalidRequest(f"at most {MAX_APPEND_BATCH} audit events per import")
+        if not events:
+            return 0
+        rows = imported_rows(events, await self._audit_tail())
+        results = await self._bulk(
+            [
+                {
+                    "_op_type": "create",
+                    "_index": self.index("audit"),
+                    "_id": _audit_doc_id(row.seq),
+                    "_source": _audit_source(row),
+                }
+                for row in rows
+            ]
+        )
+        if not all(ok for ok, _ in results):
+            raise InvalidRequest(
+                "audit events were appended here meanwhile: stop the service writing to this "
+                "store while an archive moves in"
+            )
+        await self._advance_audit_head(AuditHead(rows[-1].seq, rows[-1].hash))
+        await self._refresh("audit")
+        return len(rows)
 
     async def audit_events(
         self,

@@ -86,6 +86,7 @@ from archive_api.store.audit import (
     decode_cursor,
     encode_cursor,
     from_us,
+    imported_rows,
     to_us,
 )
 from archive_api.store.base import (
@@ -1956,6 +1957,13 @@ class SqliteStore:
             return ()
         return await self._run(_audit_append, self._conn, checked)
 
+    async def import_audit(self, events: Sequence[AuditEvent]) -> int:
+        if len(events) > MAX_APPEND_BATCH:
+            raise InvalidRequest(f"at most {MAX_APPEND_BATCH} audit events per import")
+        if not events:
+            return 0
+        return await self._run(_audit_import, self._conn, tuple(events))
+
     async def audit_events(
         self,
         where: AuditFilter = AuditFilter(),  # noqa: B008 (frozen, so a shared default is safe)
@@ -3033,6 +3041,29 @@ def _audit_append(
             ) from None
         conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
     return tuple(AuditEvent.from_row(row) for row in rows)
+
+
+def _audit_import(conn: sqlite3.Connection, events: tuple[AuditEvent, ...]) -> int:
+    with _durable(conn), _transaction(conn):
+        head = _audit_head(conn)
+        if head is None:
+            raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+        rows = imported_rows(events, head)
+        try:
+            conn.executemany(
+                f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        except sqlite3.IntegrityError:
+            raise StoreCorrupted(
+                "the audit log's recorded head is behind its events (tampered?); "
+                "run `stanzaguard verify --audit`"
+            ) from None
+        conn.execute(
+            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (rows[-1].seq, rows[-1].hash)
+        )
+    return len(rows)
 
 
 def _audit_rows(cursor: sqlite3.Cursor) -> list[AuditRow]:

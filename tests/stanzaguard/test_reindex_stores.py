@@ -19,6 +19,7 @@ import pytest
 from elasticsearch import Elasticsearch
 from typer.testing import CliRunner
 
+from archive_api.store.audit import AUDIT_CHAIN, AuditEvent
 from archive_api.store.base import (
     ArchiveStore,
     HoldRecord,
@@ -33,6 +34,7 @@ from stanzaguard.cli import app
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.operations import move_archive
 from stanzaguard.stores import EsSpec, SqliteSpec
+from tests.archive_api.store.audit_conformance import entry as audit_entry
 from tests.archive_api.store.conformance import T0, ChainWriter, record
 from tests.stanzaguard import es_support
 from tests.stanzaguard.conftest import run_cli
@@ -289,6 +291,7 @@ def test_move_refuses_a_zero_batch(tmp_path: Path) -> None:
 # -- legal holds and retention move with the records -----------------------------------------
 
 LATER = T0 + timedelta(days=1)
+AUDIT_SIGNER = CheckpointSigner.generate()
 
 
 def held(hold_id: str, query: str, *, released: bool = False) -> HoldRecord:
@@ -318,13 +321,18 @@ async def add_holds_and_retention(store: ArchiveStore) -> None:
         ],
         assigned_at=LATER,
     )
+    events = await store.append_audit(
+        [audit_entry(i, actor="token:officer-1", action="hold.create") for i in range(3)]
+    )
+    await store.add_audit_checkpoint(AUDIT_SIGNER.sign(AUDIT_CHAIN, 3, events[-1].hash))
 
 
 async def snapshot(
     store: ArchiveStore,
-) -> tuple[tuple[HoldRecord, ...], list[RetentionState | None]]:
+) -> tuple[tuple[HoldRecord, ...], list[RetentionState | None], tuple[AuditEvent, ...]]:
     states = [await store.retention_of(f"r{i:04d}") for i in (0, 99, 100, 129, 130, ENTRIES - 1)]
-    return await store.list_holds(), states
+    audit = await store.audit_events(newest_first=False)
+    return await store.list_holds(), states, audit.events
 
 
 async def test_holds_and_retention_move_there_and_back(
@@ -344,6 +352,7 @@ async def test_holds_and_retention_move_there_and_back(
     outcome = await move_archive(SqliteSpec(source), es, batch_size=64)
     assert outcome.ok, outcome.problems
     assert (outcome.holds_copied, outcome.retention_copied) == (2, 130)
+    assert (outcome.audit_copied, outcome.audit_checkpoints_copied) == (3, 1)
     target = await ElasticsearchStore.open(es_location.url, index_prefix=es_location.prefix)
     try:
         assert await snapshot(target) == expected
@@ -357,6 +366,7 @@ async def test_holds_and_retention_move_there_and_back(
     rerun = await move_archive(SqliteSpec(source), es, batch_size=64)
     assert rerun.ok, rerun.problems
     assert (rerun.copied, rerun.holds_copied, rerun.retention_copied) == (0, 0, 0)
+    assert (rerun.audit_copied, rerun.audit_checkpoints_copied) == (0, 0)
 
     back = tmp_path / "back.sqlite3"
     code, out = await asyncio.to_thread(
@@ -508,3 +518,24 @@ async def test_a_source_tombstone_without_its_purge_is_refused(tmp_path: Path) -
         conn.execute("UPDATE retention SET class = 'forged' WHERE record_id = 'r0012'")
     with pytest.raises(StanzaGuardError, match="no matching purge"):
         await move_archive(SqliteSpec(source), SqliteSpec(target))
+
+
+async def test_a_target_with_an_audit_log_of_its_own_keeps_it_and_says_so(tmp_path: Path) -> None:
+    source, target = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    await asyncio.to_thread(build_sqlite_archive, source, entries=5)
+    src, dst = await SqliteStore.open(source), await SqliteStore.open(target)
+    try:
+        await src.append_audit([audit_entry(i) for i in range(4)])
+        theirs = await dst.append_audit([audit_entry(0, actor="cli:root", role=None)])
+    finally:
+        await src.close()
+        await dst.close()
+    outcome = await move_archive(SqliteSpec(source), SqliteSpec(target))
+    assert not outcome.ok
+    assert outcome.problems == ["audit log: the target has an audit log of its own; not copied"]
+    assert outcome.copied == 5  # the records moved all the same
+    moved = await SqliteStore.open(target)
+    try:
+        assert (await moved.audit_events()).events == theirs
+    finally:
+        await moved.close()

@@ -121,6 +121,44 @@ class AuditStoreConformance(_StoreFixture):
         assert report.ok and report.last_seq == 0 and report.events_checked == 0
         assert await store.append_audit([]) == ()
 
+    async def test_a_log_imported_from_another_store_keeps_its_seqs_and_hashes(
+        self, store: ArchiveStore, store_factory: StoreFactory
+    ) -> None:
+        events = await store.append_audit([entry(i) for i in range(5)])
+        signer = CheckpointSigner.generate()
+        target = await store_factory()
+        try:
+            # Hostile or broken input first: nothing of it may be written.
+            forged = replace(events[1], actor="token:someone-else")
+            with pytest.raises(InvalidRequest, match="does not match its hash"):
+                await target.import_audit([events[0], forged])
+            with pytest.raises(InvalidRequest, match="does not continue"):
+                await target.import_audit(events[1:])  # a gap: seq 1 is missing
+            with pytest.raises(InvalidRequest, match="does not continue"):
+                await target.import_audit([events[0], events[0]])
+            with pytest.raises(InvalidRequest):
+                await target.import_audit([events[0]] * (MAX_APPEND_BATCH + 1))
+            assert (await target.audit_head()).seq == 0
+            assert await target.import_audit([]) == 0
+
+            assert await target.import_audit(events[:2]) == 2
+            assert await target.import_audit(events[2:]) == 3
+            with pytest.raises(InvalidRequest):  # once more: it no longer continues the log
+                await target.import_audit(events[4:])
+            page = await target.audit_events(newest_first=False)
+            assert page.events == events
+            head = await target.audit_head()
+            assert (head.seq, head.hash) == (5, events[-1].hash)
+            await target.add_audit_checkpoint(signer.sign(AUDIT_CHAIN, 5, events[-1].hash))
+            report = await target.verify_audit(public_key=signer.public_key)
+            assert report.ok and report.events_checked == 5
+            # The log goes on from there as if it had always been this store's.
+            (sixth,) = await target.append_audit([entry(5)])
+            assert (sixth.seq, sixth.prev_hash) == (6, events[-1].hash)
+            assert (await target.verify_audit()).ok
+        finally:
+            await target.close()
+
     async def test_append_chains_events_in_order(self, store: ArchiveStore) -> None:
         first = await store.append_audit([entry(0), entry(1)])
         second = await store.append_audit([entry(2, actor="cli:root", role=None)])
