@@ -25,9 +25,15 @@ from archive_api.store.base import (
     Tombstone,
     VerifyProblem,
     VerifyReport,
+    tombstones_in,
 )
 from archive_api.store.chain import ChainLink
-from archive_api.store.errors import InvalidRequest, StoreError, StoreUnavailable
+from archive_api.store.errors import (
+    InvalidEntry,
+    InvalidRequest,
+    StoreError,
+    StoreUnavailable,
+)
 from archive_api.store.sqlite import SqliteStore
 from proxy.errors import SpoolCorrupt
 from proxy.spool import (
@@ -520,21 +526,17 @@ class _PurgeMover:
         self._imported: set[str] = set()
 
     async def apply(self, batch: list[ChainLink], chain: str) -> None:
-        named: dict[str, tuple[int, Tombstone]] = {}
-        any_tombstone = False
-        for link in batch:
-            try:
-                tombstone = Tombstone.from_payload(link.payload)
-            except ValueError as exc:
-                raise StanzaGuardError(
-                    f"chain {chain!r} entry {link.seq} of the source is damaged: {exc}"
-                ) from None
-            any_tombstone = any_tombstone or tombstone is not None
-            if tombstone is not None and tombstone.record_id not in self._imported:
-                named.setdefault(tombstone.record_id, (link.seq, tombstone))
-        if not any_tombstone:
+        try:
+            found = tombstones_in(batch, chain)
+        except InvalidEntry as exc:
+            raise StanzaGuardError(f"the source is damaged: {exc}") from None
+        if not found:
             await self._target.apply(batch, chain=chain)
             return
+        named: dict[str, tuple[int, Tombstone]] = {}
+        for seq, tombstone in found.items():
+            if tombstone.record_id not in self._imported:
+                named.setdefault(tombstone.record_id, (seq, tombstone))
         states: list[RetentionState] = []
         for record_id, (seq, tombstone) in named.items():
             state = await self._source.retention_of(record_id)

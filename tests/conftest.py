@@ -17,6 +17,7 @@ from tests.support.clients import ChatClient
 from tests.support.ejabberd import EjabberdServer, make_ejabberd
 from tests.support.prosody import DEFAULT_USERS, ProsodyConfig, ProsodyServer, make_prosody
 from tests.support.proxy import RunningProxy, start_proxy
+from tests.support.redis import RedisServer, running_redis
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -182,6 +183,13 @@ async def c2s_proxy(proxy_factory: ProxyFactory) -> RunningProxy:
 
 
 # -- ejabberd as a second upstream (tests/support/ejabberd.py) ---------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free loopback port (tests/support/redis.py)."""
+    with running_redis(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

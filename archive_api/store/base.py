@@ -46,6 +46,7 @@ from archive_api.store.audit import (
     AuditVerifyReport,
 )
 from archive_api.store.chain import ChainLink, Checkpoint
+from archive_api.store.errors import InvalidEntry
 from archive_api.store.query import Query
 from archive_api.store.records import ArchiveRecord, canonical_json
 from archive_api.store.tokens import StoredToken
@@ -310,6 +311,20 @@ class Tombstone:
         if tombstone.payload() != payload:
             raise ValueError("tombstone is not in canonical form")
         return tombstone
+
+
+def tombstones_in(links: Sequence[ChainLink], chain: str) -> dict[int, Tombstone]:
+    """The links of a batch whose payload is a tombstone, by seq (moving an archive whose
+    source purged records); a malformed one is an InvalidEntry."""
+    found: dict[int, Tombstone] = {}
+    for link in links:
+        try:
+            tombstone = Tombstone.from_payload(link.payload)
+        except ValueError as exc:
+            raise InvalidEntry(chain, link.seq, str(exc)) from None
+        if tombstone is not None:
+            found[link.seq] = tombstone
+    return found
 
 
 # --- audit log and API tokens (docs/api.md; formats in store/audit.py, store/tokens.py) ------

@@ -107,6 +107,7 @@ from archive_api.store.base import (
     VerifyProblem,
     VerifyReport,
     parse_marked,
+    tombstones_in,
 )
 from archive_api.store.chain import GENESIS, ChainLink, Checkpoint, link_hash
 from archive_api.store.errors import (
@@ -1265,14 +1266,7 @@ class ElasticsearchStore:
     ) -> dict[int, Tombstone]:
         """The links that are tombstones of purges recorded here (`import_purges`), by seq;
         a tombstone naming no such purge, or another one, is refused."""
-        named: dict[int, Tombstone] = {}
-        for link in links:
-            try:
-                tombstone = Tombstone.from_payload(link.payload)
-            except ValueError as exc:
-                raise InvalidEntry(chain, link.seq, str(exc)) from None
-            if tombstone is not None:
-                named[link.seq] = tombstone
+        named = tombstones_in(links, chain)
         if not named:
             return named
         ids = sorted({t.record_id for t in named.values()})

@@ -120,6 +120,7 @@ from archive_api.store.base import (
     VerifyProblem,
     VerifyReport,
     parse_marked,
+    tombstones_in,
 )
 from archive_api.store.chain import GENESIS, ChainLink, Checkpoint, link_hash, verify_links
 from archive_api.store.errors import (
@@ -2496,14 +2497,7 @@ def _moved_tombstones(
 ) -> frozenset[int]:
     """The seqs of links that are tombstones of purges recorded here (`import_purges`);
     a tombstone naming no such purge, or another one, is refused."""
-    named: dict[int, Tombstone] = {}
-    for link in links:
-        try:
-            tombstone = Tombstone.from_payload(link.payload)
-        except ValueError as exc:
-            raise InvalidEntry(chain, link.seq, str(exc)) from None
-        if tombstone is not None:
-            named[link.seq] = tombstone
+    named = tombstones_in(links, chain)
     if not named:
         return frozenset()
     traces = _purged_record_ids(conn, {t.record_id for t in named.values()})
@@ -3019,50 +3013,47 @@ def _audit_append(
 ) -> tuple[AuditEvent, ...]:
     rows: list[AuditRow] = []
     with _durable(conn), _transaction(conn):
-        head = _audit_head(conn)
-        if head is None:
-            raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+        head = _locked_audit_head(conn)
         seq, prev = head.seq, head.hash
         for entry in entries:
             seq += 1
             row = chain_entry(entry, seq, prev)
             rows.append(row)
             prev = row.hash
-        try:
-            conn.executemany(
-                f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        except sqlite3.IntegrityError:
-            raise StoreCorrupted(
-                "the audit log's recorded head is behind its events (tampered?); "
-                "run `stanzaguard verify --audit`"
-            ) from None
-        conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+        _insert_audit_rows(conn, rows)
     return tuple(AuditEvent.from_row(row) for row in rows)
+
+
+def _locked_audit_head(conn: sqlite3.Connection) -> AuditHead:
+    """The recorded head, read inside the write transaction that appends after it."""
+    head = _audit_head(conn)
+    if head is None:
+        raise StoreCorrupted("the audit log's head record is missing (tampered?)")
+    return head
+
+
+def _insert_audit_rows(conn: sqlite3.Connection, rows: list[AuditRow]) -> None:
+    """Store chained rows and move the head to the last (inside the caller's transaction)."""
+    try:
+        conn.executemany(
+            f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError:
+        raise StoreCorrupted(
+            "the audit log's recorded head is behind its events (tampered?); "
+            "run `stanzaguard verify --audit`"
+        ) from None
+    conn.execute(
+        "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (rows[-1].seq, rows[-1].hash)
+    )
 
 
 def _audit_import(conn: sqlite3.Connection, events: tuple[AuditEvent, ...]) -> int:
     with _durable(conn), _transaction(conn):
-        head = _audit_head(conn)
-        if head is None:
-            raise StoreCorrupted("the audit log's head record is missing (tampered?)")
-        rows = imported_rows(events, head)
-        try:
-            conn.executemany(
-                f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        except sqlite3.IntegrityError:
-            raise StoreCorrupted(
-                "the audit log's recorded head is behind its events (tampered?); "
-                "run `stanzaguard verify --audit`"
-            ) from None
-        conn.execute(
-            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (rows[-1].seq, rows[-1].hash)
-        )
+        rows = imported_rows(events, _locked_audit_head(conn))
+        _insert_audit_rows(conn, rows)
     return len(rows)
 
 

@@ -20,18 +20,12 @@ from proxy.redis_state import (
     SharedPolicyInvalid,
     SharedStateUnavailable,
 )
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 from tests.support.services import free_port
 
 BASE = 'version = 1\nlocal_domains = ["localhost"]\n'
 FLAGGING = BASE + '[[lexicons]]\nname = "secrecy"\nterms = ["off the record"]\n'
 DENYING = BASE + '[federation]\nmode = "deny"\ndomains = ["spam.example"]\n'
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.fixture

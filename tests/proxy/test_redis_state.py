@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from classifier.context import DecisionContext
 from classifier.limits import CounterStore, DuplicateRule, LimitKind, RateLimitRule
 from proxy.redis_state import MAX_PLAIN_BYTES, RedisCounterStore, SharedStateUnavailable
 from tests.classifier.helpers import CLOCK, make_ctx
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 from tests.support.services import free_port
 
 T0 = CLOCK.now()
@@ -21,12 +20,6 @@ T0 = CLOCK.now()
 
 def at(seconds: float, **overrides: Any) -> DecisionContext:
     return make_ctx(timestamp=T0 + timedelta(seconds=seconds), **overrides)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.fixture

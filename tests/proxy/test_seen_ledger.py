@@ -17,12 +17,11 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import redis
 
-from archive_api.store.records import EntryOp, SpoolEntry
+from archive_api.store.records import EntryOp
 from classifier.clock import ManualClock
 from classifier.context import DecisionContext
 from classifier.verdict import ALLOW, Verdict
@@ -36,18 +35,13 @@ from proxy.redis_state import (
     SharedStateUnavailable,
 )
 from tests.conftest import ProxyFactory
+from tests.proxy.test_trust import MemorySpool
 from tests.support.clients import ChatClient
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 from tests.support.services import free_port
 
 TIMEOUT = 10.0
 BOB = "bob@localhost"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 def shared(url: str, clock: ManualClock | None = None, *, ttl: float = 3600) -> SharedRecentIds:
@@ -220,20 +214,10 @@ def test_a_full_queue_drops_marks_instead_of_blocking() -> None:
 # -- two real proxies in front of one Prosody --------------------------------------------------
 
 
-@dataclass
-class MemorySpool:
-    entries: list[SpoolEntry] = field(default_factory=list)
-
-    async def append(self, payloads: list[bytes]) -> object:
-        self.entries += [SpoolEntry.from_payload(p) for p in payloads]
-        return None
-
-    def append_behind(self, payloads: list[bytes]) -> None:
-        self.entries += [SpoolEntry.from_payload(p) for p in payloads]
-
-    def ops_for(self, body: str) -> list[tuple[EntryOp, str]]:
-        record_ids = {e.record_id for e in self.entries if e.record and e.record.body == body}
-        return [(e.op, e.record_id) for e in self.entries if e.record_id in record_ids]
+def ops_for(spool: MemorySpool, body: str) -> list[tuple[EntryOp, str]]:
+    """The ops and ids of every entry of the records whose body is `body`."""
+    record_ids = {e.record_id for e in spool.entries if e.record and e.record.body == body}
+    return [(e.op, e.record_id) for e in spool.entries if e.record_id in record_ids]
 
 
 @dataclass
@@ -305,7 +289,7 @@ async def test_the_recipients_proxy_observes_instead_of_deciding_again(
 
     assert alice.decider.bodies.count("decided once") == 1
     assert "decided once" not in bob.decider.bodies
-    (sent,) = alice.spool.ops_for("decided once")
+    (sent,) = ops_for(alice.spool, "decided once")
     assert sent[0] is EntryOp.RECORD
     bob_ops = [(e.op, e.record_id) for e in bob.spool.entries if e.record_id == sent[1]]
     assert bob_ops == [(EntryOp.OBSERVE, sent[1])]
@@ -322,8 +306,8 @@ async def test_without_the_shared_ledger_the_recipients_proxy_decides_again(
 
     assert alice.decider.bodies.count("decided twice") == 1
     assert bob.decider.bodies.count("decided twice") == 1
-    (sent,) = alice.spool.ops_for("decided twice")
-    assert bob.spool.ops_for("decided twice") == [(EntryOp.RECORD, sent[1])]
+    (sent,) = ops_for(alice.spool, "decided twice")
+    assert ops_for(bob.spool, "decided twice") == [(EntryOp.RECORD, sent[1])]
 
 
 async def test_with_redis_down_the_recipients_proxy_decides_and_delivers(
@@ -337,4 +321,4 @@ async def test_with_redis_down_the_recipients_proxy_decides_and_delivers(
     alice.client.send_chat(BOB, "redis is down")
     await bob.client.next_message(TIMEOUT, where=lambda m: m.body == "redis is down")
     assert bob.decider.bodies.count("redis is down") == 1
-    assert [op for op, _ in bob.spool.ops_for("redis is down")] == [EntryOp.RECORD]
+    assert [op for op, _ in ops_for(bob.spool, "redis is down")] == [EntryOp.RECORD]

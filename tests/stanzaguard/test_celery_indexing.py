@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +23,12 @@ from classifier.clock import ManualClock
 from proxy.spool import Spool
 from stanzaguard.celery_indexer import CeleryIndexer
 from tests.proxy.test_spool import entry_payload
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 from tests.support.services import ManagedProcess, start_process
 
 pytestmark = pytest.mark.integration
 
 ENTRIES = 3000
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 def start_worker(data_dir: Path, redis_url: str, log: Path) -> ManagedProcess:

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from tests.stanzaguard.es_support import EsLocation, es_client, es_location, osm
 from tests.support.clients import ChatClient, ReceivedMessage
 from tests.support.prosody import ProsodyServer
 from tests.support.proxy import StanzaguardProcess, start_stanzaguard
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 from tests.support.services import ManagedProcess, start_process
 
 __all__ = ["es_client", "es_location", "osmem_server"]  # fixtures used here
@@ -118,12 +118,6 @@ async def relay(es_location: EsLocation) -> AsyncIterator[TcpRelay]:
         yield relay
     finally:
         await relay.cut()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 # -- the deployment --------------------------------------------------------------------------

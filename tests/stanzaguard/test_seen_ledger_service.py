@@ -9,7 +9,6 @@ its own archive holds one more observation and no second copy of the message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,11 @@ from archive_api.store.records import Direction, EntryOp, SpoolEntry
 from proxy.redis_state import SEEN_KEY_PREFIX
 from stanzaguard.settings import Settings
 from tests.stanzaguard.conftest import ArchivingFactory, ArchivingProxy
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 async def entries(proxy: ArchivingProxy) -> list[SpoolEntry]:

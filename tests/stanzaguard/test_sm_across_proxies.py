@@ -16,7 +16,7 @@ import asyncio
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,18 +37,12 @@ from tests.support.clients import ChatClient
 from tests.support.prosody import ProsodyServer
 from tests.support.proxy import RecordingHook, Rule, RunningProxy, wait_until
 from tests.support.rawxmpp import CLIENT_NS, SM_NS, RawXmppClient, local
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
 CAROL = "carol@localhost/phone"
 STANZA_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
 
 
 @dataclass
