@@ -31,6 +31,24 @@ class Direction(StrEnum):
     INBOUND = "inbound"  # arriving for a local user
 
 
+# Every decided stanza carries the same few local domains; normalising them once per distinct
+# set (a frozenset caches its hash) instead of once per stanza. Bounded: policies change rarely.
+_NORMALISED_DOMAINS: dict[frozenset[str], frozenset[str]] = {}
+_NORMALISED_DOMAINS_MAX = 64
+
+
+def _normalised_domains(domains: frozenset[str]) -> frozenset[str]:
+    if not isinstance(domains, frozenset):
+        domains = frozenset(domains)
+    found = _NORMALISED_DOMAINS.get(domains)
+    if found is None:
+        found = frozenset(normalise_domain(d) for d in domains)
+        if len(_NORMALISED_DOMAINS) >= _NORMALISED_DOMAINS_MAX:
+            _NORMALISED_DOMAINS.clear()
+        _NORMALISED_DOMAINS[domains] = found
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class DecisionContext:
     """Everything a rule may look at for one stanza.
@@ -76,8 +94,7 @@ class DecisionContext:
             # Naive datetimes silently shift by the host's offset somewhere down the line;
             # the Clock protocol promises aware UTC times, so a naive one is a wiring bug.
             raise ValueError("DecisionContext.timestamp must be timezone-aware")
-        normalised = frozenset(normalise_domain(d) for d in self.local_domains)
-        object.__setattr__(self, "local_domains", normalised)
+        object.__setattr__(self, "local_domains", _normalised_domains(self.local_domains))
 
     @property
     def has_url(self) -> bool:

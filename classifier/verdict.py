@@ -53,7 +53,7 @@ class Reason:
             "rule_id": self.rule_id,
             "detail": self.detail,
             "contribution": self.contribution,
-            "action": self.action.value,
+            "action": self.action._value_,  # not the `value` property: once per reason
         }
 
     @classmethod
@@ -82,7 +82,7 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "action": self.action.value,
+            "action": self.action._value_,
             "score": self.score,
             "reasons": [r.to_json() for r in self.reasons],
         }
