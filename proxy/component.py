@@ -40,7 +40,6 @@ import contextlib
 import copy
 import logging
 import random
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from classifier.verdict import Action, Reason, Verdict
 from proxy.errors import ProxyError
 from proxy.hook import DecisionKind, SessionInfo, StanzaHook
 from proxy.pipeline import Decider
-from proxy.rtbl import SessionEnded, SessionWatch, backoff_delay
+from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch
 from proxy.stream import Element
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,6 @@ MAM_NS: Final = "urn:xmpp:mam:2"
 #: What is refused routinely (a server copying everything): counted, logged at debug only.
 _QUIET: Final = frozenset({"ignored", "history"})
 _STANZA_NAMESPACES: Final = frozenset({CLIENT_NS, COMPONENT_NS, SERVER_NS})
-#: A session that lasted this long resets the reconnection backoff.
-STABLE_SESSION_SECONDS: Final = 60.0
 #: How long `ComponentLink.stop` waits for received copies and reports to be spooled.
 STOP_DRAIN_SECONDS: Final = 10.0
 
@@ -344,16 +341,22 @@ class ComponentLink:
         self.config = config
         self.hook = hook
         self.admin = admin
-        self._rand = rand
         self.domain = config.jid.lower()
         self.admins = frozenset(a.lower() for a in config.admins)
         self.stats = ComponentStats()
         self.connected = asyncio.Event()
         self._queue: asyncio.Queue[ForwardedCopy] = asyncio.Queue(config.queue_limit)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._connection = ReconnectingTask(
+            self._session,
+            name="component-link",
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            on_session_end=self._session_ended,
+            rand=rand,
+        )
+        self._feeder: asyncio.Task[None] | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self._xmpp: ComponentXMPP | None = None
-        self._stopping = False
         self._copy_session = SessionInfo(
             session_id=f"component:{self.domain}",
             client_address="component",
@@ -361,21 +364,13 @@ class ComponentLink:
         )
 
     async def start(self) -> None:
-        self._stopping = False
-        self._tasks = [
-            asyncio.create_task(self._run(), name="component-link"),
-            asyncio.create_task(self._feed(), name="component-feed"),
-        ]
+        self._connection.start()
+        self._feeder = asyncio.create_task(self._feed(), name="component-feed")
 
     async def stop(self) -> None:
         """Disconnect, then hand what is still queued to the pipeline."""
-        self._stopping = True
-        run, feed = self._tasks or (None, None)
-        self._tasks = []
-        if run is not None:
-            run.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run
+        await self._connection.stop()
+        feed, self._feeder = self._feeder, None
         # Nothing arrives any more: let the worker finish what was received (bounded).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), STOP_DRAIN_SECONDS)
@@ -393,27 +388,13 @@ class ComponentLink:
 
     # -- connecting ---------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            began: float | None = None
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except SessionEnded as exc:
-                log.warning("component connection ended", extra={"reason": str(exc)})
-                began = exc.began
-            except Exception:
-                log.exception("component connection failed")
-            if began is not None and time.monotonic() - began >= STABLE_SESSION_SECONDS:
-                attempt = 0
-            delay = backoff_delay(
-                attempt, self.config.backoff_initial, self.config.backoff_max, self._rand
-            )
-            attempt += 1
-            log.info("component reconnecting", extra={"delay_seconds": round(delay, 2)})
-            await asyncio.sleep(delay)
+    def _session_ended(self, error: Exception, delay: float) -> None:
+        """`proxy.reconnect` reports each ended session here (then backs off)."""
+        if isinstance(error, SessionEnded):
+            log.warning("component connection ended", extra={"reason": str(error)})
+        else:
+            log.error("component connection failed", exc_info=error)
+        log.info("component reconnecting", extra={"delay_seconds": round(delay, 2)})
 
     def _build(self) -> ComponentXMPP:
         cfg = self.config
@@ -473,21 +454,20 @@ class ComponentLink:
         for name, handler in handlers:
             xmpp.add_event_handler(name, handler)
         ping: asyncio.Task[None] | None = None
-        began: float | None = None
         try:
             xmpp.connect(cfg.host, cfg.port)
             try:
                 await asyncio.wait_for(started, cfg.connect_timeout)
             except TimeoutError:
                 raise SessionEnded(f"no session within {cfg.connect_timeout}s") from None
-            began = time.monotonic()
+            self._connection.session_started()
             self.stats.sessions += 1
             self.connected.set()
             CONNECTED.set(1)
             log.info("component connected", extra={"jid": cfg.jid, "server": cfg.host})
             ping = asyncio.create_task(self._ping(xmpp, end), name="component-ping")
             reason = await ended
-            raise SessionEnded(reason, began=began)
+            raise SessionEnded(reason)
         finally:
             if ping is not None:
                 ping.cancel()

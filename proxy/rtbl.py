@@ -54,7 +54,6 @@ import logging
 import random
 import secrets
 import ssl
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +75,8 @@ from classifier.blocklists import (
 )
 from classifier.errors import RuleError
 from classifier.jid import normalise_bare
+from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch
+from proxy.reconnect import backoff_delay as backoff_delay  # its old home; tests import it here
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ UNSUPPORTED_NODES = {
 }
 MAX_ITEMS_PER_NODE = 1_000_000
 MAX_PAGES = 10_000
-#: A session that lasted this long resets the reconnection backoff.
-STABLE_SESSION_SECONDS = 60.0
 
 UPDATES = Counter("stanzaguard_rtbl_updates", "RTBL changes applied, by kind of change", ["change"])
 INVALID = Counter("stanzaguard_rtbl_invalid_items", "RTBL item ids that are not valid entries")
@@ -255,17 +254,6 @@ def subscribe_request(node: str, jid: str) -> ET.Element:
     return pubsub
 
 
-def backoff_delay(
-    attempt: int,
-    initial: float,
-    maximum: float,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Exponential backoff with jitter: ``min(maximum, initial * 2**attempt)``, times 0.5-1."""
-    base = min(maximum, initial * 2.0 ** min(attempt, 30))
-    return base * (0.5 + rand() / 2)
-
-
 # --- applying updates to the block list ------------------------------------------------------
 
 
@@ -373,41 +361,6 @@ def install_sasl_redaction() -> None:
         stream_log.addFilter(_REDACTION)
 
 
-class SessionEnded(Exception):
-    """An XMPP session is over (or never started); the reason is the message.
-
-    Shared by the three long-lived XMPP connections (RTBL subscriber, RTBL publisher,
-    component), whose reconnect loops catch it and back off (`backoff_delay`).
-    """
-
-    def __init__(self, reason: str, began: float | None = None) -> None:
-        super().__init__(reason)
-        self.began = began  # monotonic time the session started, if it did
-
-
-class SessionWatch:
-    """The two moments of one connection: its session started, and it ended (with a reason).
-
-    slixmpp reports both through event handlers; whichever comes first settles `started`
-    (an end before the start makes awaiting `started` raise `SessionEnded`).
-    """
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.started: asyncio.Future[None] = loop.create_future()
-        self.ended: asyncio.Future[str] = loop.create_future()
-
-    def start(self, _event: object = None) -> None:
-        if not self.started.done():
-            self.started.set_result(None)
-
-    def end(self, reason: str) -> None:
-        if not self.started.done():
-            self.started.set_exception(SessionEnded(reason))
-        if not self.ended.done():
-            self.ended.set_result(reason)
-
-
 class RtblSubscriber:
     """Subscribes to RTBL nodes and applies them to a `BlockList`, reconnecting with backoff.
 
@@ -429,10 +382,15 @@ class RtblSubscriber:
         self._rand = rand
         self._bare = str(normalise_bare(config.jid))
         self._by_service_node = {(n.service, n.node): n for n in config.nodes}
-        self._task: asyncio.Task[None] | None = None
+        self._connection = ReconnectingTask(
+            self._session,
+            name="rtbl-subscriber",
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            on_session_end=self._session_ended,
+            rand=rand,
+        )
         self._xmpp: ClientXMPP | None = None
-        self._stopping = False
-        self._session_began: float | None = None
         self.synced = asyncio.Event()
         self._synced_nodes: set[RtblNode] = set()
         # Notifications seen while a node's items are being fetched, to replay after.
@@ -448,41 +406,19 @@ class RtblSubscriber:
 
     async def start(self) -> None:
         install_sasl_redaction()
-        self._stopping = False
-        self._task = asyncio.create_task(self._run(), name="rtbl-subscriber")
+        self._connection.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._connection.stop()
 
-    # -- the connection loop ----------------------------------------------------------------
+    # -- the connection loop (`proxy.reconnect`) ----------------------------------------------
 
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            self._session_began = None
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except SessionEnded as exc:
-                log.warning("RTBL connection ended", extra={"jid": self._bare, "reason": str(exc)})
-            except Exception:
-                log.exception("RTBL client failed", extra={"jid": self._bare})
-            # A session that lasted resets the backoff; one that keeps dropping at once does not.
-            began = self._session_began
-            if began is not None and time.monotonic() - began >= STABLE_SESSION_SECONDS:
-                attempt = 0
-            delay = backoff_delay(
-                attempt, self.config.backoff_initial, self.config.backoff_max, self._rand
-            )
-            attempt += 1
-            log.info("RTBL reconnecting", extra={"jid": self._bare, "delay_seconds": delay})
-            await asyncio.sleep(delay)
+    def _session_ended(self, error: Exception, delay: float) -> None:
+        if isinstance(error, SessionEnded):
+            log.warning("RTBL connection ended", extra={"jid": self._bare, "reason": str(error)})
+        else:
+            log.error("RTBL client failed", extra={"jid": self._bare}, exc_info=error)
+        log.info("RTBL reconnecting", extra={"jid": self._bare, "delay_seconds": delay})
 
     def _build(self) -> ClientXMPP:
         cfg = self.config
@@ -558,7 +494,7 @@ class RtblSubscriber:
                 CONNECTS.labels("failed").inc()
                 raise
             CONNECTS.labels("ok").inc()
-            self._session_began = time.monotonic()
+            self._connection.session_started()
             self.sessions += 1
             self.connected = True
             CONNECTED.set(1)

@@ -42,16 +42,13 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from classifier.blocklists import RTBL_NODE_KINDS, ListKind
 from classifier.jid import normalise_bare
+from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch
 from proxy.rtbl import (
     MAX_ITEMS_PER_NODE,
     MAX_PAGES,
     PUBSUB_NS,
-    STABLE_SESSION_SECONDS,
     RtblError,
-    SessionEnded,
-    SessionWatch,
     TlsMode,
-    backoff_delay,
     install_sasl_redaction,
     items_request,
     parse_items_page,
@@ -207,10 +204,15 @@ class RtblPublisher:
         self.config = config
         self._wanted = wanted
         self._version = version
-        self._rand = rand
         self._bare = str(normalise_bare(config.jid))
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._connection = ReconnectingTask(
+            self._session,
+            name="rtbl-publisher",
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            on_session_end=self._session_ended,
+            rand=rand,
+        )
         self._changed = asyncio.Event()
         self.published: dict[str, set[str]] = {}
         self.in_sync = asyncio.Event()
@@ -220,42 +222,22 @@ class RtblPublisher:
 
     async def start(self) -> None:
         install_sasl_redaction()
-        self._stopping = False
-        self._task = asyncio.create_task(self._run(), name="rtbl-publisher")
+        self._connection.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._connection.stop()
 
     def notify(self) -> None:
         """The list may have changed: reconcile now rather than at the next poll."""
         self._changed.set()
 
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._stopping:
-            began = time.monotonic()
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except (SessionEnded, PublishError) as exc:
-                self.failures += 1
-                log.warning("RTBL publisher session ended", extra={"reason": str(exc)[:300]})
-            except Exception:
-                self.failures += 1
-                log.exception("RTBL publisher failed")
-            if time.monotonic() - began >= STABLE_SESSION_SECONDS:
-                attempt = 0
-            delay = backoff_delay(
-                attempt, self.config.backoff_initial, self.config.backoff_max, self._rand
-            )
-            attempt += 1
-            await asyncio.sleep(delay)
+    def _session_ended(self, error: Exception, _delay: float) -> None:
+        """`proxy.reconnect` reports each ended session here (then backs off)."""
+        self.failures += 1
+        if isinstance(error, (SessionEnded, PublishError)):
+            log.warning("RTBL publisher session ended", extra={"reason": str(error)[:300]})
+        else:
+            log.error("RTBL publisher failed", exc_info=error)
 
     def _build(self) -> ClientXMPP:
         cfg = self.config
@@ -304,6 +286,7 @@ class RtblPublisher:
                 await asyncio.wait_for(started, cfg.connect_timeout)
             except TimeoutError:
                 raise SessionEnded(f"no session within {cfg.connect_timeout}s") from None
+            self._connection.session_started()
             self.sessions += 1
             self.connected = True
             PUBLISH_CONNECTED.set(1)

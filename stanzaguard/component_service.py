@@ -68,7 +68,7 @@ from stanzaguard.registry import ModelRegistry
 from stanzaguard.rtbl_publishing import RtblPublishing, build_publish_config
 from stanzaguard.settings import Settings, split_host_port
 from stanzaguard.stores import spec_from_settings
-from stanzaguard.wiring import PLACEHOLDER_SECRETS, DataLayout, open_store
+from stanzaguard.wiring import PLACEHOLDER_SECRETS, DataLayout, open_store, stop_archive_path
 
 log = logging.getLogger(__name__)
 
@@ -441,19 +441,7 @@ class ComponentService:
         if self.audit is not None:
             with contextlib.suppress(AuditError):
                 await self.audit.close()
-        if self.rtbl_publishing is not None:
-            await self.rtbl_publishing.stop()
-        if self.learning is not None:
-            await self.learning.stop()
-        if hasattr(self, "indexer"):
-            await self.indexer.stop()
-            if isinstance(self.indexer, Indexer):
-                with contextlib.suppress(Exception):
-                    await self.indexer.drain()
-        if hasattr(self, "spool"):
-            await self.spool.close()
-        if hasattr(self, "store"):
-            await self.store.close()
+        await stop_archive_path(self)
 
 
 async def serve_component(settings: Settings, ready: asyncio.Event | None = None) -> None:

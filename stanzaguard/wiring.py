@@ -11,7 +11,7 @@ import signal
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import start_http_server
 
@@ -311,6 +311,42 @@ async def open_spool(settings: Settings, clock: Clock) -> Spool:
         raise SettingsError(str(exc)) from None
 
 
+class ArchivePath(Protocol):
+    """The back half `ArchivingService` and `ComponentService` share: pipeline to store.
+
+    `start` sets these one after another, so a start that failed half-way leaves some unset.
+    """
+
+    rtbl_publishing: RtblPublishing | None
+    learning: Learning | None
+    indexer: IndexControl
+    spool: Spool
+    store: ArchiveStore
+
+
+async def stop_archive_path(service: ArchivePath) -> None:
+    """Stop the shared back half, after the service has stopped what feeds it.
+
+    The publisher and learning read the store, so they go before it closes; the indexer moves
+    what is spooled into the store (the in-process one is drained here once its loop stopped;
+    the worker indexes what is spooled before it exits), then the spool closes, then the
+    store. Parts a failed start never made are skipped.
+    """
+    if service.rtbl_publishing is not None:
+        await service.rtbl_publishing.stop()
+    if service.learning is not None:  # before the store closes: it reads reported messages
+        await service.learning.stop()
+    if hasattr(service, "indexer"):
+        await service.indexer.stop()
+        if isinstance(service.indexer, Indexer):
+            with contextlib.suppress(Exception):
+                await service.indexer.drain()
+    if hasattr(service, "spool"):
+        await service.spool.close()
+    if hasattr(service, "store"):
+        await service.store.close()
+
+
 class ArchivingService:
     """The one-machine service: proxy → pipeline → spool → indexer → store (SQLite or
     Elasticsearch, `store`)."""
@@ -566,21 +602,7 @@ class ArchivingService:
             await self.rtbl.stop()
         if self.blocklist_watcher is not None:
             await self.blocklist_watcher.stop()
-        if self.rtbl_publishing is not None:
-            await self.rtbl_publishing.stop()
-        if self.learning is not None:  # before the store closes: it reads reported messages
-            await self.learning.stop()
-        if hasattr(self, "indexer"):
-            # The worker indexes what is spooled before it exits; the in-process indexer
-            # stops its loop, then drains here.
-            await self.indexer.stop()
-            if isinstance(self.indexer, Indexer):
-                with contextlib.suppress(Exception):
-                    await self.indexer.drain()
-        if hasattr(self, "spool"):
-            await self.spool.close()
-        if hasattr(self, "store"):
-            await self.store.close()
+        await stop_archive_path(self)
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:

@@ -122,6 +122,10 @@ class OfflineMessage:
         return ET.tostring(self.element, encoding="unicode")
 
 
+class ProsodyShellUnavailable(RuntimeError):
+    """``prosodyctl shell`` could not reach the server's console socket."""
+
+
 @dataclass(frozen=True)
 class ProsodyConfig:
     """Everything that shapes one server's config file.
@@ -424,6 +428,39 @@ class ProsodyServer:
                 f"{result.stdout}{result.stderr}"
             )
         return f"{user}@{host}"
+
+    # -- console ---------------------------------------------------------------------------
+
+    def shell(self, *command: str, timeout: float = 30.0) -> str:
+        """Run one console command on the running server (``prosodyctl shell``); its output.
+
+        ``shell("module", "reload", "muc_rtbl", "rooms.localhost")`` is the console's
+        ``module:reload("muc_rtbl", "rooms.localhost")``. The server needs ``admin_shell`` in
+        its modules: it opens the console socket (``DATA/prosody.sock``).
+
+        Raises:
+            ProsodyShellUnavailable: the console socket cannot be reached.
+            RuntimeError: the command failed.
+        """
+        result = subprocess.run(
+            [self._prosodyctl, "--config", str(self.config_path), "shell", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.directory,
+            user=self._run_user,
+            group=self._run_user,
+            extra_groups=[] if self._run_user else None,
+            check=False,
+        )
+        output = f"{result.stdout}{result.stderr}"
+        if "Unable to connect to server" in output or "unix socket support" in output:
+            raise ProsodyShellUnavailable(output.strip()[-500:])
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"prosodyctl shell {' '.join(command)} failed ({result.returncode}):\n{output}"
+            )
+        return result.stdout
 
     # -- storage ---------------------------------------------------------------------------
 
