@@ -485,7 +485,8 @@ def _move_archive(
     out.print(
         f"legal holds copied or released: {outcome.holds_copied}; retention assignments "
         f"copied: {outcome.retention_copied}; audit events copied: {outcome.audit_copied} "
-        f"(and {outcome.audit_checkpoints_copied} signed audit checkpoint(s))",
+        f"(and {outcome.audit_checkpoints_copied} signed audit checkpoint(s)); API tokens "
+        f"copied: {outcome.tokens_copied}",
         highlight=False,
     )
     if not outcome.ok:

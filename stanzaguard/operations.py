@@ -29,6 +29,7 @@ from archive_api.store.base import (
 )
 from archive_api.store.chain import ChainLink
 from archive_api.store.errors import (
+    AlreadyExists,
     InvalidEntry,
     InvalidRequest,
     StoreError,
@@ -311,6 +312,7 @@ class MoveOutcome:
     target_records: int
     target_report: VerifyReport
     problems: list[str] = field(default_factory=list)
+    tokens_copied: int = 0  # API tokens (their secrets' hashes) added or revoked in the target
     audit_copied: int = 0  # audit events appended to the target's log, as they were
     audit_checkpoints_copied: int = 0
     holds_copied: int = 0  # holds added to the target, or released there as in the source
@@ -449,13 +451,15 @@ async def _move(
             checkpoints_copied += 1
     retention_copied, retention_problems = await _move_retention(source, target, batch_size)
     audit_copied, audit_checkpoints_copied, audit_problems = await _move_audit(source, target)
+    tokens_copied, token_problems = await _move_tokens(source, target)
     outcome = MoveOutcome(
         chains=plan,
         copied=copied,
         checkpoints_copied=checkpoints_copied,
         holds_copied=holds_copied,
         retention_copied=retention_copied,
-        problems=[*hold_problems, *retention_problems, *audit_problems],
+        problems=[*hold_problems, *retention_problems, *audit_problems, *token_problems],
+        tokens_copied=tokens_copied,
         audit_copied=audit_copied,
         audit_checkpoints_copied=audit_checkpoints_copied,
         source_records=await source.count(""),
@@ -513,6 +517,34 @@ async def _move_audit(source: ArchiveStore, target: ArchiveStore) -> tuple[int, 
             await target.add_audit_checkpoint(checkpoint)
             checkpoints += 1
     return copied, checkpoints, []
+
+
+async def _move_tokens(source: ArchiveStore, target: ArchiveStore) -> tuple[int, list[str]]:
+    """Copy the API tokens (names, roles, secret hashes, times), so that the clients of the
+    moved archive keep working; a revocation in the source after an earlier move is repeated.
+    A token the target has under that name with other fields is reported and left alone."""
+    copied = 0
+    problems: list[str] = []
+    for token in await source.tokens():
+        there = await target.token_by_name(token.name)
+        if there == token:
+            continue
+        active = dataclasses.replace(token, revoked_at=None)
+        if there is None:
+            try:
+                await target.add_token(active)
+            except AlreadyExists:
+                problems.append(
+                    f"token {token.name!r}: its secret is another token's in the target"
+                )
+                continue
+        elif dataclasses.replace(there, revoked_at=None) != active or there.revoked_at:
+            problems.append(f"token {token.name!r}: the target holds a different token")
+            continue
+        if token.revoked_at is not None:
+            await target.revoke_token(token.name, at=token.revoked_at)
+        copied += 1
+    return copied, problems
 
 
 class _PurgeMover:

@@ -30,6 +30,7 @@ from archive_api.store.base import (
 from archive_api.store.chain import CheckpointSigner
 from archive_api.store.elasticsearch import ElasticsearchStore
 from archive_api.store.sqlite import SqliteStore
+from archive_api.store.tokens import StoredToken
 from stanzaguard.cli import app
 from stanzaguard.errors import StanzaGuardError
 from stanzaguard.operations import move_archive
@@ -325,14 +326,22 @@ async def add_holds_and_retention(store: ArchiveStore) -> None:
         [audit_entry(i, actor="token:officer-1", action="hold.create") for i in range(3)]
     )
     await store.add_audit_checkpoint(AUDIT_SIGNER.sign(AUDIT_CHAIN, 3, events[-1].hash))
+    await store.add_token(StoredToken("ci-export", "auditor", b"\x01" * 32, T0, LATER))
+    await store.add_token(StoredToken("old-officer", "officer", b"\x02" * 32, T0))
+    await store.revoke_token("old-officer", at=LATER)
 
 
 async def snapshot(
     store: ArchiveStore,
-) -> tuple[tuple[HoldRecord, ...], list[RetentionState | None], tuple[AuditEvent, ...]]:
+) -> tuple[
+    tuple[HoldRecord, ...],
+    list[RetentionState | None],
+    tuple[AuditEvent, ...],
+    tuple[StoredToken, ...],
+]:
     states = [await store.retention_of(f"r{i:04d}") for i in (0, 99, 100, 129, 130, ENTRIES - 1)]
     audit = await store.audit_events(newest_first=False)
-    return await store.list_holds(), states, audit.events
+    return await store.list_holds(), states, audit.events, await store.tokens()
 
 
 async def test_holds_and_retention_move_there_and_back(
@@ -353,6 +362,7 @@ async def test_holds_and_retention_move_there_and_back(
     assert outcome.ok, outcome.problems
     assert (outcome.holds_copied, outcome.retention_copied) == (2, 130)
     assert (outcome.audit_copied, outcome.audit_checkpoints_copied) == (3, 1)
+    assert outcome.tokens_copied == 2
     target = await ElasticsearchStore.open(es_location.url, index_prefix=es_location.prefix)
     try:
         assert await snapshot(target) == expected
@@ -366,7 +376,7 @@ async def test_holds_and_retention_move_there_and_back(
     rerun = await move_archive(SqliteSpec(source), es, batch_size=64)
     assert rerun.ok, rerun.problems
     assert (rerun.copied, rerun.holds_copied, rerun.retention_copied) == (0, 0, 0)
-    assert (rerun.audit_copied, rerun.audit_checkpoints_copied) == (0, 0)
+    assert (rerun.audit_copied, rerun.audit_checkpoints_copied, rerun.tokens_copied) == (0, 0, 0)
 
     back = tmp_path / "back.sqlite3"
     code, out = await asyncio.to_thread(
@@ -420,6 +430,9 @@ async def test_conflicting_holds_and_longer_retention_in_the_target_are_reported
     try:
         await src.add_hold(held("h1", "lunch"))
         await dst.add_hold(held("h1", "from:someone@else.example"))  # same id, other scope
+        await src.add_token(StoredToken("ci", "auditor", b"\x01" * 32, T0))
+        await dst.add_token(StoredToken("ci", "admin", b"\x03" * 32, T0))  # same name, other
+        await src.add_token(StoredToken("reused", "auditor", b"\x03" * 32, T0))  # dst's secret
         await src.set_retention(
             [RetentionAssignment("r0001", "short", T0 + timedelta(days=30))], assigned_at=T0
         )
@@ -433,6 +446,8 @@ async def test_conflicting_holds_and_longer_retention_in_the_target_are_reported
     assert not outcome.ok
     assert any("hold 'h1'" in problem for problem in outcome.problems)
     assert any("record 'r0001': retention long" in problem for problem in outcome.problems)
+    assert "token 'ci': the target holds a different token" in outcome.problems
+    assert "token 'reused': its secret is another token's in the target" in outcome.problems
     moved = await SqliteStore.open(target)
     try:
         hold = await moved.get_hold("h1")
