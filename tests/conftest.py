@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.support.ejabberd import EjabberdServer, make_ejabberd
 from tests.support.prosody import DEFAULT_USERS, ProsodyConfig, ProsodyServer, make_prosody
 from tests.support.proxy import RunningProxy, start_proxy
 from tests.support.redis import RedisServer, running_redis
+from tests.support.upstream import ServerUnderTest, XmppUpstream
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -215,3 +217,50 @@ def ejabberd(
     if _failed(request):
         server = ejabberd_server
         print(f"\n=== ejabberd {server.directory} ===\n{server.diagnostics()}")
+
+
+# -- scenarios that must hold on every test server ---------------------------------------------
+
+
+@pytest.fixture(params=["prosody", "ejabberd"])
+def upstream(request: pytest.FixtureRequest) -> ServerUnderTest:
+    """Prosody, then ejabberd: a test using this runs against each (ids ``[prosody]``, ...).
+
+    Prosody is the test's own (``prosody``), ejabberd the one shared by the run
+    (``ejabberd``), so a scenario makes its accounts with ``upstream.register_fresh(...)``.
+    """
+    server = request.getfixturevalue(request.param)
+    assert isinstance(server, ProsodyServer | EjabberdServer)
+    return server
+
+
+class ProxyStarter(Protocol):
+    async def __call__(
+        self, server: XmppUpstream, hook: StanzaHook | None = None, **config_overrides: Any
+    ) -> RunningProxy: ...
+
+
+@pytest.fixture
+async def proxy_for() -> AsyncIterator[ProxyStarter]:
+    """Start in-process ``C2SProxy``s in front of any server: ``await proxy_for(upstream)``.
+
+    The hook defaults to a fresh ``RecordingHook``; keyword arguments override ``ProxyConfig``
+    fields. At teardown each proxy, last started first, disconnects the clients made with
+    ``running.client(...)`` and stops.
+    """
+    async with contextlib.AsyncExitStack() as started:
+
+        async def start(
+            server: XmppUpstream, hook: StanzaHook | None = None, **config_overrides: Any
+        ) -> RunningProxy:
+            running = await start_proxy(server, hook, **config_overrides)
+            started.push_async_callback(running.stop)
+            return running
+
+        yield start
+
+
+@pytest.fixture
+async def upstream_proxy(upstream: ServerUnderTest, proxy_for: ProxyStarter) -> RunningProxy:
+    """One proxy with a ``RecordingHook`` (passes everything) in front of ``upstream``."""
+    return await proxy_for(upstream)

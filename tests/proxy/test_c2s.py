@@ -1,9 +1,13 @@
-"""The inline c2s proxy's transport, end to end: real Prosody behind it, real clients in front.
+"""The inline c2s proxy's transport, end to end: a real server behind it, real clients in front.
 
-Every test here runs Prosody from Debian (``prosody`` fixture) and an in-process ``C2SProxy``
-on free loopback ports in front of it (``proxy_factory``); clients are slixmpp
-(``ChatClient``), the Debian command-line clients go-sendxmpp and sendxmpp, and a raw client
-(``RawXmppClient``) where a test needs control over single bytes or the TCP connection.
+Scenarios that must hold whatever the server is run against each test server in turn (the
+``upstream`` fixture: ids ``[prosody]`` and ``[ejabberd]``), with accounts of their own
+(``register_fresh``). The rest needs a server configured, stopped or fresh, and runs against a
+Prosody of its own (``prosody``); what only ejabberd does is in ``test_c2s_ejabberd.py``. In
+front of the server, an in-process ``C2SProxy`` on free loopback ports (``proxy_for``,
+``proxy_factory``); clients are slixmpp (``ChatClient``), the Debian command-line clients
+go-sendxmpp and sendxmpp, and a raw client (``RawXmppClient``) where a test needs control over
+single bytes or the TCP connection.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 import ssl
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -23,9 +28,10 @@ from archive_api.store.records import Direction
 from proxy.c2s import rewrite_features
 from proxy.hook import Decision, SessionInfo
 from proxy.stream import Element
-from tests.conftest import ProsodyFactory, ProxyFactory
+from tests.conftest import ProsodyFactory, ProxyFactory, ProxyStarter
 from tests.support.clients import AuthenticationFailed, ChatClient, go_sendxmpp, sendxmpp
 from tests.support.clients import TlsMode as ClientTls
+from tests.support.ejabberd import EjabberdServer
 from tests.support.prosody import ProsodyConfig, ProsodyServer
 from tests.support.proxy import RecordingHook, RunningProxy, closed_count, metric, wait_until
 from tests.support.rawxmpp import (
@@ -37,8 +43,11 @@ from tests.support.rawxmpp import (
     StreamEnded,
     local,
 )
+from tests.support.upstream import ServerUnderTest
 
 pytestmark = pytest.mark.integration
+
+TIMEOUT = 10.0
 
 
 def unique(text: str) -> str:
@@ -52,11 +61,29 @@ def stream_error_in(data: bytes, condition: str) -> bool:
     )
 
 
-async def offline_bodies(prosody: ProsodyServer, user: str, count: int) -> list[str | None]:
-    """Poll Prosody's offline store until it holds ``count`` messages for ``user``."""
-    while len(messages := prosody.offline_messages(user)) < count:
+async def offline_count(server: ServerUnderTest, user: str, count: int) -> None:
+    """Poll the server until it holds ``count`` offline messages for ``user``."""
+    while server.offline_count(user) < count:
         await asyncio.sleep(0.02)
-    return [m.body for m in messages]
+
+
+def sasl_offer(server: ServerUnderTest) -> list[str]:
+    """The SASL mechanisms a test server's default config offers a client, sorted.
+
+    Prosody keeps SCRAM keys for SHA-1 only; ejabberd keeps the password, so it offers every
+    SCRAM it knows (tests/support/prosody.py, tests/support/ejabberd.py).
+    """
+    if isinstance(server, EjabberdServer):
+        return ["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    return ["PLAIN", "SCRAM-SHA-1"]
+
+
+def plus_tls_version(server: ServerUnderTest) -> ssl.TLSVersion | None:
+    """The newest TLS version on which the server offers ``-PLUS`` (None: any).
+
+    Prosody 0.12 binds channels to tls-unique only, which TLS 1.3 does not have.
+    """
+    return ssl.TLSVersion.TLSv1_2 if isinstance(server, ProsodyServer) else None
 
 
 # -- features, unit level ----------------------------------------------------------------------
@@ -106,19 +133,23 @@ def test_rewrite_features_leaves_clean_features_byte_for_byte() -> None:
 
 
 async def test_two_clients_chat_and_the_bound_jid_is_learned(
-    prosody: ProsodyServer, proxy_factory: ProxyFactory
+    upstream: ServerUnderTest, proxy_for: ProxyStarter
 ) -> None:
+    users = upstream.register_fresh("alice", "bob")
     hook = RecordingHook()
-    running = await proxy_factory(hook)
-    alice = running.client("alice", resource="desk")
-    bob = running.client("bob", resource="phone", direct_tls=True)
+    running = await proxy_for(upstream, hook)
+    alice = running.client(users["alice"], resource="desk")
+    bob = running.client(users["bob"], resource="phone", direct_tls=True)
     await alice.connect()
     await bob.connect()
     assert alice.tls_active and bob.tls_active
-    assert (alice.jid, bob.jid) == ("alice@localhost/desk", "bob@localhost/phone")
+    assert (alice.jid, bob.jid) == (
+        upstream.jid(users["alice"], "desk"),
+        upstream.jid(users["bob"], "phone"),
+    )
 
     hello = unique("hello bob")
-    sent_id = alice.send_chat(prosody.jid("bob"), hello)
+    sent_id = alice.send_chat(upstream.jid(users["bob"]), hello)
     got = await bob.next_message()
     assert (got.body, got.from_, got.id, got.type) == (hello, alice.jid, sent_id, "chat")
     reply = unique("hi alice")
@@ -129,7 +160,7 @@ async def test_two_clients_chat_and_the_bound_jid_is_learned(
     bound = {info.bound_jid: info for info in hook.bound}
     assert set(bound) == {alice.jid, bob.jid}
     assert all(info.authenticated and info.tls for info in bound.values())
-    assert all(info.domain == "localhost" for info in bound.values())
+    assert all(info.domain == upstream.domain for info in bound.values())
     [out] = hook.stanzas(Direction.FROM_CLIENT, hello.encode())
     [delivered] = hook.stanzas(Direction.TO_CLIENT, hello.encode())
     assert (out.bound_jid, delivered.bound_jid) == (alice.jid, bob.jid)
@@ -139,16 +170,17 @@ async def test_two_clients_chat_and_the_bound_jid_is_learned(
         bob.jid,
     }
     # The proxy can find the live sessions of a user (to deliver released messages).
-    [session] = running.sessions_of("alice@localhost")
+    [session] = running.sessions_of(upstream.jid(users["alice"]))
     assert session.info.bound_jid == alice.jid
 
 
 async def test_carbons_reach_the_second_resource(
-    prosody: ProsodyServer, c2s_proxy: RunningProxy
+    upstream: ServerUnderTest, upstream_proxy: RunningProxy
 ) -> None:
-    laptop = c2s_proxy.client("alice", resource="laptop", carbons=True)
-    phone = c2s_proxy.client("alice", resource="phone", carbons=True, direct_tls=True)
-    bob = c2s_proxy.client("bob")
+    users = upstream.register_fresh("alice", "bob")
+    laptop = upstream_proxy.client(users["alice"], resource="laptop", carbons=True)
+    phone = upstream_proxy.client(users["alice"], resource="phone", carbons=True, direct_tls=True)
+    bob = upstream_proxy.client(users["bob"])
     for client in (laptop, phone, bob):
         await client.connect()
 
@@ -159,20 +191,21 @@ async def test_carbons_reach_the_second_resource(
     assert (copy.is_carbon, copy.body, copy.to) == (True, incoming, laptop.jid)
 
     outgoing = unique("from the laptop")
-    laptop.send_chat(prosody.jid("bob"), outgoing)
+    laptop.send_chat(upstream.jid(users["bob"]), outgoing)
     assert (await bob.next_message()).body == outgoing
     copy = await phone.next_message()
     assert (copy.is_carbon, copy.body, copy.from_) == (True, outgoing, laptop.jid)
 
 
 async def test_muc_room_with_three_occupants(
-    prosody: ProsodyServer, c2s_proxy: RunningProxy
+    upstream: ServerUnderTest, upstream_proxy: RunningProxy
 ) -> None:
-    room = f"desk-{uuid.uuid4().hex[:8]}@{prosody.muc_domain}"
-    clients = {user: c2s_proxy.client(user, muc=True) for user in ("alice", "bob", "carol")}
-    for user, client in clients.items():
+    users = upstream.register_fresh("alice", "bob", "carol")
+    room = f"desk-{uuid.uuid4().hex[:8]}@{upstream.muc_domain}"
+    clients = {role: upstream_proxy.client(user, muc=True) for role, user in users.items()}
+    for role, client in clients.items():
         await client.connect()
-        await client.join_room(room, nick=user)
+        await client.join_room(room, nick=role)
 
     for sender in ("alice", "carol"):
         body = unique(f"morning from {sender}")
@@ -183,20 +216,23 @@ async def test_muc_room_with_three_occupants(
 
 
 async def test_offline_recipient_gets_messages_at_login(
-    prosody: ProsodyServer, c2s_proxy: RunningProxy
+    upstream: ServerUnderTest, upstream_proxy: RunningProxy
 ) -> None:
-    alice = c2s_proxy.client("alice")
+    users = upstream.register_fresh("alice", "carol")
+    alice = upstream_proxy.client(users["alice"])
     await alice.connect()
     bodies = [unique("while you were out"), unique("and another")]
     for body in bodies:
-        alice.send_chat(prosody.jid("carol"), body)
-    assert await asyncio.wait_for(offline_bodies(prosody, "carol", 2), 10) == bodies
+        alice.send_chat(upstream.jid(users["carol"]), body)
+    await asyncio.wait_for(offline_count(upstream, users["carol"], 2), TIMEOUT)
+    if isinstance(upstream, ProsodyServer):  # its store can be read: these very messages
+        assert [m.body for m in upstream.offline_messages(users["carol"])] == bodies
 
-    carol = c2s_proxy.client("carol", direct_tls=True)
+    carol = upstream_proxy.client(users["carol"], direct_tls=True)
     await carol.connect()
     got = [await carol.next_message(), await carol.next_message()]
     assert [(m.body, m.delayed) for m in got] == [(b, True) for b in bodies]
-    assert prosody.offline_messages("carol") == []
+    await wait_until(lambda: upstream.offline_count(users["carol"]) == 0)
 
 
 # -- Debian's command-line clients through the proxy -------------------------------------------
@@ -207,27 +243,35 @@ async def test_offline_recipient_gets_messages_at_login(
 
 @pytest.mark.parametrize("direct_tls", [False, True], ids=["starttls", "direct-tls"])
 async def test_go_sendxmpp_delivers_through_the_proxy(
-    prosody: ProsodyServer, c2s_proxy: RunningProxy, direct_tls: bool
+    upstream: ServerUnderTest, upstream_proxy: RunningProxy, direct_tls: bool
 ) -> None:
-    running = c2s_proxy
+    users = upstream.register_fresh("alice", "bob")
+    alice, bob = users["alice"], users["bob"]
     body = unique('grüße <b>&</b> "quoted"')
     result = await asyncio.to_thread(
         go_sendxmpp,
-        jid=prosody.jid("alice"),
-        password=prosody.users["alice"],
-        recipient=prosody.jid("bob"),
+        jid=upstream.jid(alice),
+        password=upstream.users[alice],
+        recipient=upstream.jid(bob),
         message=body,
-        port=running.tls_port if direct_tls else running.port,
+        port=upstream_proxy.tls_port if direct_tls else upstream_proxy.port,
         direct_tls=direct_tls,
     )
     assert result.ok, result.describe()
-    [stored] = prosody.offline_messages("bob")
-    assert (stored.body, stored.to) == (body, "bob@localhost")
-    assert stored.sender.startswith("alice@localhost/")
-    hook = running.hook
+    assert upstream.offline_count(bob) == 1
+    hook = upstream_proxy.hook
     assert isinstance(hook, RecordingHook)
     [seen] = hook.stanzas(Direction.FROM_CLIENT, b"<body>")
-    assert seen.bound_jid == stored.sender
+    assert seen.bound_jid is not None
+    assert seen.bound_jid.startswith(upstream.jid(alice) + "/")
+    if isinstance(upstream, ProsodyServer):  # its store can be read: the very message
+        [stored] = upstream.offline_messages(bob)
+        assert (stored.body, stored.to, stored.sender) == (body, upstream.jid(bob), seen.bound_jid)
+
+    recipient = upstream_proxy.client(bob)
+    await recipient.connect()
+    got = await recipient.next_message()
+    assert (got.body, got.from_, got.delayed) == (body, seen.bound_jid, True)
 
 
 @pytest.mark.parametrize("tls", [ClientTls.STARTTLS, ClientTls.DIRECT], ids=str)
@@ -255,6 +299,23 @@ async def test_sendxmpp_delivers_through_the_proxy(
 # -- SASL through the proxy ----------------------------------------------------------------------
 
 
+async def mechanism_authenticates(
+    running: RunningProxy, dave: str, erin: str, mechanism: str
+) -> None:
+    """``dave`` logs in through ``running`` with ``mechanism`` and writes to ``erin``."""
+    # TLS 1.2 toward the proxy: were the server's channel binding to leak through, slixmpp
+    # would pick a -PLUS mechanism and fail.
+    sender = running.client(dave, mechanism=mechanism, tls_max_version=ssl.TLSVersion.TLSv1_2)
+    recipient = running.client(erin, direct_tls=True)
+    await sender.connect()
+    await recipient.connect()
+    assert sender.mechanism_used == mechanism
+    assert not any(m.endswith("-PLUS") for m in sender.offered_mechanisms)
+    body = unique(f"authenticated with {mechanism}")
+    sender.send_chat(recipient.jid, body)
+    assert (await recipient.next_message()).body == body
+
+
 @pytest.mark.parametrize(
     ("mechanism", "authentication", "password_hash"),
     [
@@ -271,63 +332,46 @@ async def test_sasl_mechanisms_authenticate_through_the_proxy(
     authentication: str,
     password_hash: str,
 ) -> None:
+    """Prosody offers a mechanism by how it stores passwords (ejabberd: test_c2s_ejabberd.py)."""
     server = prosody_factory(
         ProsodyConfig(authentication=authentication, password_hash=password_hash),
         users={"dave": "dave-secret", "erin": "erin-secret"},
     )
     running = await proxy_factory(server=server)
-    # TLS 1.2 toward the proxy: were the server's channel binding to leak through, slixmpp
-    # would pick a -PLUS mechanism and fail.
-    dave = ChatClient(
-        server.jid("dave"),
-        "dave-secret",
-        port=running.port,
-        mechanism=mechanism,
-        tls_max_version=ssl.TLSVersion.TLSv1_2,
-    )
-    erin = ChatClient(
-        server.jid("erin"), "erin-secret", port=running.tls_port, tls=ClientTls.DIRECT
-    )
-    try:
-        await dave.connect()
-        await erin.connect()
-        assert dave.mechanism_used == mechanism
-        assert not any(m.endswith("-PLUS") for m in dave.offered_mechanisms)
-        body = unique(f"authenticated with {mechanism}")
-        dave.send_chat(erin.jid, body)
-        assert (await erin.next_message()).body == body
-    finally:
-        await dave.disconnect()
-        await erin.disconnect()
+    await mechanism_authenticates(running, "dave", "erin", mechanism)
 
 
 async def test_wrong_password_fails_cleanly_through_the_proxy(
-    prosody: ProsodyServer, c2s_proxy: RunningProxy
+    upstream: ServerUnderTest, upstream_proxy: RunningProxy
 ) -> None:
-    client = c2s_proxy.client("alice", password="not-the-password")
+    users = upstream.register_fresh("alice")
+    client = upstream_proxy.client(users["alice"], password="not-the-password")
     with pytest.raises(AuthenticationFailed, match="not-authorized"):
         await client.connect()
 
 
-async def test_features_the_client_sees(prosody: ProsodyServer, c2s_proxy: RunningProxy) -> None:
-    raw = RawXmppClient(c2s_proxy.host, c2s_proxy.port, prosody.domain)
+async def test_features_the_client_sees(
+    upstream: ServerUnderTest, upstream_proxy: RunningProxy
+) -> None:
+    alice = upstream.register_fresh("alice")["alice"]
+    raw = RawXmppClient(upstream_proxy.host, upstream_proxy.port, upstream.domain)
     try:
         await raw.connect()
         # Before TLS: the proxy's own stream offers STARTTLS, required, and nothing else.
         first = await raw.open_stream()
         assert [local(child.tag) for child in first] == [(TLS_NS, "starttls")]
         assert first.find(f"{{{TLS_NS}}}starttls/{{{TLS_NS}}}required") is not None
-        assert raw.stream_attrs["from"] == prosody.domain
+        assert raw.stream_attrs["from"] == upstream.domain
         raw.send(f"<starttls xmlns='{TLS_NS}'/>".encode())
         assert (await raw.next_element()).tag == f"{{{TLS_NS}}}proceed"
         await raw.start_tls()
-        # After TLS: Prosody's features, without its own starttls offer (no duplication).
+        # After TLS: the server's features, without its own starttls offer (no duplication).
         features = await raw.open_stream()
         assert features.find(f"{{{TLS_NS}}}starttls") is None
-        assert sorted(raw.mechanisms()) == ["PLAIN", "SCRAM-SHA-1"]
+        assert sorted(raw.mechanisms()) == sasl_offer(upstream)
         assert b"-PLUS" not in raw.received and b"sasl-channel-binding" not in raw.received
         assert raw.received.count(b"urn:ietf:params:xml:ns:xmpp-tls'><required/>") == 1
-        await raw.auth_plain("alice", prosody.users["alice"])
+        await raw.auth_plain(alice, upstream.users[alice])
         assert raw.features is not None
         after = {local(child.tag)[1] for child in raw.features}
         assert {"bind", "sm"} <= after and "starttls" not in after
@@ -336,34 +380,40 @@ async def test_features_the_client_sees(prosody: ProsodyServer, c2s_proxy: Runni
 
 
 async def test_channel_binding_of_a_tls_upstream_is_hidden(
-    prosody: ProsodyServer, proxy_factory: ProxyFactory
+    upstream: ServerUnderTest, proxy_for: ProxyStarter
 ) -> None:
-    # Upstream over TLS 1.2: Prosody 0.12 offers SCRAM-SHA-1-PLUS (tls-unique) there. The
-    # client must not see it: channel binding cannot cross two TLS sessions.
-    upstream = ssl.create_default_context()
-    upstream.check_hostname = False
-    upstream.verify_mode = ssl.CERT_NONE
-    upstream.maximum_version = ssl.TLSVersion.TLSv1_2
-    assert prosody.c2s_direct_tls_port is not None
-    running = await proxy_factory(upstream_port=prosody.c2s_direct_tls_port, upstream_tls=upstream)
-    raw = RawXmppClient(running.host, running.port, prosody.domain)
+    # Upstream over TLS, where the server offers SCRAM-*-PLUS. The client must not see it:
+    # channel binding cannot cross two TLS sessions.
+    users = upstream.register_fresh("bob", "carol")
+    bob, carol = users["bob"], users["carol"]
+    newest_tls = plus_tls_version(upstream)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if newest_tls is not None:
+        context.maximum_version = newest_tls
+    assert upstream.c2s_direct_tls_port is not None
+    running = await proxy_for(
+        upstream, upstream_port=upstream.c2s_direct_tls_port, upstream_tls=context
+    )
+    raw = RawXmppClient(running.host, running.port, upstream.domain)
     try:
         await raw.connect()
         await raw.starttls()
         await raw.open_stream()
-        assert sorted(raw.mechanisms()) == ["PLAIN", "SCRAM-SHA-1"]
+        assert sorted(raw.mechanisms()) == sasl_offer(upstream)
         assert b"-PLUS" not in raw.received
-        await raw.auth_plain("bob", prosody.users["bob"])
-        assert await raw.bind("tls-upstream") == "bob@localhost/tls-upstream"
+        await raw.auth_plain(bob, upstream.users[bob])
+        assert await raw.bind("tls-upstream") == upstream.jid(bob, "tls-upstream")
     finally:
         await raw.close()
     # The same leg, seen directly: the -PLUS offer really is there to be hidden.
     direct = ChatClient(
-        prosody.jid("carol"),
-        prosody.users["carol"],
-        port=prosody.c2s_direct_tls_port,
+        upstream.jid(carol),
+        upstream.users[carol],
+        port=upstream.c2s_direct_tls_port,
         tls=ClientTls.DIRECT,
-        tls_max_version=ssl.TLSVersion.TLSv1_2,
+        tls_max_version=newest_tls,
     )
     try:
         await direct.connect()
@@ -449,9 +499,9 @@ async def test_upstream_down_is_remote_connection_failed(
 # -- stream management with a hook that drops and injects -----------------------------------------
 
 
-def injected_message(to: str, body: str) -> bytes:
+def injected_message(domain: str, to: str, body: str) -> bytes:
     return (
-        f"<message xmlns='jabber:client' from='localhost' to='{to}' type='chat' "
+        f"<message xmlns='jabber:client' from='{domain}' to='{to}' type='chat' "
         f"id='inj-{uuid.uuid4().hex[:8]}'><body>{body}</body></message>"
     ).encode()
 
@@ -460,16 +510,35 @@ def has_body(element: Element, text: str) -> bool:
     return element.name == "message" and f"<body>{text}</body>".encode() in element.data
 
 
-def no_ack_trouble(prosody: ProsodyServer) -> None:
-    log = prosody.log_text()
-    assert "acknowledged more stanzas" not in log, prosody.diagnostics()
-    assert "The client says it handled" not in log, prosody.diagnostics()
-    assert "acknowledged less stanzas" not in log, prosody.diagnostics()
+def no_ack_trouble(server: ServerUnderTest, users: Mapping[str, str]) -> None:
+    """The server did not complain about any acknowledgement of these users' sessions."""
+    assert server.ack_complaints(users.values()) == [], server.diagnostics()
+
+
+async def test_the_ack_check_sees_a_bad_count(upstream: ServerUnderTest) -> None:
+    """Control for ``no_ack_trouble``: straight to the server, an ``h`` too high is fatal."""
+    users = upstream.register_fresh("mallory")
+    raw = RawXmppClient(upstream.host, upstream.c2s_port, upstream.domain)
+    try:
+        await raw.login(users["mallory"], upstream.users[users["mallory"]])
+        await raw.enable_sm()
+        raw.send(f"<a xmlns='{SM_NS}' h='5'/>".encode())
+        data = await raw.read_until_closed()
+    finally:
+        await raw.close()
+    assert b"Client acknowledged more stanzas than sent by server" in data
+    await wait_until(lambda: upstream.ack_complaints(users.values()) != [])
+    [complaint] = upstream.ack_complaints(users.values())
+    if isinstance(upstream, EjabberdServer):
+        assert "acknowledged 5 stanzas, but only 0 were sent" in complaint
+    else:
+        assert "The client says it handled 5 new stanzas, but we sent 0" in complaint
 
 
 async def test_sm_survives_a_drop_and_an_injection_with_slixmpp(
-    prosody: ProsodyServer, proxy_factory: ProxyFactory
+    upstream: ServerUnderTest, proxy_for: ProxyStarter
 ) -> None:
+    users = upstream.register_fresh("alice", "bob")
     drop_body, inject_on, injected_body = unique("drop me"), unique("inject on me"), unique("inj")
     dropped_before = metric("stanzaguard_stanzas_dropped_total", direction="from-client")
     injected_before = metric("stanzaguard_stanzas_injected_total", direction="to-client")
@@ -478,14 +547,13 @@ async def test_sm_survives_a_drop_and_an_injection_with_slixmpp(
         if direction is Direction.FROM_CLIENT and has_body(element, drop_body):
             return Decision.drop()
         if direction is Direction.FROM_CLIENT and has_body(element, inject_on):
-            to = str(info.bound_jid)
-            return Decision(inject_to_client=(injected_message(to, injected_body),))
+            injection = injected_message(upstream.domain, str(info.bound_jid), injected_body)
+            return Decision(inject_to_client=(injection,))
         return None
 
-    hook = RecordingHook([rule])
-    running = await proxy_factory(hook)
-    alice = running.client("alice", resource="sm", stream_management=True)
-    bob = running.client("bob", resource="sm", stream_management=True, direct_tls=True)
+    running = await proxy_for(upstream, RecordingHook([rule]))
+    alice = running.client(users["alice"], resource="sm", stream_management=True)
+    bob = running.client(users["bob"], resource="sm", stream_management=True, direct_tls=True)
     await alice.connect()
     await bob.connect()
     assert alice.sm_enabled and bob.sm_enabled
@@ -497,9 +565,9 @@ async def test_sm_survives_a_drop_and_an_injection_with_slixmpp(
     got = [await bob.next_message() for _ in range(3)]
     assert [m.body for m in got] == [before[0], before[1], inject_on]
     injected = await alice.next_message()
-    assert (injected.body, injected.from_) == (injected_body, "localhost")
+    assert (injected.body, injected.from_) == (injected_body, upstream.domain)
 
-    # Further traffic in both directions, over the acks Prosody requests after every stanza.
+    # Further traffic in both directions, over the acks the server requests behind stanzas.
     bob.send_chat(alice.jid, after[0])
     alice.send_chat(bob.jid, after[1])
     assert (await alice.next_message()).body == after[0]
@@ -517,21 +585,27 @@ async def test_sm_survives_a_drop_and_an_injection_with_slixmpp(
 
     alice.xmpp.register_handler(Callback("test ack", MatchXPath(f"{{{SM_NS}}}a"), on_ack))
     alice.send_raw(f"<r xmlns='{SM_NS}'/>")
-    h = await asyncio.wait_for(acked, 10)
+    h = await asyncio.wait_for(acked, TIMEOUT)
 
     await wait_until(lambda: sm.last_ack == sm.seq)
     assert h == sm.seq and len(sm.unacked_queue) == 0
-    no_ack_trouble(prosody)
+    # A server closes the stream when a client acknowledges more than it sent (ejabberd) or
+    # logs it (Prosody): both streams still stand, and no such complaint about the injection.
     assert alice.sm_enabled and bob.sm_enabled
+    last = unique("still open")
+    alice.send_chat(bob.jid, last)
+    assert (await bob.next_message()).body == last
+    no_ack_trouble(upstream, users)
     dropped = metric("stanzaguard_stanzas_dropped_total", direction="from-client")
     injected_count = metric("stanzaguard_stanzas_injected_total", direction="to-client")
     assert (dropped - dropped_before, injected_count - injected_before) == (1, 1)
 
 
 async def test_sm_counts_are_exact_with_a_raw_client(
-    prosody: ProsodyServer, proxy_factory: ProxyFactory
+    upstream: ServerUnderTest, proxy_for: ProxyStarter
 ) -> None:
     """Counts checked number by number, including stanzas sent right behind ``<enable/>``."""
+    users = upstream.register_fresh("bob", "carol")
     drop_body, inject_on = unique("drop me"), unique("inject on me")
     injections: list[bytes] = []
 
@@ -539,17 +613,18 @@ async def test_sm_counts_are_exact_with_a_raw_client(
         if direction is Direction.FROM_CLIENT and has_body(element, drop_body):
             return Decision.drop()
         if direction is Direction.FROM_CLIENT and has_body(element, inject_on):
-            data = injected_message(str(info.bound_jid), unique("injected"))
+            data = injected_message(upstream.domain, str(info.bound_jid), unique("injected"))
             injections.append(data)
             return Decision(inject_to_client=(data,))
         return None
 
-    running = await proxy_factory(RecordingHook([rule]))
-    bob = running.client("bob")
+    running = await proxy_for(upstream, RecordingHook([rule]))
+    bob = running.client(users["bob"])
     await bob.connect()
-    raw = RawXmppClient(running.host, running.port, prosody.domain)
+    raw = RawXmppClient(running.host, running.port, upstream.domain)
+    carol = users["carol"]
     try:
-        jid = await raw.login("carol", prosody.users["carol"], resource="counted")
+        jid = await raw.login(carol, upstream.users[carol], resource="counted")
         await raw.presence()
         first = unique("right behind enable")
         sm = await raw.enable_sm(
@@ -566,7 +641,8 @@ async def test_sm_counts_are_exact_with_a_raw_client(
         [injection] = injections
         body_tag = f"{{{CLIENT_NS}}}body"
         assert injected.findtext(body_tag) == ET.fromstring(injection).findtext(body_tag)
-        # Answer Prosody's <r/> with a count that includes the injection; more traffic.
+        # Acks to the server's <r/> (answered by the raw client as they come) include the
+        # injection, which the server never sent: the proxy must take it out again.
         for _ in range(3):
             bob.send_chat(jid, unique("to carol"))
         await raw.messages(3)
@@ -577,19 +653,22 @@ async def test_sm_counts_are_exact_with_a_raw_client(
         bodies = [(await bob.next_message()).body for _ in range(4)]
         bodies += [m.body for m in await bob.drain()]
         assert len(bodies) == 4 and bodies[0] == first and drop_body not in bodies
+        assert not raw.ended
     finally:
         await raw.close()
-    no_ack_trouble(prosody)
+    no_ack_trouble(upstream, users)
 
 
 async def test_resumption_loses_nothing_and_duplicates_nothing(
-    prosody: ProsodyServer, proxy_factory: ProxyFactory
+    upstream: ServerUnderTest, proxy_for: ProxyStarter
 ) -> None:
+    users = upstream.register_fresh("alice", "carol")
+    carol = users["carol"]
     total = 40
     bodies = [f"m{i:02d} {uuid.uuid4().hex[:6]}" for i in range(total)]
     dropped = bodies[7]
     injected_body = unique("injected for carol")
-    carol_jid = "carol@localhost/resumable"
+    carol_jid = upstream.jid(carol, "resumable")
 
     def rule(info: SessionInfo, direction: Direction, element: Element) -> Decision | None:
         if direction is not Direction.TO_CLIENT or info.bound_jid != carol_jid:
@@ -597,16 +676,17 @@ async def test_resumption_loses_nothing_and_duplicates_nothing(
         if has_body(element, dropped):
             return Decision.drop()
         if has_body(element, bodies[5]):
-            return Decision(inject_to_client=(injected_message(carol_jid, injected_body),))
+            message = injected_message(upstream.domain, carol_jid, injected_body)
+            return Decision(inject_to_client=(message,))
         return None
 
     hook = RecordingHook([rule])
-    running = await proxy_factory(hook)
-    alice = running.client("alice")
+    running = await proxy_for(upstream, hook)
+    alice = running.client(users["alice"])
     await alice.connect()
 
-    first = RawXmppClient(running.host, running.port, prosody.domain)
-    assert await first.login("carol", prosody.users["carol"], resource="resumable") == carol_jid
+    first = RawXmppClient(running.host, running.port, upstream.domain)
+    assert await first.login(carol, upstream.users[carol], resource="resumable") == carol_jid
     await first.presence()
     sm = await first.enable_sm()
     assert sm.sm_id
@@ -625,12 +705,12 @@ async def test_resumption_loses_nothing_and_duplicates_nothing(
     first.abort()  # mid-stream, no </stream:stream>, no close_notify
     await sender
 
-    second = RawXmppClient(running.host, running.port, prosody.domain)
+    second = RawXmppClient(running.host, running.port, upstream.domain)
     try:
         await second.connect()
         await second.starttls()
         await second.open_stream()
-        await second.auth_plain("carol", prosody.users["carol"])
+        await second.auth_plain(carol, upstream.users[carol])
         second.sm = sm
         await second.resume(sm.sm_id, h)
         expected = [b for b in bodies if b != dropped] + [injected_body]
@@ -649,9 +729,10 @@ async def test_resumption_loses_nothing_and_duplicates_nothing(
         [seen] = hook.stanzas(Direction.TO_CLIENT, last.encode())
         assert seen.bound_jid == carol_jid
         assert await second.request_ack() == sm.outbound
+        assert not second.ended
     finally:
         await second.close()
-    no_ack_trouble(prosody)
+    no_ack_trouble(upstream, users)
 
 
 async def _quiet_messages(client: RawXmppClient, quiet_for: float = 0.5) -> list[ET.Element]:

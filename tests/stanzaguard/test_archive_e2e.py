@@ -1,22 +1,31 @@
 """Issue 3, end to end: every message of a real multi-client conversation is archived once.
 
-A real Prosody, the whole archiving service in front of it, slixmpp clients through the proxy.
+The whole archiving service (proxy, spool, indexer, SQLite store) in front of each test server
+in turn (``upstream``: ids ``[prosody]`` and ``[ejabberd]``), slixmpp clients through it.
 Alice has two resources with carbons on, Bob one, Carol logs in late; they chat, meet in a
 three-occupant room, correct and retract. Afterwards the store must hold each message exactly
 once, with one observation for every place it was delivered: Bob's resource, Alice's second
-resource (carbon), each occupant's reflection, Carol's offline redelivery. Corrections and
-retractions are records of their own, linked to the original, which stays readable.
+resource (carbon), each occupant's reflection, Carol's offline redelivery, the MAM replay.
+Corrections and retractions are records of their own, linked to the original, which stays
+readable. The policy scenario runs against Prosody only (its log shows what reached it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import pytest
 from slixmpp import JID
 from slixmpp.stanza import Presence
 from slixmpp.xmlstream import ET
 
+from archive_api.store.base import ArchiveStore
 from archive_api.store.records import (
     ArchiveRecord,
     Direction,
@@ -25,14 +34,18 @@ from archive_api.store.records import (
     RecordStatus,
 )
 from classifier.verdict import Action
+from stanzaguard.wiring import ArchivingService
 from tests.stanzaguard.conftest import (
     ArchivingFactory,
     ArchivingProxy,
     receive,
     server_archived_bodies,
     stanza_error,
+    start_archiving_service,
 )
-from tests.support.clients import ReceivedMessage
+from tests.support.clients import ChatClient, ReceivedMessage
+from tests.support.prosody import ProsodyServer
+from tests.support.upstream import ServerUnderTest
 
 ROOM = "desk@conference.localhost"
 TIMEOUT = 10.0
@@ -52,10 +65,10 @@ def to(jid: str, via: ObservationVia = ObservationVia.LIVE) -> Seen:
     return (jid, via, Direction.TO_CLIENT)
 
 
-async def all_messages(running: ArchivingProxy) -> list[ArchiveRecord]:
+async def all_messages(store: ArchiveStore) -> list[ArchiveRecord]:
     records: list[ArchiveRecord] = []
     for query in ("type:chat", "type:groupchat"):
-        page = await running.store.search(query, limit=1000)
+        page = await store.search(query, limit=1000)
         assert page.next_cursor is None
         records += [hit.record for hit in page.hits]
     return records
@@ -67,21 +80,72 @@ def one(records: list[ArchiveRecord], message_id: str) -> ArchiveRecord:
     return found[0]
 
 
-async def test_conversation_archived_once_with_every_delivery(archiving: ArchivingProxy) -> None:
-    laptop = archiving.client("alice", resource="laptop", carbons=True, muc=True)
-    phone = archiving.client("alice", resource="phone", carbons=True, plugins=["xep_0313"])
-    bob = archiving.client("bob", resource="desk", muc=True)
-    carol = archiving.client("carol", resource="home", muc=True)
+@dataclass
+class UpstreamArchiving:
+    """A started ``ArchivingService`` in front of ``server``, with the clients made through it."""
+
+    service: ArchivingService
+    server: ServerUnderTest
+    clients: list[ChatClient] = field(default_factory=list)
+
+    @property
+    def store(self) -> ArchiveStore:
+        return self.service.store
+
+    def client(self, user: str, **kwargs: Any) -> ChatClient:
+        """An unconnected STARTTLS client for ``user`` of the server, through the service."""
+        (host, port), _ = self.service.bound
+        password = self.server.users[user]
+        client = ChatClient(self.server.jid(user), password, host=host, port=port, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            await client.disconnect()
+        await self.service.stop()
+
+
+@pytest.fixture
+async def upstream_archiving(
+    upstream: ServerUnderTest, tmp_path: Path
+) -> AsyncIterator[UpstreamArchiving]:
+    service = await start_archiving_service(
+        upstream, data_dir=tmp_path / "stanzaguard", policy_path=None
+    )
+    running = UpstreamArchiving(service, upstream)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.mark.integration
+async def test_conversation_archived_once_with_every_delivery(
+    upstream: ServerUnderTest, upstream_archiving: UpstreamArchiving
+) -> None:
+    archiving = upstream_archiving
+    users = upstream.register_fresh("alice", "bob", "carol")
+    room = f"desk-{uuid.uuid4().hex[:8]}@{upstream.muc_domain}"
+    laptop = archiving.client(users["alice"], resource="laptop", carbons=True, muc=True)
+    phone = archiving.client(users["alice"], resource="phone", carbons=True, plugins=["xep_0313"])
+    bob = archiving.client(users["bob"], resource="desk", muc=True)
+    carol = archiving.client(users["carol"], resource="home", muc=True)
     await laptop.connect()
     await phone.connect()
     await bob.connect()
     a1, a2, b = laptop.jid, phone.jid, bob.jid
-    assert (a1, a2, b) == ("alice@localhost/laptop", "alice@localhost/phone", "bob@localhost/desk")
+    assert (a1, a2, b) == (
+        upstream.jid(users["alice"], "laptop"),
+        upstream.jid(users["alice"], "phone"),
+        upstream.jid(users["bob"], "desk"),
+    )
+    bob_bare, carol_bare = upstream.jid(users["bob"]), upstream.jid(users["carol"])
     sent: dict[str, str] = {}  # message id -> body
 
     # 1. Alice (laptop) to Bob's bare JID: Bob gets it, Alice's phone a sent-carbon.
     body = "Q3 numbers are in the shared folder"
-    sent[laptop.send_chat("bob@localhost", body)] = body
+    sent[laptop.send_chat(bob_bare, body)] = body
     await receive(bob, body)
     await receive(phone, body, carbon=True)
 
@@ -93,65 +157,67 @@ async def test_conversation_archived_once_with_every_delivery(archiving: Archivi
 
     ids = list(sent)
 
-    # 3. Bob to Carol while she is offline: Prosody stores it, delivers it when she logs in.
+    # 3. Bob to Carol while she is offline: the server stores it, delivers it when she logs in.
     body = "call me when you are back"
-    offline_id = bob.send_chat("carol@localhost", body)
+    offline_id = bob.send_chat(carol_bare, body)
     sent[offline_id] = body
     for _ in range(200):
-        if any(m.id == offline_id for m in archiving.prosody.offline_messages("carol")):
+        if upstream.offline_count(users["carol"]) == 1:
             break
         await asyncio.sleep(0.05)
     else:
-        raise AssertionError("Prosody did not store the message for offline Carol")
+        raise AssertionError("the server did not store the message for offline Carol")
+    if isinstance(upstream, ProsodyServer):  # its store can be read: this very message
+        assert [m.id for m in upstream.offline_messages(users["carol"])] == [offline_id]
     await carol.connect()
     c = carol.jid
     redelivered = await receive(carol, body)
     assert redelivered.delayed, "Carol's copy should be the offline redelivery (with <delay/>)"
 
     # 4. A three-occupant room; each groupchat message is reflected to every occupant.
-    await laptop.join_room(ROOM, "alice")
-    await bob.join_room(ROOM, "bob")
-    await carol.join_room(ROOM, "carol")
+    await laptop.join_room(room, "alice")
+    await bob.join_room(room, "bob")
+    await carol.join_room(room, "carol")
     groupchat: dict[str, str] = {}
     for sender, body in (
         (laptop, "stand-up in five minutes"),
         (bob, "I will dial in"),
         (carol, "running late, start without me"),
     ):
-        groupchat[sender.send_groupchat(ROOM, body)] = body
+        groupchat[sender.send_groupchat(room, body)] = body
         for occupant in (laptop, bob, carol):
             reflection = await receive(occupant, body)
             assert reflection.type == "groupchat"
 
     # 5. A correction (XEP-0308) and a retraction (XEP-0424) of an earlier message.
     original = "the deal closes on Friday"
-    original_id = laptop.send_chat("bob@localhost", original)
+    original_id = laptop.send_chat(bob_bare, original)
     sent[original_id] = original
     await receive(bob, original)
     await receive(phone, original, carbon=True)
     corrected = "the deal closes on Monday"
     replace = ET.Element("{urn:xmpp:message-correct:0}replace", {"id": original_id})
-    correction_id = laptop.send_chat("bob@localhost", corrected, payload=[replace])
+    correction_id = laptop.send_chat(bob_bare, corrected, payload=[replace])
     sent[correction_id] = corrected
     await receive(bob, corrected)
     await receive(phone, corrected, carbon=True)
     retraction_text = "alice retracted a message"
     retract = ET.Element("{urn:xmpp:message-retract:1}retract", {"id": original_id})
     fallback = ET.Element("{urn:xmpp:fallback:0}fallback", {"for": "urn:xmpp:message-retract:1"})
-    retraction_id = laptop.send_chat("bob@localhost", retraction_text, payload=[retract, fallback])
+    retraction_id = laptop.send_chat(bob_bare, retraction_text, payload=[retract, fallback])
     sent[retraction_id] = retraction_text
     await receive(bob, retraction_text)
     await receive(phone, retraction_text, carbon=True)
 
     # 6. Alice's phone replays her conversation with Bob from the server's archive (MAM).
-    replay = await phone.xmpp.plugin["xep_0313"].retrieve(with_jid=JID("bob@localhost"))
+    replay = await phone.xmpp.plugin["xep_0313"].retrieve(with_jid=JID(bob_bare))
     replayed = [r["mam_result"]["forwarded"]["stanza"]["id"] for r in replay["mam"]["results"]]
     with_bob = [ids[0], ids[1], original_id, correction_id, retraction_id]
     assert sorted(replayed) == sorted(with_bob)
 
     # Every copy of every message has been delivered; now index what the proxy spooled.
-    await archiving.drain()
-    records = await all_messages(archiving)
+    await archiving.service.indexer.drain()
+    records = await all_messages(archiving.store)
     bodies = Counter(r.body for r in records)
     for body in (*sent.values(), *groupchat.values()):
         assert bodies[body] == 1, f"{body!r} archived {bodies[body]} times"
@@ -185,7 +251,7 @@ async def test_conversation_archived_once_with_every_delivery(archiving: Archivi
     occupants = (a1, b, c)
     for (message_id, body), author in zip(groupchat.items(), occupants, strict=True):
         record = one(records, message_id)
-        assert (record.room, record.stanza_type, record.body) == (ROOM, "groupchat", body)
+        assert (record.room, record.stanza_type, record.body) == (room, "groupchat", body)
         assert sightings(record) == {
             live_from(author),
             *(to(occupant, ObservationVia.MUC_REFLECTION) for occupant in occupants),

@@ -36,7 +36,6 @@ import shutil
 import socket
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 import httpx
 
 from tests.support.certs import TlsPair, make_self_signed
+from tests.support.localserver import LOOPBACK, LocalXmppServer
 from tests.support.services import (
     ManagedProcess,
     ProcessExitedError,
@@ -58,7 +58,6 @@ from tests.support.services import (
     wait_for_port,
 )
 
-LOOPBACK = "127.0.0.1"
 DIRECTORY_PREFIX = "sg-ejabberd-"
 EJABBERD_USER = "ejabberd"
 #: What ejabberd logs when it has started every host and module (ejabberd_app:start/2).
@@ -125,15 +124,15 @@ def erlang_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class EjabberdServer:
+class EjabberdServer(LocalXmppServer):
     """One ejabberd VM with its config, Mnesia data and logs in ``directory``.
 
-    Same surface as ``ProsodyServer`` where the proxy fixtures need it (``host``, ``domain``,
-    ``muc_domain``, ``c2s_port``, ``tls``, ``users``, ``jid()``, ``log_text()``,
-    ``diagnostics()``), plus ``c2s_direct_tls_port`` and the HTTP admin API.
+    Same surface as ``ProsodyServer`` where the proxy fixtures and the scenarios run on both
+    servers need it (``tests/support/upstream.py``), plus the HTTP admin API.
     """
 
-    host = LOOPBACK
+    #: SIGTERM makes OTP run ``init:stop()``, which takes a few seconds.
+    stop_grace = 15.0
 
     def __init__(self, directory: Path, config: EjabberdConfig | None = None) -> None:
         self.directory = directory
@@ -249,14 +248,6 @@ class EjabberdServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
         """Start the VM and wait until ejabberd says it is up.
 
@@ -330,39 +321,8 @@ class EjabberdServer:
             self.stop()
             raise EjabberdError(f"ejabberd did not start: {exc}\n{self.diagnostics()}") from exc
 
-    def stop(self) -> int | None:
-        """Stop the VM by its PID (SIGTERM, then SIGKILL); return its exit status."""
-        if self._process is None:
-            return None
-        proc, self._process = self._process, None
-        return proc.stop(grace=15.0)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> EjabberdServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def diagnostics(self, max_chars: int = 4000) -> str:
-        parts = []
-        for path in (self.console_log_path, self.log_path, self.directory / "error.log"):
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            parts.append(f"--- {path.name} ---\n{text[-max_chars:]}")
-        return "\n".join(parts)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def diagnostic_logs(self) -> tuple[Path, ...]:
+        return (*super().diagnostic_logs(), self.directory / "error.log")
 
     def ack_complaints(self, users: Iterable[str]) -> list[str]:
         """Lines where ejabberd logged that one of ``users`` acknowledged too many stanzas.
@@ -394,31 +354,10 @@ class EjabberdServer:
 
     # -- accounts --------------------------------------------------------------------------
 
-    def jid(self, user: str, resource: str | None = None) -> str:
-        bare = f"{user}@{self.domain}"
-        return f"{bare}/{resource}" if resource else bare
-
     def register(self, user: str, password: str) -> None:
         """Create ``user`` (the server must be running)."""
         self.api("register", {"user": user, "host": self.domain, "password": password})
         self.users[user] = password
-
-    def register_many(self, users: Mapping[str, str]) -> None:
-        for user, password in users.items():
-            self.register(user, password)
-
-    def register_fresh(self, *roles: str) -> dict[str, str]:
-        """Register one new account per role (``alice`` -> ``alice-1f3a9c``); role -> user.
-
-        Tests sharing one server (a module-scoped fixture) get accounts nobody else has
-        touched: no leftover offline messages, roster entries or sessions.
-        """
-        chosen: dict[str, str] = {}
-        for role in roles:
-            user = f"{role}-{uuid.uuid4().hex[:8]}"
-            self.register(user, f"{user}-secret")
-            chosen[role] = user
-        return chosen
 
     def offline_count(self, user: str) -> int:
         """How many messages ``mod_offline`` holds for ``user``."""
@@ -427,19 +366,6 @@ class EjabberdServer:
         if not isinstance(value, int):
             raise EjabberdError(f"unexpected get_offline_count result: {result!r}")
         return value
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _hand_over_directory(self) -> None:
-        if self._run_user is None:
-            return
-        entry = pwd.getpwnam(self._run_user)
-        for root, dirs, files in os.walk(self.directory):
-            os.chown(root, entry.pw_uid, entry.pw_gid)
-            for name in (*dirs, *files):
-                os.chown(
-                    os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False
-                )
 
 
 def _run_user() -> str | None:

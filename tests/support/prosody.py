@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.certs import TlsPair, make_self_signed
+from tests.support.localserver import LOOPBACK as LOOPBACK  # re-exported
+from tests.support.localserver import LocalXmppServer
 from tests.support.luadata import LuaTable, parse_item_list, stanza_to_element
 from tests.support.services import (
     ManagedProcess,
@@ -47,9 +49,14 @@ from tests.support.services import (
     wait_for_port,
 )
 
-LOOPBACK = "127.0.0.1"
 DIRECTORY_PREFIX = "sg-prosody-"
 PROSODY_USER = "prosody"
+#: What mod_smacks logs when a client's ``<a h/>`` does not match what the server sent.
+ACK_MISMATCH_LOGS = (
+    "acknowledged more stanzas",
+    "The client says it handled",
+    "acknowledged less stanzas",
+)
 
 #: The accounts the ``prosody`` fixture registers. Passwords differ per user on purpose, so a
 #: client that sends the wrong user's password fails instead of passing by accident.
@@ -152,14 +159,12 @@ class ProsodyConfig:
     firewall_script: str = ""
 
 
-class ProsodyServer:
+class ProsodyServer(LocalXmppServer):
     """One Prosody process with its config, data and log in ``directory``.
 
     Create it with :func:`make_prosody` (or the ``prosody``/``prosody_factory`` fixtures),
     which also starts it. All ports listen on 127.0.0.1 only.
     """
-
-    host = LOOPBACK
 
     def __init__(
         self, directory: Path, config: ProsodyConfig, *, tls: TlsPair | None = None
@@ -292,14 +297,6 @@ class ProsodyServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     def start(self, timeout: float = 20.0) -> None:
         if self.running:
             return
@@ -327,88 +324,33 @@ class ProsodyServer:
             self.stop()
             raise RuntimeError(f"Prosody did not start: {exc}\n{self.diagnostics()}") from exc
 
-    def stop(self) -> int | None:
-        """Stop Prosody by its PID (SIGTERM, then SIGKILL); return its exit status."""
-        if self._process is None:
-            return None
-        proc, self._process = self._process, None
-        return proc.stop()
+    def ack_complaints(self, users: Iterable[str]) -> list[str]:
+        """Lines where mod_smacks logged that a client's ``<a h/>`` did not match.
 
-    def cleanup(self) -> None:
-        """Stop and remove the server's directory."""
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> ProsodyServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def diagnostics(self, max_chars: int = 4000) -> str:
-        parts = []
-        for path in (self.console_log_path, self.log_path):
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            parts.append(f"--- {path.name} ---\n{text[-max_chars:]}")
-        return "\n".join(parts)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        mod_smacks names the session, not the account, in these lines, so every complaint
+        counts whatever ``users`` says: each test has a Prosody of its own.
+        """
+        return [
+            line
+            for line in self.log_text().splitlines()
+            if any(marker in line for marker in ACK_MISMATCH_LOGS)
+        ]
 
     # -- accounts --------------------------------------------------------------------------
-
-    def jid(self, user: str, resource: str | None = None) -> str:
-        bare = f"{user}@{self.domain}"
-        return f"{bare}/{resource}" if resource else bare
 
     def register(self, user: str, password: str) -> None:
         """Create (or re-password) ``user`` with ``prosodyctl register``.
 
         Works whether or not the server runs: internal storage is read from disk on each login.
         """
-        self._hand_over_directory()
-        result = subprocess.run(
-            [
-                self._prosodyctl,
-                "--config",
-                str(self.config_path),
-                "register",
-                user,
-                self.domain,
-                password,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=self.directory,
-            user=self._run_user,
-            group=self._run_user,
-            extra_groups=[] if self._run_user else None,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"prosodyctl register {user} failed ({result.returncode}):\n"
-                f"{result.stdout}{result.stderr}"
-            )
+        self.register_on_host(self.domain, user, password)
         self.users[user] = password
 
-    def register_many(self, users: Mapping[str, str]) -> None:
-        for user, password in users.items():
-            self.register(user, password)
-
     def register_on_host(self, host: str, user: str, password: str) -> str:
-        """Create ``user@host`` on another ``VirtualHost`` of this server; return the JID.
+        """Create ``user@host`` on a ``VirtualHost`` of this server; return the JID.
 
-        The host must be declared in the config (e.g. with ``extra_config``). Such accounts
-        are not in ``users``, which holds the main domain's.
+        A host other than ``domain`` must be declared in the config (e.g. with
+        ``extra_config``); its accounts are not in ``users``, which holds the main domain's.
         """
         self._hand_over_directory()
         result = subprocess.run(
@@ -471,6 +413,10 @@ class ProsodyServer:
     def offline_file(self, user: str) -> Path:
         return self.store_path("offline", user, "list")
 
+    def offline_count(self, user: str) -> int:
+        """How many messages Prosody holds for ``user`` while no resource is online."""
+        return len(self.offline_messages(user))
+
     def offline_messages(self, user: str) -> list[OfflineMessage]:
         """Messages Prosody holds for ``user`` while no resource is online, oldest first."""
         try:
@@ -486,20 +432,6 @@ class ProsodyServer:
         except FileNotFoundError:
             return []
         return [stanza_to_element(item) for item in parse_item_list(data)]
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _hand_over_directory(self) -> None:
-        """Give the server's directory to the user Prosody runs as."""
-        if self._run_user is None:
-            return
-        entry = pwd.getpwnam(self._run_user)
-        for root, dirs, files in os.walk(self.directory):
-            os.chown(root, entry.pw_uid, entry.pw_gid)
-            for name in (*dirs, *files):
-                os.chown(
-                    os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False
-                )
 
 
 def _identity() -> tuple[str | None, bool]:
