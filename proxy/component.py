@@ -59,7 +59,7 @@ from classifier.verdict import Action, Reason, Verdict
 from proxy.errors import ProxyError
 from proxy.hook import DecisionKind, SessionInfo, StanzaHook
 from proxy.pipeline import Decider
-from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch
+from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch, close_connection
 from proxy.stream import Element
 
 log = logging.getLogger(__name__)
@@ -478,19 +478,8 @@ class ComponentLink:
                 CONNECTED.set(0)
             for name, handler in handlers:
                 xmpp.del_event_handler(name, handler)
-            await self._close(xmpp)
+            await close_connection(xmpp)
             self._xmpp = None
-
-    async def _close(self, xmpp: ComponentXMPP) -> None:
-        xmpp.cancel_connection_attempt()
-        if xmpp.transport is not None:
-            try:
-                await asyncio.wait_for(xmpp.disconnect(wait=2.0), 3.0)
-            except (TimeoutError, Exception):
-                xmpp.abort()
-        if xmpp.transport is not None:
-            xmpp.abort()
-        await asyncio.sleep(0)  # let slixmpp's connection_lost run
 
     async def _ping(self, xmpp: ComponentXMPP, end: Callable[[str], None]) -> None:
         cfg = self.config

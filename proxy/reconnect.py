@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +169,30 @@ __all__ = [
     "SessionWatch",
     "backoff_delay",
 ]
+
+
+class XmppConnection(Protocol):
+    """What `close_connection` needs of a slixmpp stream (client or component)."""
+
+    @property
+    def transport(self) -> object | None: ...
+
+    def cancel_connection_attempt(self) -> None: ...
+
+    def disconnect(self, wait: float = 2.0) -> Awaitable[Any]: ...
+
+    def abort(self) -> None: ...
+
+
+async def close_connection(xmpp: XmppConnection) -> None:
+    """End a session's stream: stop slixmpp's own reconnecting, close politely (2 s), else
+    abort, and let its ``connection_lost`` run before the next attempt."""
+    xmpp.cancel_connection_attempt()
+    if xmpp.transport is not None:
+        try:
+            await asyncio.wait_for(xmpp.disconnect(wait=2.0), 3.0)
+        except Exception:  # a timeout, or the stream already broken
+            xmpp.abort()
+    if xmpp.transport is not None:
+        xmpp.abort()
+    await asyncio.sleep(0)

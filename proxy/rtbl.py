@@ -75,7 +75,7 @@ from classifier.blocklists import (
 )
 from classifier.errors import RuleError
 from classifier.jid import normalise_bare
-from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch
+from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch, close_connection
 from proxy.reconnect import backoff_delay as backoff_delay  # its old home; tests import it here
 
 log = logging.getLogger(__name__)
@@ -525,19 +525,8 @@ class RtblSubscriber:
             self._buffers.clear()
             for name, handler in handlers:
                 xmpp.del_event_handler(name, handler)
-            await self._close(xmpp)
+            await close_connection(xmpp)
             self._xmpp = None
-
-    async def _close(self, xmpp: ClientXMPP) -> None:
-        xmpp.cancel_connection_attempt()
-        if xmpp.transport is not None:
-            try:
-                await asyncio.wait_for(xmpp.disconnect(wait=2.0), 3.0)
-            except (TimeoutError, Exception):
-                xmpp.abort()
-        if xmpp.transport is not None:
-            xmpp.abort()
-        await asyncio.sleep(0)  # let slixmpp's connection_lost run
 
     async def _ping(self, xmpp: ClientXMPP, end: Callable[[str], None]) -> None:
         cfg = self.config

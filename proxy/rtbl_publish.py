@@ -42,7 +42,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from classifier.blocklists import RTBL_NODE_KINDS, ListKind
 from classifier.jid import normalise_bare
-from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch
+from proxy.reconnect import ReconnectingTask, SessionEnded, SessionWatch, close_connection
 from proxy.rtbl import (
     MAX_ITEMS_PER_NODE,
     MAX_PAGES,
@@ -307,7 +307,7 @@ class RtblPublisher:
             PUBLISH_CONNECTED.set(0)
             for name, handler in handlers:
                 xmpp.del_event_handler(name, handler)
-            await _close(xmpp)
+            await close_connection(xmpp)
 
     async def _keep_in_sync(self, xmpp: ClientXMPP) -> None:
         cfg = self.config
@@ -415,15 +415,3 @@ class RtblPublisher:
                 return ids
             after = page.next_after
         raise PublishError(f"{node}: more than {MAX_PAGES} pages")
-
-
-async def _close(xmpp: ClientXMPP) -> None:
-    xmpp.cancel_connection_attempt()
-    if xmpp.transport is not None:
-        try:
-            await asyncio.wait_for(xmpp.disconnect(wait=2.0), 3.0)
-        except (TimeoutError, Exception):
-            xmpp.abort()
-    if xmpp.transport is not None:
-        xmpp.abort()
-    await asyncio.sleep(0)

@@ -46,8 +46,8 @@ from archive_api.store.audit import (
     AuditVerifyReport,
 )
 from archive_api.store.chain import ChainLink, Checkpoint
-from archive_api.store.errors import InvalidEntry
-from archive_api.store.query import Query
+from archive_api.store.errors import InvalidEntry, InvalidRequest
+from archive_api.store.query import Query, parse_query
 from archive_api.store.records import ArchiveRecord, canonical_json
 from archive_api.store.tokens import StoredToken
 from classifier.verdict import Action
@@ -183,6 +183,33 @@ class HoldRecord:
     @property
     def active(self) -> bool:
         return self.released_at is None
+
+
+MAX_HOLD_FIELD = 10_000
+"""Longest hold id, case name, author, scope, releaser or release reason a store keeps."""
+
+
+def check_new_hold(hold: HoldRecord) -> None:
+    """What every store checks before it keeps a new hold (InvalidRequest, QuerySyntaxError)."""
+    parse_query(hold.query)  # a hold must be evaluable from day one
+    for name, value in (
+        ("hold_id", hold.hold_id),
+        ("case_name", hold.case_name),
+        ("created_by", hold.created_by),
+        ("scope", hold.scope),
+    ):
+        if not value or len(value) > MAX_HOLD_FIELD:
+            raise InvalidRequest(f"hold {name} must be 1-{MAX_HOLD_FIELD} characters")
+    if not hold.active:
+        raise InvalidRequest("a new hold must not be released already")
+
+
+def check_release(released_by: str, reason: str | None) -> None:
+    """What every store checks before it releases a hold (InvalidRequest)."""
+    if not released_by or len(released_by) > MAX_HOLD_FIELD:
+        raise InvalidRequest(f"released_by must be 1-{MAX_HOLD_FIELD} characters")
+    if reason is not None and len(reason) > MAX_HOLD_FIELD:
+        raise InvalidRequest(f"the release reason must be at most {MAX_HOLD_FIELD} characters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,6 +106,8 @@ from archive_api.store.base import (
     Tombstone,
     VerifyProblem,
     VerifyReport,
+    check_new_hold,
+    check_release,
     parse_marked,
     tombstones_in,
 )
@@ -668,7 +670,6 @@ def _plain_snippet(rec: ArchiveRecord) -> tuple[SnippetPart, ...]:
 # --- documents of the audit log, tokens, holds and retention ----------------------------------
 
 _AUDIT_HEAD_ID: Final = "head"
-_MAX_HOLD_FIELD: Final = 10_000
 _RETENTION_CURSOR_VERSION: Final = 1
 
 
@@ -1823,36 +1824,31 @@ class ElasticsearchStore:
 
     async def _probe_point_in_time(self) -> bool:
         self._check_open()
-        try:
+
+        async def open_and_close() -> None:
             opened = await self._client.open_point_in_time(
                 index=self.index("records"), keep_alive=_PROBE_KEEP_ALIVE
             )
             await self._client.close_point_in_time(id=opened["id"])
-        except ApiError as exc:
-            if exc.meta.status in _UNSUPPORTED:
-                return False
-            raise _translate(exc) from exc
-        except TransportError as exc:
-            raise _translate(exc) from exc
-        return True
+
+        return await self._supported(open_and_close())
 
     async def _probe_scroll(self) -> bool:
         self._check_open()
-        try:
+        scrolled = False
+
+        async def scroll_once() -> None:
+            nonlocal scrolled
             resp = await self._client.search(
                 index=self.index("records"), scroll=_PROBE_KEEP_ALIVE, size=1
             )
             if resp.get("_scroll_id"):
+                scrolled = True
                 await self._client.options(ignore_status=404).clear_scroll(
                     scroll_id=resp["_scroll_id"]
                 )
-        except ApiError as exc:
-            if exc.meta.status in _UNSUPPORTED:
-                return False
-            raise _translate(exc) from exc
-        except TransportError as exc:
-            raise _translate(exc) from exc
-        return bool(resp.get("_scroll_id"))
+
+        return await self._supported(scroll_once()) and scrolled
 
     async def snapshot_pages(
         self, query: Query | str, *, page_size: int = 500
@@ -2406,17 +2402,7 @@ class ElasticsearchStore:
     # -- holds --
 
     async def add_hold(self, hold: HoldRecord) -> None:
-        as_query(hold.query)  # QuerySyntaxError: a hold must be evaluable from day one
-        for name, value in (
-            ("hold_id", hold.hold_id),
-            ("case_name", hold.case_name),
-            ("created_by", hold.created_by),
-            ("scope", hold.scope),
-        ):
-            if not value or len(value) > _MAX_HOLD_FIELD:
-                raise InvalidRequest(f"hold {name} must be 1-{_MAX_HOLD_FIELD} characters")
-        if not hold.active:
-            raise InvalidRequest("a new hold must not be released already")
+        check_new_hold(hold)
         if not await self._create("holds", _hold_doc_id(hold.hold_id), _hold_source(hold)):
             raise InvalidRequest(f"a hold with id {hold.hold_id[:80]!r} exists already")
         await self._refresh("holds")
@@ -2424,10 +2410,7 @@ class ElasticsearchStore:
     async def release_hold(
         self, hold_id: str, *, released_by: str, released_at: datetime, reason: str | None = None
     ) -> HoldRecord:
-        if not released_by or len(released_by) > _MAX_HOLD_FIELD:
-            raise InvalidRequest(f"released_by must be 1-{_MAX_HOLD_FIELD} characters")
-        if reason is not None and len(reason) > _MAX_HOLD_FIELD:
-            raise InvalidRequest(f"the release reason must be at most {_MAX_HOLD_FIELD} characters")
+        check_release(released_by, reason)
         while True:
             found = await self._get("holds", _hold_doc_id(hold_id))
             if found is None:

@@ -119,6 +119,8 @@ from archive_api.store.base import (
     Tombstone,
     VerifyProblem,
     VerifyReport,
+    check_new_hold,
+    check_release,
     parse_marked,
     tombstones_in,
 )
@@ -1604,17 +1606,7 @@ class SqliteStore:
     # -- holds, retention and purge (docs/retention.md) --
 
     async def add_hold(self, hold: HoldRecord) -> None:
-        parse_query(hold.query)  # QuerySyntaxError: a hold must be evaluable from day one
-        for name, value in (
-            ("hold_id", hold.hold_id),
-            ("case_name", hold.case_name),
-            ("created_by", hold.created_by),
-            ("scope", hold.scope),
-        ):
-            if not value or len(value) > _MAX_HOLD_FIELD:
-                raise InvalidRequest(f"hold {name} must be 1-{_MAX_HOLD_FIELD} characters")
-        if not hold.active:
-            raise InvalidRequest("a new hold must not be released already")
+        check_new_hold(hold)
         await self._run(self._add_hold, hold)
 
     def _add_hold(self, hold: HoldRecord) -> None:
@@ -1637,10 +1629,7 @@ class SqliteStore:
     async def release_hold(
         self, hold_id: str, *, released_by: str, released_at: datetime, reason: str | None = None
     ) -> HoldRecord:
-        if not released_by or len(released_by) > _MAX_HOLD_FIELD:
-            raise InvalidRequest(f"released_by must be 1-{_MAX_HOLD_FIELD} characters")
-        if reason is not None and len(reason) > _MAX_HOLD_FIELD:
-            raise InvalidRequest(f"the release reason must be at most {_MAX_HOLD_FIELD} characters")
+        check_release(released_by, reason)
         return await self._run(self._release_hold, hold_id, released_by, released_at, reason)
 
     def _release_hold(
@@ -2435,7 +2424,6 @@ CREATE TABLE IF NOT EXISTS holds (
     release_reason TEXT
 ) STRICT;
 """
-_MAX_HOLD_FIELD: Final = 10_000
 _IN_CHUNK: Final = 500
 
 

@@ -12,6 +12,7 @@ CLI commands (`verify`, `reindex`, `search`), which `run_cli` runs to completion
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -19,7 +20,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import pytest
 
@@ -199,6 +200,32 @@ def server_archived_bodies(prosody: ProsodyServer, user: str) -> list[str]:
         if body is not None and body.text:
             bodies.append(body.text)
     return bodies
+
+
+Outcome = tuple[Literal["delivered", "bounced"], ReceivedMessage]
+
+
+async def send(
+    sender: ChatClient, recipient: ChatClient, body: str, *, timeout: float = 10.0
+) -> Outcome:
+    """Send ``body``; return whether the recipient got it or the sender got an error."""
+    message_id = sender.send_chat(recipient.bare_jid, body)
+    delivered = asyncio.ensure_future(
+        recipient.next_message(timeout, where=lambda m: m.body == body)
+    )
+    bounced = asyncio.ensure_future(
+        sender.next_message(timeout, where=lambda m: m.type == "error" and m.id == message_id)
+    )
+    done, pending = await asyncio.wait(
+        {delivered, bounced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    assert done, f"{body!r}: neither delivered nor bounced within {timeout}s"
+    if bounced in done and bounced.exception() is None:
+        return "bounced", bounced.result()
+    return "delivered", delivered.result()
 
 
 async def receive(

@@ -35,7 +35,7 @@ from stanzaguard.component_service import ComponentService
 from stanzaguard.errors import SettingsError
 from stanzaguard.settings import Settings, load_settings
 from tests.conftest import ClientFactory, ProsodyFactory
-from tests.stanzaguard.conftest import receive
+from tests.stanzaguard.conftest import receive, remote_clients
 from tests.stanzaguard.test_component_e2e import COMPONENT, SECRET, firewall_script
 from tests.support.clients import ChatClient, TlsMode
 from tests.support.prosody import ProsodyConfig, ProsodyServer
@@ -137,25 +137,8 @@ async def component(prosody: ProsodyServer, tmp_path: Path) -> AsyncIterator[Com
 
 @pytest.fixture
 async def remote(prosody: ProsodyServer) -> AsyncIterator[Callable[[str], Awaitable[ChatClient]]]:
-    clients: list[ChatClient] = []
-
-    async def connect(user: str) -> ChatClient:
-        client = ChatClient(
-            f"{user}@{REMOTE}",
-            REMOTE_USERS[user],
-            host=prosody.host,
-            port=prosody.c2s_port,
-            tls=TlsMode.PLAIN,
-        )
-        clients.append(client)
-        await client.connect()
-        return client
-
-    try:
+    async with remote_clients(prosody, REMOTE, REMOTE_USERS) as connect:
         yield connect
-    finally:
-        for client in clients:
-            await client.disconnect()
 
 
 async def eventually(

@@ -23,6 +23,7 @@ from tests.stanzaguard.conftest import (
     ArchivingFactory,
     ArchivingProxy,
     remote_clients,
+    send,
     stanza_error,
 )
 from tests.support.clients import ChatClient, ReceivedMessage
@@ -51,8 +52,6 @@ action = "reject"
 """
 
 pytestmark = pytest.mark.integration
-
-Outcome = tuple[Literal["delivered", "bounced"], ReceivedMessage]
 
 
 @pytest.fixture
@@ -98,27 +97,6 @@ async def start_service(
     assert rtbl is not None
     await eventually(rtbl.synced.is_set, "the RTBL subscriber fetched its nodes")
     return running
-
-
-async def send(sender: ChatClient, recipient: ChatClient, body: str) -> Outcome:
-    """Send ``body``; return whether the recipient got it or the sender got an error."""
-    message_id = sender.send_chat(recipient.bare_jid, body)
-    delivered = asyncio.ensure_future(
-        recipient.next_message(TIMEOUT, where=lambda m: m.body == body)
-    )
-    bounced = asyncio.ensure_future(
-        sender.next_message(TIMEOUT, where=lambda m: m.type == "error" and m.id == message_id)
-    )
-    done, pending = await asyncio.wait(
-        {delivered, bounced}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-    )
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    assert done, f"{body!r}: neither delivered nor bounced within {TIMEOUT}s"
-    if bounced in done and bounced.exception() is None:
-        return "bounced", bounced.result()
-    return "delivered", delivered.result()
 
 
 async def poll_until(

@@ -31,7 +31,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import pytest
@@ -45,9 +45,10 @@ from tests.stanzaguard.conftest import (
     ArchivingFactory,
     ArchivingProxy,
     remote_clients,
+    send,
     stanza_error,
 )
-from tests.support.clients import ChatClient, ReceivedMessage, TlsMode
+from tests.support.clients import ChatClient, TlsMode
 from tests.support.prosody import (
     ProsodyConfig,
     ProsodyServer,
@@ -215,28 +216,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
         if loop.time() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
         await asyncio.sleep(0.1)
-
-
-async def send(
-    sender: ChatClient, recipient: ChatClient, body: str
-) -> tuple[Literal["delivered", "bounced"], ReceivedMessage]:
-    message_id = sender.send_chat(recipient.bare_jid, body)
-    delivered = asyncio.ensure_future(
-        recipient.next_message(TIMEOUT, where=lambda m: m.body == body)
-    )
-    bounced = asyncio.ensure_future(
-        sender.next_message(TIMEOUT, where=lambda m: m.type == "error" and m.id == message_id)
-    )
-    done, pending = await asyncio.wait(
-        {delivered, bounced}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-    )
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    assert done, f"{body!r}: neither delivered nor bounced"
-    if bounced in done and bounced.exception() is None:
-        return "bounced", bounced.result()
-    return "delivered", delivered.result()
 
 
 async def learn_eve(running: ArchivingProxy, eve: ChatClient, alice: ChatClient) -> None:
