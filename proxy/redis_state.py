@@ -627,3 +627,338 @@ class SharedRecentIds:
             log.warning("duplicate ledger write failed", extra={"error": str(exc)})
         else:
             self._written.inc(len(batch))
+
+
+# -- officers' review across replicas: requests, status claims, released-message deliveries ------
+
+REVIEW_PREFIX = "sg:review:"
+REVIEW_GROUP = "proxies"
+#: Requests kept in the stream at most (acknowledged ones are deleted at once).
+REVIEW_STREAM_MAXLEN = 100_000
+MAX_REVIEW_PAYLOAD_BYTES = 64 * 1024
+#: How long outcomes, status claims and delivery marks outlive their last write.
+REVIEW_RETENTION_SECONDS = 30 * 86_400
+_REVIEW_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
+
+# KEYS[1] the target's hash of pending deliveries, KEYS[2] the set of targets with some;
+# ARGV: record id, direction, target (as the set's member), ttl (ms).
+_ADD_PENDING = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS as above; ARGV: record id, target. The target leaves the set with its last delivery,
+# in one step, so that a delivery added meanwhile never loses its target.
+_REMOVE_PENDING = """
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return removed
+"""
+
+# KEYS[1] a record's status claim; ARGV: the claimant's status. Deletes only its own claim.
+_DROP_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedReviewRequest:
+    """One officer's request as read from the stream (its payload is parsed by the caller)."""
+
+    entry_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SharedDelivery:
+    """A released message waiting for (or announced to) its target's sessions."""
+
+    record_id: str
+    target: str  # bare JID, lower case
+    direction: str  # the value of `archive_api.store.records.Direction`
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"record_id": self.record_id, "target": self.target, "direction": self.direction},
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SharedDelivery:
+        """Raises `SharedStateUnavailable` for anything but a well-formed announcement."""
+        try:
+            data: Any = json.loads(raw) if len(raw) <= MAX_REVIEW_PAYLOAD_BYTES else None
+            delivery = cls(str(data["record_id"]), str(data["target"]), str(data["direction"]))
+        except (ValueError, TypeError, KeyError, RecursionError):
+            raise SharedStateUnavailable("unreadable delivery announcement") from None
+        if not _REVIEW_ID.fullmatch(delivery.record_id) or not delivery.target:
+            raise SharedStateUnavailable("unreadable delivery announcement")
+        return delivery
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisReviewBus:
+    """What the replicas share to carry out officers' review actions.
+
+    - *Requests*: one stream (``sg:review:requests``) read by the consumer group ``proxies``;
+      each request goes to one replica, which acknowledges it once its outcome is stored
+      (``sg:review:done:REQUEST_ID``). A replica that dies holding a request loses it to the
+      next one that finds it idle for `claim_idle` seconds (applying twice is harmless).
+    - *Status claims*: the first replica to release or confirm a record claims its status
+      (``SET NX``), so two replicas never decide one held message both ways while their
+      spools wait to be indexed.
+    - *Deliveries*: a released message is pending for its target (a hash per target, a set of
+      targets) until some replica delivered it to a live session; every replica hears of it
+      on the channel ``sg:review:deliver``, and each session gets it once (a set of delivery
+      marks per record, ``SADD`` decides).
+
+    Keys carrying JIDs are SHA-256 digests (JIDs are user-chosen text).
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        consumer: str,
+        claim_idle: float = 30.0,
+        prefix: str = REVIEW_PREFIX,
+    ) -> None:
+        if not (math.isfinite(claim_idle) and claim_idle > 0):
+            raise ValueError("claim_idle must be positive")
+        self._client = client
+        self.consumer = consumer
+        self._claim_idle_ms = math.ceil(claim_idle * 1000)
+        self._prefix = prefix
+        self.requests_key = prefix + "requests"
+        self.channel = prefix + "deliver"
+        self._targets_key = prefix + "pending-targets"
+        self._retention_ms = REVIEW_RETENTION_SECONDS * 1000
+        self._add_pending: AsyncScript = client.register_script(_ADD_PENDING)
+        self._remove_pending: AsyncScript = client.register_script(_REMOVE_PENDING)
+        self._drop_claim: AsyncScript = client.register_script(_DROP_CLAIM)
+        self._group_ready = False
+
+    @classmethod
+    def from_url(cls, url: str, *, consumer: str, timeout: float = 2.0) -> RedisReviewBus:
+        try:
+            client = redis.asyncio.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except (ValueError, redis.RedisError) as exc:
+            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        return cls(client, consumer=consumer)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _digest_key(self, kind: str, text: str) -> str:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self._prefix}{kind}:{digest}"
+
+    @staticmethod
+    def _checked(record_id: str) -> str:
+        if not _REVIEW_ID.fullmatch(record_id):
+            raise SharedStateUnavailable(f"not a record or request id: {record_id[:60]!r}")
+        return record_id
+
+    # -- requests --
+
+    async def submit(self, payload: bytes) -> str:
+        """Add a request to the stream; returns its entry id."""
+        if len(payload) > MAX_REVIEW_PAYLOAD_BYTES:
+            raise SharedStateUnavailable("review request too large")
+        try:
+            entry: Any = await self._client.xadd(
+                self.requests_key,
+                {b"request": payload},
+                maxlen=REVIEW_STREAM_MAXLEN,
+                approximate=True,
+            )
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"review requests unavailable: {exc}") from exc
+        return _text(entry)
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._client.xgroup_create(self.requests_key, REVIEW_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def take(self, *, count: int = 20, block: float = 1.0) -> list[SharedReviewRequest]:
+        """Requests for this replica: first those another replica left idle, then new ones
+        (waiting up to `block` seconds for one)."""
+        try:
+            await self._ensure_group()
+            claimed: Any = await self._client.xautoclaim(
+                self.requests_key,
+                REVIEW_GROUP,
+                self.consumer,
+                min_idle_time=self._claim_idle_ms,
+                start_id="0-0",
+                count=count,
+            )
+            entries = list(claimed[1]) if claimed else []
+            if not entries:
+                answer: Any = await self._client.xreadgroup(
+                    REVIEW_GROUP,
+                    self.consumer,
+                    {self.requests_key: ">"},
+                    count=count,
+                    block=max(1, math.ceil(block * 1000)),
+                )
+                entries = [item for _, items in answer or [] for item in items]
+        except redis.ResponseError as exc:
+            self._group_ready = False  # e.g. the stream was deleted: create the group again
+            raise SharedStateUnavailable(f"review requests unreadable: {exc}") from exc
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"review requests unavailable: {exc}") from exc
+        out: list[SharedReviewRequest] = []
+        for entry_id, fields in entries:
+            payload = (fields or {}).get(b"request", b"")
+            out.append(
+                SharedReviewRequest(_text(entry_id), payload if isinstance(payload, bytes) else b"")
+            )
+        return out
+
+    async def finish(self, entry_id: str, request_id: str | None, outcome: bytes) -> None:
+        """Store the request's outcome (when it has an id) and remove it from the stream."""
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                if request_id is not None and _REVIEW_ID.fullmatch(request_id):
+                    pipe.set(self._prefix + "done:" + request_id, outcome, px=self._retention_ms)
+                pipe.xack(self.requests_key, REVIEW_GROUP, entry_id)
+                pipe.xdel(self.requests_key, entry_id)
+                await pipe.execute()
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"review requests unavailable: {exc}") from exc
+
+    async def outcome(self, request_id: str) -> bytes | None:
+        try:
+            found: Any = await self._client.get(self._prefix + "done:" + self._checked(request_id))
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"review outcomes unavailable: {exc}") from exc
+        return found if isinstance(found, bytes) else None
+
+    # -- status claims --
+
+    async def claim_status(self, record_id: str, status: str) -> str | None:
+        """Claim `status` for the record; None when claimed, else the status claimed before."""
+        key = self._prefix + "status:" + self._checked(record_id)
+        try:
+            if await self._client.set(key, status, nx=True, px=self._retention_ms):
+                return None
+            before: Any = await self._client.get(key)
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"review statuses unavailable: {exc}") from exc
+        return _text(before) if before is not None else None
+
+    async def drop_claim(self, record_id: str, status: str) -> None:
+        """Undo this replica's claim (its spool refused the status entry)."""
+        key = self._prefix + "status:" + self._checked(record_id)
+        try:
+            await self._drop_claim(keys=[key], args=[status])
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"review statuses unavailable: {exc}") from exc
+
+    # -- deliveries --
+
+    async def add_pending(self, delivery: SharedDelivery) -> None:
+        """Record a released message as pending for its target and tell every replica."""
+        self._checked(delivery.record_id)
+        try:
+            await self._add_pending(
+                keys=[self._digest_key("pending", delivery.target), self._targets_key],
+                args=[delivery.record_id, delivery.direction, delivery.target, self._retention_ms],
+            )
+            await self._client.publish(self.channel, delivery.to_json())
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"pending deliveries unavailable: {exc}") from exc
+
+    async def pending_for(self, target: str) -> list[SharedDelivery]:
+        try:
+            found: Any = await self._client.hgetall(self._digest_key("pending", target))
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"pending deliveries unavailable: {exc}") from exc
+        out = [
+            SharedDelivery(_text(record_id), target, _text(direction))
+            for record_id, direction in (found or {}).items()
+        ]
+        return sorted((d for d in out if _REVIEW_ID.fullmatch(d.record_id)), key=str)
+
+    async def pending_targets(self) -> set[str]:
+        try:
+            found: Any = await self._client.smembers(self._targets_key)
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"pending deliveries unavailable: {exc}") from exc
+        return {_text(member) for member in found or ()}
+
+    async def remove_pending(self, delivery: SharedDelivery) -> None:
+        try:
+            await self._remove_pending(
+                keys=[self._digest_key("pending", delivery.target), self._targets_key],
+                args=[self._checked(delivery.record_id), delivery.target],
+            )
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"pending deliveries unavailable: {exc}") from exc
+
+    async def claim_delivery(self, record_id: str, destination: str) -> bool:
+        """True for the first replica to deliver the record to `destination` (a full JID, or
+        the server for a message a local user sent)."""
+        key = self._prefix + "delivered:" + self._checked(record_id)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.sadd(key, destination.encode("utf-8", "surrogatepass"))
+                pipe.pexpire(key, self._retention_ms)
+                added, _ = await pipe.execute()
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"delivery marks unavailable: {exc}") from exc
+        return bool(added)
+
+    async def delivered_to(self, record_id: str) -> list[str]:
+        key = self._prefix + "delivered:" + self._checked(record_id)
+        try:
+            found: Any = await self._client.smembers(key)
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"delivery marks unavailable: {exc}") from exc
+        return sorted(_text(member) for member in found or ())
+
+    async def announcements(self) -> redis.asyncio.client.PubSub:
+        """A subscription to the delivery channel (read it with `next_announcement`)."""
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+        except redis.RedisError as exc:
+            await self.close_announcements(pubsub)
+            raise SharedStateUnavailable(f"delivery channel unavailable: {exc}") from exc
+        return pubsub
+
+    @staticmethod
+    async def close_announcements(pubsub: redis.asyncio.client.PubSub) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    async def next_announcement(pubsub: redis.asyncio.client.PubSub, within: float) -> bytes | None:
+        """The next raw announcement, or None when none came within `within` seconds."""
+        try:
+            message: Any = await pubsub.get_message(ignore_subscribe_messages=True, timeout=within)
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"delivery channel unavailable: {exc}") from exc
+        if not message or message.get("type") != "message":
+            return None
+        data = message.get("data")
+        return data if isinstance(data, bytes) else None

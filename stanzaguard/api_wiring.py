@@ -6,7 +6,8 @@
   when the `archive_api.web` package provides one as `router`).
 - Review actions: beside a running proxy (`stanzaguard run`) they call its quarantine
   service directly (`ServiceReview`); alone (`stanzaguard api`) they go through the review
-  mailbox in DATA/review that the proxy polls every second (`MailboxReview`).
+  mailbox in DATA/review that the proxy polls every second, or with review_queue = "redis"
+  through the queue in Redis that every proxy replica takes requests from (`MailboxReview`).
 - The policy store (`FilePolicyStore`) is the policy file the proxy already reloads on
   change, plus a versioned history in DATA/policy-history; writing a version replaces the
   file atomically, and running proxies pick it up within a second.
@@ -71,11 +72,13 @@ from stanzaguard.errors import SettingsError, StanzaGuardError
 from stanzaguard.keys import load_or_create_signer
 from stanzaguard.learning import Label
 from stanzaguard.quarantine import (
+    FileChannel,
     Outcome,
     QuarantineService,
+    RedisChannel,
     RequestKind,
-    RequestQueue,
-    ReviewPaths,
+    ReviewChannel,
+    ReviewQueueUnavailable,
 )
 from stanzaguard.rtbl_publishing import blocklist_routers
 from stanzaguard.settings import Settings, split_host_port
@@ -146,27 +149,44 @@ class ServiceReview:
         return await self._do(record_id, work)
 
 
-class MailboxReview:
-    """Review actions handed to the running proxy through DATA/review (the same mailbox the
-    `stanzaguard quarantine` commands use); answered once applied, or as queued."""
+def review_channel(settings: Settings) -> ReviewChannel:
+    """Where officers' requests go when no proxy runs in this process: DATA/review, or the
+    replicas' queue in Redis (review_queue = "redis")."""
+    if settings.review_queue != "redis" or settings.redis_url is None:
+        return FileChannel(settings.data_dir)
+    from proxy.redis_state import RedisReviewBus, SharedStateUnavailable
 
-    def __init__(self, data_dir: Path, store: ArchiveStore, *, wait: float = MAILBOX_WAIT) -> None:
-        self._queue = RequestQueue(ReviewPaths.of(data_dir))
+    try:
+        bus = RedisReviewBus.from_url(settings.redis_url.get_secret_value(), consumer="api")
+    except SharedStateUnavailable as exc:
+        raise SettingsError(f"redis_url: {exc}") from None
+    return RedisChannel(bus)
+
+
+class MailboxReview:
+    """Review actions handed to the running proxies through a `ReviewChannel` (the mailbox in
+    DATA/review that the `stanzaguard quarantine` commands use too, or the replicas' queue in
+    Redis); answered once applied, or as queued."""
+
+    def __init__(
+        self, channel: ReviewChannel, store: ArchiveStore, *, wait: float = MAILBOX_WAIT
+    ) -> None:
+        self._channel = channel
         self._store = store
         self._wait = wait
 
     async def _submit(self, kind: RequestKind, record_id: str, actor: str) -> ReviewOutcome:
         try:
-            request = await asyncio.to_thread(self._queue.submit, kind, record_id, actor)
-        except OSError as exc:
-            raise ReviewUnavailable(f"the review mailbox is unavailable: {exc}") from None
+            request = await self._channel.submit(kind, record_id, actor)
+            outcome = await self._channel.wait(request.request_id, self._wait)
+        except ReviewQueueUnavailable as exc:
+            raise ReviewUnavailable(str(exc)) from None
         except StanzaGuardError as exc:
             return ReviewOutcome(False, str(exc), record_id)
-        outcome = await asyncio.to_thread(self._queue.wait, request.request_id, self._wait)
         if outcome is None:
             return ReviewOutcome(
                 True,
-                f"queued as request {request.request_id}: the running proxy applies it "
+                f"queued as request {request.request_id}: a running proxy applies it "
                 "within a second of seeing it (or when it starts)",
                 record_id,
                 queued=True,
@@ -525,6 +545,7 @@ class ApiService:
     # The service's own SQLite database, for what lives there even when the archive is in
     # Elasticsearch (the published block list); the archive itself when that is SQLite.
     local: SqliteStore | None = None
+    channel: ReviewChannel | None = None  # officers' requests to the proxies, when it is not
 
     @classmethod
     async def open(
@@ -544,15 +565,17 @@ class ApiService:
         # The archive the settings choose: its audit log, tokens and holds live beside it.
         store = await open_store_spec(spec_from_settings(settings, data_dir / "archive.sqlite3"))
         local: SqliteStore | None = store if isinstance(store, SqliteStore) else None
+        channel: ReviewChannel | None = None
         try:
             if local is None and settings.blocklist_learning:
                 local = await SqliteStore.open(data_dir / "archive.sqlite3")
             audit = AuditLog(store, signer, clock)
-            review = (
-                ServiceReview(quarantine, store)
-                if quarantine is not None
-                else MailboxReview(data_dir, store)
-            )
+            review: ServiceReview | MailboxReview
+            if quarantine is not None:
+                review = ServiceReview(quarantine, store)
+            else:
+                channel = review_channel(settings)
+                review = MailboxReview(channel, store)
             ctx = ApiContext(
                 config=api_config(settings),
                 store=store,
@@ -583,8 +606,10 @@ class ApiService:
             await store.close()
             if local is not None and local is not store:
                 await local.close()
+            if channel is not None:
+                await channel.close()
             raise
-        return cls(ctx, app, store, local)
+        return cls(ctx, app, store, local, channel)
 
     async def close(self) -> None:
         try:
@@ -598,6 +623,8 @@ class ApiService:
             await self.store.close()
             if self.local is not None and self.local is not self.store:
                 await self.local.close()
+            if self.channel is not None:
+                await self.channel.close()
 
 
 class _Server(uvicorn.Server):

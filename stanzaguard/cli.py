@@ -561,17 +561,37 @@ def quarantine_list(
     Console(stderr=True).print(f"{len(records)} message(s)")
 
 
-def _submit(kind: str, record_id: str, actor: str, data_dir: Path, wait: float) -> None:
-    from stanzaguard.quarantine import RequestKind, RequestQueue, ReviewPaths
+def _submit(
+    kind: str, record_id: str, actor: str, data_dir: Path, wait: float, config: Path | None
+) -> None:
+    from stanzaguard.api_wiring import review_channel
+    from stanzaguard.quarantine import FileChannel, Outcome, Request, RequestKind, ReviewChannel
 
-    if not (data_dir / "spool").is_dir() and not (data_dir / "archive.sqlite3").exists():
-        raise _fail(StanzaGuardError(f"no StanzaGuard data in {data_dir} (is --data-dir right?)"))
-    queue = RequestQueue(ReviewPaths.of(data_dir))
     try:
-        request = queue.submit(RequestKind(kind), record_id, actor)
-    except (StanzaGuardError, OSError) as exc:
+        settings = load_settings(config, data_dir=data_dir) if config is not None else None
+    except StanzaGuardError as exc:
         raise _fail(exc) from None
-    outcome = queue.wait(request.request_id, wait)
+    channel: ReviewChannel
+    if settings is not None and settings.review_queue == "redis":
+        channel = review_channel(settings)
+    else:
+        if not (data_dir / "spool").is_dir() and not (data_dir / "archive.sqlite3").exists():
+            raise _fail(
+                StanzaGuardError(f"no StanzaGuard data in {data_dir} (is --data-dir right?)")
+            )
+        channel = FileChannel(data_dir)
+
+    async def submit() -> tuple[Request, Outcome | None]:
+        try:
+            request = await channel.submit(RequestKind(kind), record_id, actor)
+            return request, await channel.wait(request.request_id, wait)
+        finally:
+            await channel.close()
+
+    try:
+        request, outcome = asyncio.run(submit())
+    except StanzaGuardError as exc:
+        raise _fail(exc) from None
     if outcome is None:
         typer.echo(
             f"request {request.request_id} queued: the running service applies it within a "
@@ -589,12 +609,13 @@ def quarantine_release(
     actor: ActorOption,
     data_dir: DataDirOption = Path("stanzaguard-data"),
     wait: WaitOption = 10.0,
+    config: ConfigOption = None,
 ) -> None:
     """Release a held message: audited, then delivered (now, or at the recipient's login).
 
     Exits 0 when applied, 1 when refused, 3 when queued but not applied within --wait.
     """
-    _submit("release", record_id, actor, data_dir, wait)
+    _submit("release", record_id, actor, data_dir, wait, config)
 
 
 @quarantine_app.command("confirm-spam")
@@ -603,12 +624,13 @@ def quarantine_confirm_spam(
     actor: ActorOption,
     data_dir: DataDirOption = Path("stanzaguard-data"),
     wait: WaitOption = 10.0,
+    config: ConfigOption = None,
 ) -> None:
     """Confirm a held message as spam: audited; it is never delivered.
 
     Exits 0 when applied, 1 when refused, 3 when queued but not applied within --wait.
     """
-    _submit("confirm-spam", record_id, actor, data_dir, wait)
+    _submit("confirm-spam", record_id, actor, data_dir, wait, config)
 
 
 @app.command()
@@ -618,11 +640,12 @@ def label(
     actor: ActorOption,
     data_dir: DataDirOption = Path("stanzaguard-data"),
     wait: WaitOption = 10.0,
+    config: ConfigOption = None,
 ) -> None:
     """Label an archived message spam or ham: a training example (and reputation, for spam)."""
     if verdict not in ("spam", "ham"):
         raise _fail(StanzaGuardError("the label must be 'spam' or 'ham'"))
-    _submit(f"label-{verdict}", record_id, actor, data_dir, wait)
+    _submit(f"label-{verdict}", record_id, actor, data_dir, wait, config)
 
 
 # -- text model: train and evaluate (work in stanzaguard/textmodel.py) ------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -63,6 +64,12 @@ from proxy.errors import SpoolUnavailable
 from proxy.hook import Decision, SessionInfo, StanzaHook
 from proxy.indexer import IndexControl
 from proxy.pipeline import SpoolWriter
+from proxy.redis_state import (
+    RedisReviewBus,
+    SharedDelivery,
+    SharedReviewRequest,
+    SharedStateUnavailable,
+)
 from proxy.stanza import RosterEvent
 from proxy.stream import Element
 from proxy.trust import adds_contact
@@ -77,7 +84,12 @@ log = logging.getLogger(__name__)
 DELAY_NS = "urn:xmpp:delay"
 MAX_ACTOR_CHARS = 200
 ROSTER_ACTOR_PREFIX = "roster:"
+#: The delivery mark of a released message a local user sent: it goes to the server once.
+SERVER_DESTINATION = "@server"
 _PAGE = 500
+
+_RECORD_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
+_REQUEST_ID = re.compile(r"[0-9a-f]{16}")
 
 # Inside a start tag '>' can only appear within a quoted attribute value.
 _START_TAG = re.compile(rb"""<message\b(?:[^'">]|"[^"]*"|'[^']*')*>""")
@@ -120,6 +132,38 @@ class Request:
             actor=str(data["actor"]),
             requested_at=datetime.fromisoformat(data["requested_at"]),
         )
+
+    @classmethod
+    def new(cls, kind: RequestKind, record_id: str, actor: str) -> Request:
+        """A fresh request, its record id and actor checked."""
+        record_id = record_id.strip()
+        if not _RECORD_ID.fullmatch(record_id):
+            raise StanzaGuardError(f"not a record id: {record_id[:60]!r}")
+        return cls(
+            request_id=secrets.token_hex(8),
+            kind=kind,
+            record_id=record_id,
+            actor=check_actor(actor),
+            requested_at=datetime.now(UTC),
+        )
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Request:
+        """A request from a shared queue (anyone who can write there wrote it).
+
+        Raises:
+            StanzaGuardError: for anything but a well-formed request.
+        """
+        try:
+            request = cls.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise StanzaGuardError("unreadable review request") from None
+        if not _REQUEST_ID.fullmatch(request.request_id):
+            raise StanzaGuardError("unreadable review request: bad request id")
+        if not _RECORD_ID.fullmatch(request.record_id):
+            raise StanzaGuardError("unreadable review request: bad record id")
+        check_actor(request.actor)
+        return request
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,16 +271,7 @@ class RequestQueue:
         self.paths = paths
 
     def submit(self, kind: RequestKind, record_id: str, actor: str) -> Request:
-        record_id = record_id.strip()
-        if not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", record_id):
-            raise StanzaGuardError(f"not a record id: {record_id[:60]!r}")
-        request = Request(
-            request_id=secrets.token_hex(8),
-            kind=kind,
-            record_id=record_id,
-            actor=check_actor(actor),
-            requested_at=datetime.now(UTC),
-        )
+        request = Request.new(kind, record_id, actor)
         stamp = time.time_ns()
         name = f"{stamp:020d}-{request.request_id}.json"
         _write_atomic(self.paths.requests / name, _dump(request.to_json()))
@@ -285,6 +320,80 @@ class RequestQueue:
             if found is not None or time.monotonic() >= deadline:
                 return found
             time.sleep(interval)
+
+
+class ReviewQueueUnavailable(StanzaGuardError):
+    """The queue between officers and the service (files or Redis) cannot take a request."""
+
+
+class ReviewChannel(Protocol):
+    """How an officer's request reaches the service that applies it, and its outcome back."""
+
+    async def submit(self, kind: RequestKind, record_id: str, actor: str) -> Request: ...
+
+    async def wait(self, request_id: str, within: float) -> Outcome | None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileChannel:
+    """Requests through the mailbox in DATA/review (one machine: the proxy reads it)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.queue = RequestQueue(ReviewPaths.of(data_dir))
+
+    async def submit(self, kind: RequestKind, record_id: str, actor: str) -> Request:
+        try:
+            return await asyncio.to_thread(self.queue.submit, kind, record_id, actor)
+        except OSError as exc:
+            raise ReviewQueueUnavailable(f"the review mailbox is unavailable: {exc}") from None
+
+    async def wait(self, request_id: str, within: float) -> Outcome | None:
+        try:
+            return await asyncio.to_thread(self.queue.wait, request_id, within)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ReviewQueueUnavailable(f"the review mailbox is unavailable: {exc}") from None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisChannel:
+    """Requests through the replicas' shared stream in Redis (review_queue = "redis"): any
+    proxy replica applies each one, wherever the API or the command runs."""
+
+    def __init__(self, bus: RedisReviewBus, *, interval: float = 0.1) -> None:
+        self.bus = bus
+        self.interval = interval
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def submit(self, kind: RequestKind, record_id: str, actor: str) -> Request:
+        request = Request.new(kind, record_id, actor)
+        payload = json.dumps(request.to_json(), ensure_ascii=False).encode()
+        try:
+            await self.bus.submit(payload)
+        except SharedStateUnavailable as exc:
+            raise ReviewQueueUnavailable(f"the review queue is unavailable: {exc}") from None
+        return request
+
+    async def wait(self, request_id: str, within: float) -> Outcome | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                raw = await self.bus.outcome(request_id)
+            except SharedStateUnavailable as exc:
+                raise ReviewQueueUnavailable(f"the review queue is unavailable: {exc}") from None
+            if raw is not None:
+                try:
+                    return Outcome.from_json(json.loads(raw))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ReviewQueueUnavailable("unreadable review outcome") from None
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(self.interval)
 
 
 @dataclass(slots=True)
@@ -405,6 +514,9 @@ class QuarantineService:
         learning: Learning | None = None,
         on_spooled: Callable[[], None] | None = None,
         poll_interval: float = 1.0,
+        shared: RedisReviewBus | None = None,
+        sweep_interval: float = 5.0,
+        delivery_wait: float = 1.0,
     ) -> None:
         self.paths = ReviewPaths.of(data_dir)
         self.requests = RequestQueue(self.paths)
@@ -417,12 +529,20 @@ class QuarantineService:
         self.learning = learning
         self.on_spooled = on_spooled
         self.poll_interval = poll_interval
+        self.shared = shared
+        self.sweep_interval = sweep_interval
+        self.delivery_wait = delivery_wait
         self.proxy: C2SProxy | None = None
         self._lock = asyncio.Lock()
         # Statuses set by this process, ahead of the store (the indexer runs behind).
         self._decided: dict[str, RecordStatus] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._poller: asyncio.Task[None] | None = None
+        self._shared_tasks: list[asyncio.Task[None]] = []
+        # Released while Redis could not take the announcement: retried by the sweep.
+        self._unannounced: list[SharedDelivery] = []
+        # Sessions whose pending deliveries were already looked up in Redis.
+        self._looked_up: set[str] = set()
 
     # -- lifecycle --
 
@@ -432,6 +552,12 @@ class QuarantineService:
     async def start(self) -> None:
         await asyncio.to_thread(self.pending.load)
         self._poller = asyncio.create_task(self._poll())
+        if self.shared is not None:
+            self._shared_tasks = [
+                asyncio.create_task(self._take_shared_requests()),
+                asyncio.create_task(self._listen_announcements()),
+                asyncio.create_task(self._sweep_forever()),
+            ]
 
     async def stop(self) -> None:
         if self._poller is not None:
@@ -439,6 +565,12 @@ class QuarantineService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        for task in self._shared_tasks:
+            task.cancel()
+        for task in self._shared_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._shared_tasks = []
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -485,7 +617,18 @@ class QuarantineService:
             assert record is not None
             if self._status(record) == RecordStatus.RELEASED:
                 return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
-            outcome = await self._release(record, actor)
+            before = await self._claim(record_id, RecordStatus.RELEASED)
+            if before == RecordStatus.RELEASED:
+                self._decided[record_id] = before
+                return Outcome(True, "already released", record_id, before)
+            if before is not None:
+                self._decided[record_id] = before
+                return Outcome(False, "confirmed spam is never delivered", record_id, before)
+            try:
+                outcome = await self._release(record, actor)
+            except SpoolUnavailable:
+                await self._drop_claim(record_id, RecordStatus.RELEASED)
+                raise
         if label and self.learning is not None:
             await self.learning.officer_label(record, Label.HAM, actor)
         return outcome
@@ -504,18 +647,25 @@ class QuarantineService:
                 return Outcome(True, "already confirmed spam", record_id, status)
             if status != RecordStatus.HELD:
                 return Outcome(False, f"the message is {status.value}, not held", record_id, status)
+            before = await self._claim(record_id, RecordStatus.CONFIRMED_SPAM)
+            if before is not None:
+                self._decided[record_id] = before
+                if before == RecordStatus.CONFIRMED_SPAM:
+                    return Outcome(True, "already confirmed spam", record_id, before)
+                return Outcome(False, f"the message is {before.value}, not held", record_id, before)
             now = self.clock.now()
-            await self._append(
-                [
-                    SpoolEntry(
-                        EntryOp.STATUS,
-                        record_id,
-                        status=RecordStatus.CONFIRMED_SPAM,
-                        actor=actor,
-                        at=now,
-                    )
-                ]
+            entry = SpoolEntry(
+                EntryOp.STATUS,
+                record_id,
+                status=RecordStatus.CONFIRMED_SPAM,
+                actor=actor,
+                at=now,
             )
+            try:
+                await self._append([entry])
+            except SpoolUnavailable:
+                await self._drop_claim(record_id, RecordStatus.CONFIRMED_SPAM)
+                raise
             self._decided[record_id] = RecordStatus.CONFIRMED_SPAM
         if self.learning is not None:
             await self.learning.officer_label(record, Label.SPAM, actor)
@@ -552,7 +702,27 @@ class QuarantineService:
             return Outcome(False, f"the message is {status.value}, not held", record_id, status)
         return None
 
+    async def _claim(self, record_id: str, status: RecordStatus) -> RecordStatus | None:
+        """Across replicas, the first decision on a held record wins (None: this one)."""
+        if self.shared is None:
+            return None
+        before = await self.shared.claim_status(record_id, status.value)
+        if before is None:
+            return None
+        try:
+            return RecordStatus(before)
+        except ValueError:
+            log.error("quarantine: unreadable shared status", extra={"record": record_id})
+            return RecordStatus.HELD  # refuse rather than guess
+
+    async def _drop_claim(self, record_id: str, status: RecordStatus) -> None:
+        if self.shared is not None:
+            with contextlib.suppress(SharedStateUnavailable):
+                await self.shared.drop_claim(record_id, status.value)
+
     async def _release(self, record: ArchiveRecord, actor: str) -> Outcome:
+        if self.shared is not None:
+            return await self._release_shared(record, actor, self.shared)
         now = self.clock.now()
         record_id = record.record_id
         target, direction = _delivery_target(record)
@@ -583,6 +753,67 @@ class QuarantineService:
             RecordStatus.RELEASED,
             delivered_to=tuple(delivered),
         )
+
+    async def _release_shared(
+        self, record: ArchiveRecord, actor: str, shared: RedisReviewBus
+    ) -> Outcome:
+        """Released on one replica, delivered by whichever holds the recipient's sessions."""
+        record_id = record.record_id
+        entry = SpoolEntry(
+            EntryOp.STATUS,
+            record_id,
+            status=RecordStatus.RELEASED,
+            actor=actor,
+            at=self.clock.now(),
+        )
+        await self._append([entry])
+        self._decided[record_id] = RecordStatus.RELEASED
+        log.info("quarantine: released", extra={"record": record_id, "actor": actor})
+        target, direction = _delivery_target(record)
+        delivery = SharedDelivery(record_id, target.lower(), direction.value)
+        try:
+            await shared.add_pending(delivery)
+        except SharedStateUnavailable as exc:
+            log.error("quarantine: release not announced yet; retried", extra={"error": str(exc)})
+            self._unannounced.append(delivery)
+            return Outcome(
+                True,
+                "released; its delivery is announced to the proxies when Redis answers",
+                record_id,
+                RecordStatus.RELEASED,
+                pending=True,
+            )
+        delivered = await self._delivered_within(record_id, self.delivery_wait)
+        if not delivered:
+            return Outcome(
+                True,
+                f"released; {target} has no live session: delivered at their next login",
+                record_id,
+                RecordStatus.RELEASED,
+                pending=True,
+            )
+        return Outcome(
+            True,
+            f"released and delivered to {len(delivered)} session(s)",
+            record_id,
+            RecordStatus.RELEASED,
+            delivered_to=tuple(delivered),
+        )
+
+    async def _delivered_within(self, record_id: str, within: float) -> list[str]:
+        """Where the proxies delivered a released record, waiting up to `within` seconds."""
+        if self.shared is None:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                found = await self.shared.delivered_to(record_id)
+            except SharedStateUnavailable:
+                return []
+            if found or loop.time() >= deadline:
+                return [jid for jid in found if jid != SERVER_DESTINATION]
+            await asyncio.sleep(0.05)
 
     # -- delivery --
 
@@ -623,10 +854,23 @@ class QuarantineService:
             return domain
         return self.domains[0]
 
+    def may_have_pending(self, bare_jid: str | None, full_jid: str | None) -> bool:
+        """Whether a session's initial presence should look for released messages."""
+        if self.pending.has(bare_jid):
+            return True
+        return self.shared is not None and full_jid is not None and full_jid not in self._looked_up
+
     def session_ready(self, info: SessionInfo) -> None:
         """The client sent its initial presence: deliver what was released for it."""
         if self.pending.has(info.bare_jid):
             self._spawn(self._deliver_pending(info))
+        if self.shared is not None and info.bound_jid and info.bound_jid not in self._looked_up:
+            self._looked_up.add(info.bound_jid)
+            self._spawn(self._deliver_shared_at_login(info))
+
+    def session_gone(self, info: SessionInfo) -> None:
+        if info.bound_jid is not None:
+            self._looked_up.discard(info.bound_jid)
 
     async def _deliver_pending(self, info: SessionInfo) -> None:
         bare = info.bare_jid
@@ -653,6 +897,196 @@ class QuarantineService:
                 done.append(item)
             await asyncio.to_thread(self.pending.remove, done)
 
+    # -- deliveries across replicas (review_queue = "redis") --
+
+    async def _deliver_shared_at_login(self, info: SessionInfo) -> None:
+        if self.shared is None or info.bare_jid is None:
+            return
+        try:
+            waiting = await self.shared.pending_for(info.bare_jid.lower())
+        except SharedStateUnavailable as exc:
+            log.warning("quarantine: pending deliveries unavailable", extra={"error": str(exc)})
+            self.session_gone(info)  # looked up again at the next presence or sweep
+            return
+        for delivery in waiting:
+            await self.deliver_shared(delivery, only=info)
+
+    async def deliver_shared(
+        self, delivery: SharedDelivery, *, only: SessionInfo | None = None
+    ) -> list[str]:
+        """Deliver an announced release to this replica's live sessions of its target (or to
+        `only`); each session gets it once, whichever replica got there first."""
+        shared = self.shared
+        if shared is None or self.proxy is None:
+            return []
+        try:
+            direction = Direction(delivery.direction)
+        except ValueError:
+            log.error("quarantine: bad delivery direction", extra={"record": delivery.record_id})
+            return []
+        sessions = self._sessions(delivery.target, Direction.TO_CLIENT)  # every live one
+        if only is not None:
+            sessions = [s for s in sessions if s.info is only]
+        if direction == Direction.FROM_CLIENT:
+            sessions = sessions[:1]  # an outgoing message goes to the server once
+        if not sessions:
+            return []
+        async with self._lock:
+            record = await self._record(delivery.record_id)
+            if (
+                record is None
+                or record.kind is not RecordKind.MESSAGE
+                or record.verdict.action is not Action.QUARANTINE
+                or self._status(record) == RecordStatus.CONFIRMED_SPAM
+            ):
+                log.error(
+                    "quarantine: announced release not deliverable",
+                    extra={"record": delivery.record_id},
+                )
+                await shared.remove_pending(delivery)
+                return []
+            claimed: list[ClientSession] = []
+            for session in sessions:
+                destination = (
+                    SERVER_DESTINATION
+                    if direction == Direction.FROM_CLIENT
+                    else session.info.bound_jid or ""
+                )
+                if await shared.claim_delivery(record.record_id, destination):
+                    claimed.append(session)
+            if not claimed:
+                return []
+            await self._append(_observations(record.record_id, claimed, self.clock.now()))
+            delivered = self._inject(record, claimed, direction)
+            await shared.remove_pending(delivery)
+        log.info(
+            "quarantine: released message delivered",
+            extra={"record": record.record_id, "sessions": len(delivered)},
+        )
+        return delivered
+
+    def _local_targets(self) -> set[str]:
+        if self.proxy is None:
+            return set()
+        return {
+            (s.info.bare_jid or "").lower()
+            for s in self.proxy.sessions
+            if s.info.bound_jid and not s.client.closed and s.server is not None
+        }
+
+    async def sweep(self) -> int:
+        """Announce what Redis could not take before, and deliver every pending release whose
+        target has a live session here (announcements missed while unsubscribed)."""
+        shared = self.shared
+        if shared is None:
+            return 0
+        while self._unannounced:
+            await shared.add_pending(self._unannounced[0])
+            self._unannounced.pop(0)
+        here = self._local_targets()
+        delivered = 0
+        for target in sorted(here & await shared.pending_targets()):
+            for delivery in await shared.pending_for(target):
+                delivered += len(await self.deliver_shared(delivery))
+        return delivered
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except (SharedStateUnavailable, SpoolUnavailable) as exc:
+                log.warning("quarantine: delivery sweep failed", extra={"error": str(exc)})
+            except Exception:
+                log.exception("quarantine: delivery sweep failed")
+
+    async def _listen_announcements(self) -> None:
+        shared = self.shared
+        assert shared is not None
+        while True:
+            try:
+                pubsub = await shared.announcements()
+            except SharedStateUnavailable as exc:
+                log.warning("quarantine: delivery channel unavailable", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                with contextlib.suppress(SharedStateUnavailable, SpoolUnavailable):
+                    await self.sweep()  # what was announced while not subscribed
+                while True:
+                    raw = await shared.next_announcement(pubsub, 1.0)
+                    if raw is None:
+                        continue
+                    try:
+                        delivery = SharedDelivery.from_json(raw)
+                    except SharedStateUnavailable:
+                        log.error("quarantine: unreadable delivery announcement ignored")
+                        continue
+                    if delivery.target in self._local_targets():
+                        self._spawn(self._deliver_announced(delivery))
+            except SharedStateUnavailable as exc:
+                log.warning("quarantine: delivery channel lost", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+            finally:
+                await shared.close_announcements(pubsub)
+
+    async def _deliver_announced(self, delivery: SharedDelivery) -> None:
+        try:
+            await self.deliver_shared(delivery)
+        except (SharedStateUnavailable, SpoolUnavailable) as exc:
+            log.warning("quarantine: delivery postponed to the sweep", extra={"error": str(exc)})
+
+    async def _take_shared_requests(self) -> None:
+        shared = self.shared
+        assert shared is not None
+        while True:
+            try:
+                batch = await shared.take(block=self.poll_interval)
+            except SharedStateUnavailable as exc:
+                log.warning("quarantine: review queue unavailable", extra={"error": str(exc)})
+                await asyncio.sleep(self.poll_interval)
+                continue
+            try:
+                await self.apply_shared(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("quarantine: applying shared requests failed; retrying")
+                await asyncio.sleep(self.poll_interval)
+
+    async def apply_shared(self, batch: Sequence[SharedReviewRequest]) -> int:
+        """Apply requests read from the shared queue; return how many were finished. One
+        that cannot be applied now (spool or Redis unavailable) stays unacknowledged and is
+        taken again later, by this replica or another."""
+        shared = self.shared
+        if shared is None or not batch:
+            return 0
+        if self.indexer is not None:
+            await self.indexer.drain()
+        finished = 0
+        for item in batch:
+            try:
+                request = Request.parse(item.payload)
+            except StanzaGuardError as exc:
+                log.error("quarantine: %s; removed", exc)
+                await shared.finish(item.entry_id, None, b"")
+                finished += 1
+                continue
+            try:
+                outcome = await self.apply(request)
+            except (SpoolUnavailable, SharedStateUnavailable) as exc:
+                log.error("quarantine: request postponed", extra={"error": str(exc)})
+                break
+            except StanzaGuardError as exc:
+                outcome = Outcome(False, str(exc), request.record_id)
+            answer = dataclasses.replace(outcome, request_id=request.request_id)
+            payload = json.dumps(answer.to_json(), ensure_ascii=False).encode()
+            await shared.finish(item.entry_id, request.request_id, payload)
+            finished += 1
+        return finished
+
     # -- the recipient adds the sender --
 
     def roster_seen(self, owner: str, event: RosterEvent) -> None:
@@ -676,8 +1110,8 @@ class QuarantineService:
                         record.record_id, ROSTER_ACTOR_PREFIX + owner.lower(), label=False
                     )
                 )
-            except SpoolUnavailable:
-                log.error("quarantine: spool unavailable; automatic release postponed")
+            except (SpoolUnavailable, SharedStateUnavailable):
+                log.error("quarantine: spool or shared state unavailable; release postponed")
                 break
         return outcomes
 
@@ -715,8 +1149,8 @@ class QuarantineService:
                 continue
             try:
                 outcome = await self.apply(request)
-            except SpoolUnavailable:
-                log.error("quarantine: spool unavailable; requests wait")
+            except (SpoolUnavailable, SharedStateUnavailable):
+                log.error("quarantine: spool or shared state unavailable; requests wait")
                 break
             except StanzaGuardError as exc:
                 outcome = Outcome(False, str(exc), request.record_id)
@@ -827,7 +1261,10 @@ class DeliveryHook:
         self, session: SessionInfo, direction: Direction, stanzas: Sequence[Element]
     ) -> Sequence[Decision]:
         decisions = await self.inner.process(session, direction, stanzas)
-        if direction == Direction.FROM_CLIENT and self.quarantine.pending.has(session.bare_jid):
+        quarantine = self.quarantine
+        if direction == Direction.FROM_CLIENT and quarantine.may_have_pending(
+            session.bare_jid, session.bound_jid
+        ):
             for element in stanzas:
                 attrs = element.attrs
                 if element.name == "presence" and "to" not in attrs and "type" not in attrs:
@@ -839,6 +1276,7 @@ class DeliveryHook:
         await self.inner.session_bound(session)
 
     async def session_ended(self, session: SessionInfo) -> None:
+        self.quarantine.session_gone(session)
         await self.inner.session_ended(session)
 
 

@@ -245,6 +245,13 @@ class Settings(BaseSettings):
         description="'redis': publish the policy in force on redis_url and follow what other "
         "proxies publish, so all replicas enforce one version.",
     )
+    review_queue: Literal["files", "redis"] = Field(
+        "files",
+        description="How officers' review actions reach the proxies and released messages "
+        "their recipients: 'files' (DATA/review, read by the proxy on this machine) or 'redis' "
+        "(a queue any proxy on redis_url takes requests from; whichever proxy holds the "
+        "recipient's sessions delivers).",
+    )
     redis_url: SecretStr | None = Field(
         None, description="redis://[:PASSWORD@]HOST:PORT/DB (or rediss://) for celery/redis."
     )
@@ -526,10 +533,11 @@ class Settings(BaseSettings):
                 or self.sm_store == "redis"
                 or self.seen_ledger == "redis"
                 or self.policy_sync == "redis"
+                or self.review_queue == "redis"
             ):
                 raise ValueError(
                     "redis_url: required with indexing=celery, counters=redis, "
-                    "sm_store=redis, seen_ledger=redis or policy_sync=redis"
+                    "sm_store=redis, seen_ledger=redis, policy_sync=redis or review_queue=redis"
                 )
             return self
         url = self.redis_url.get_secret_value()

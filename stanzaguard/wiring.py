@@ -59,7 +59,7 @@ from stanzaguard.stores import open_store_spec, spec_from_settings
 from stanzaguard.tls import server_context, upstream_context
 
 if TYPE_CHECKING:
-    from proxy.redis_state import PolicySync, SharedRecentIds
+    from proxy.redis_state import PolicySync, RedisReviewBus, SharedRecentIds
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,21 @@ def build_seen_ids(settings: Settings, clock: Clock) -> SharedRecentIds | None:
     except SharedStateUnavailable as exc:
         raise SettingsError(f"redis_url: {exc}") from None
     return SharedRecentIds(RecentIds(RECENT_IDS), ledger, clock=clock)
+
+
+def build_review_bus(settings: Settings) -> RedisReviewBus | None:
+    """With review_queue=redis: officers' requests, status claims and released-message
+    deliveries shared by every proxy replica (stanzaguard/quarantine.py)."""
+    if settings.review_queue != "redis" or settings.redis_url is None:
+        return None
+    from proxy.redis_state import RedisReviewBus, SharedStateUnavailable
+
+    try:
+        return RedisReviewBus.from_url(
+            settings.redis_url.get_secret_value(), consumer=settings.chain_name
+        )
+    except SharedStateUnavailable as exc:
+        raise SettingsError(f"redis_url: {exc}") from None
 
 
 def build_sm_store(settings: Settings) -> SmStore:
@@ -466,6 +481,7 @@ class ArchivingService:
             domains=sorted(domains),
             learning=self.learning,
             on_spooled=self.indexer.notify,
+            shared=build_review_bus(settings),
         )
         # -- end review and learning --
         if settings.blocklist_learning:  # the published block list (docs/rtbl-publishing.md)
@@ -587,6 +603,8 @@ class ArchivingService:
             await asyncio.to_thread(self.seen_ids.close)
         if self.quarantine is not None:  # before the spool closes: its tasks append to it
             await self.quarantine.stop()
+            if self.quarantine.shared is not None:
+                await self.quarantine.shared.close()
         if self.attachments is not None:  # before the spool closes: it records results
             await self.attachments.stop()
         if self.policy_watcher is not None:

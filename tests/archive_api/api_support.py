@@ -25,6 +25,7 @@ from classifier.clock import ManualClock
 from classifier.verdict import Action, Reason, Verdict
 from stanzaguard.api_wiring import ApiService, MailboxReview
 from stanzaguard.keys import load_or_create_signer
+from stanzaguard.quarantine import FileChannel
 from stanzaguard.settings import Settings
 from tests.archive_api.store.conformance import ChainWriter, rec_entry, record
 
@@ -211,7 +212,7 @@ async def api_env(
     )
     clock = ManualClock(NOW)
     service = await ApiService.open(settings, clock, routers=())
-    service.context.review = MailboxReview(data_dir, service.store, wait=mailbox_wait)
+    service.context.review = MailboxReview(FileChannel(data_dir), service.store, wait=mailbox_wait)
     try:
         secrets = {}
         for role in ROLES:

@@ -32,6 +32,7 @@ from stanzaguard.api_wiring import (
     start_beside,
 )
 from stanzaguard.errors import SettingsError
+from stanzaguard.quarantine import FileChannel
 from stanzaguard.settings import Settings, load_settings
 from stanzaguard.wiring import ArchivingService
 from tests.archive_api.store.conformance import record
@@ -265,7 +266,7 @@ async def test_the_api_beside_the_proxy_releases_through_its_quarantine_service(
 
 async def test_mailbox_review_is_applied_by_the_running_proxy(service: ArchivingService) -> None:
     await spool(service, SpoolEntry(EntryOp.RECORD, "h1", record=held("h1")))
-    review = MailboxReview(service.settings.data_dir, service.store, wait=10.0)
+    review = MailboxReview(FileChannel(service.settings.data_dir), service.store, wait=10.0)
     quarantine = service.quarantine
     assert quarantine is not None
     # The running service polls its mailbox every second; the API waits for the outcome.
@@ -275,7 +276,8 @@ async def test_mailbox_review_is_applied_by_the_running_proxy(service: Archiving
     assert labelled.ok and labelled.detail == "labelled spam"
     # With no proxy reading the mailbox, the request waits there and the answer says so.
     elsewhere = service.settings.data_dir.parent / "other-data"
-    queued = await MailboxReview(elsewhere, service.store, wait=0.0).release("h1", "token:x")
+    elsewhere_review = MailboxReview(FileChannel(elsewhere), service.store, wait=0.0)
+    queued = await elsewhere_review.release("h1", "token:x")
     assert queued.ok and queued.queued and "queued as request" in queued.detail
     refused = await review.release("../../etc", "token:x")
     assert refused.ok is False
