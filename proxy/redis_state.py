@@ -707,6 +707,20 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _jid_bytes(jid: str) -> bytes:
+    # JIDs read off the wire may hold lone surrogates: they go through as they are.
+    return jid.encode("utf-8", "surrogatepass")
+
+
+def _jid_text(value: Any) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "replace")
+
+
 class RedisReviewBus:
     """What the replicas share to carry out officers' review actions.
 
@@ -802,6 +816,18 @@ class RedisReviewBus:
         """Requests for this replica: first those another replica left idle, then new ones
         (waiting up to `block` seconds for one)."""
         try:
+            return await self._take(count, block)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise SharedStateUnavailable(f"review requests unreadable: {exc}") from exc
+            self._group_ready = False  # Redis lost its data (a restart): make the group again
+        try:
+            return await self._take(count, block)
+        except redis.ResponseError as exc:
+            raise SharedStateUnavailable(f"review requests unreadable: {exc}") from exc
+
+    async def _take(self, count: int, block: float) -> list[SharedReviewRequest]:
+        try:
             await self._ensure_group()
             claimed: Any = await self._client.xautoclaim(
                 self.requests_key,
@@ -821,9 +847,8 @@ class RedisReviewBus:
                     block=max(1, math.ceil(block * 1000)),
                 )
                 entries = [item for _, items in answer or [] for item in items]
-        except redis.ResponseError as exc:
-            self._group_ready = False  # e.g. the stream was deleted: create the group again
-            raise SharedStateUnavailable(f"review requests unreadable: {exc}") from exc
+        except redis.ResponseError:
+            raise
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"review requests unavailable: {exc}") from exc
         out: list[SharedReviewRequest] = []
@@ -882,7 +907,12 @@ class RedisReviewBus:
         try:
             await self._add_pending(
                 keys=[self._digest_key("pending", delivery.target), self._targets_key],
-                args=[delivery.record_id, delivery.direction, delivery.target, self._retention_ms],
+                args=[
+                    delivery.record_id,
+                    delivery.direction,
+                    _jid_bytes(delivery.target),
+                    self._retention_ms,
+                ],
             )
             await self._client.publish(self.channel, delivery.to_json())
         except redis.RedisError as exc:
@@ -904,13 +934,13 @@ class RedisReviewBus:
             found: Any = await self._client.smembers(self._targets_key)
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"pending deliveries unavailable: {exc}") from exc
-        return {_text(member) for member in found or ()}
+        return {_jid_text(member) for member in found or ()}
 
     async def remove_pending(self, delivery: SharedDelivery) -> None:
         try:
             await self._remove_pending(
                 keys=[self._digest_key("pending", delivery.target), self._targets_key],
-                args=[self._checked(delivery.record_id), delivery.target],
+                args=[self._checked(delivery.record_id), _jid_bytes(delivery.target)],
             )
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"pending deliveries unavailable: {exc}") from exc
@@ -921,7 +951,7 @@ class RedisReviewBus:
         key = self._prefix + "delivered:" + self._checked(record_id)
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.sadd(key, destination.encode("utf-8", "surrogatepass"))
+                pipe.sadd(key, _jid_bytes(destination))
                 pipe.pexpire(key, self._retention_ms)
                 added, _ = await pipe.execute()
         except redis.RedisError as exc:
@@ -934,7 +964,7 @@ class RedisReviewBus:
             found: Any = await self._client.smembers(key)
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"delivery marks unavailable: {exc}") from exc
-        return sorted(_text(member) for member in found or ())
+        return sorted(_jid_text(member) for member in found or ())
 
     async def announcements(self) -> redis.asyncio.client.PubSub:
         """A subscription to the delivery channel (read it with `next_announcement`)."""
