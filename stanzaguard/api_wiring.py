@@ -67,6 +67,7 @@ from classifier.errors import ClassifierError
 from classifier.policy import MAX_POLICY_CHARS, build_chain, policy_from_dict
 from classifier.verdict import Action
 from proxy.errors import SpoolUnavailable
+from proxy.redis_state import SharedStateUnavailable
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError, StanzaGuardError
 from stanzaguard.keys import load_or_create_signer
@@ -125,6 +126,8 @@ class ServiceReview:
             outcome = await work
         except SpoolUnavailable as exc:
             raise ReviewUnavailable(f"the spool is unavailable: {exc}") from None
+        except SharedStateUnavailable as exc:
+            raise ReviewUnavailable(f"the replicas' shared review state: {exc}") from None
         except StanzaGuardError as exc:
             return ReviewOutcome(False, str(exc), record_id)
         return _review_outcome(outcome)
