@@ -40,7 +40,7 @@ from stanzaguard.api_wiring import MailboxReview, ServiceReview
 from stanzaguard.quarantine import RedisChannel
 from stanzaguard.settings import Settings
 from tests.stanzaguard import es_support, test_quarantine_e2e
-from tests.stanzaguard.conftest import ArchivingFactory, ArchivingProxy
+from tests.stanzaguard.conftest import ArchivingFactory, ArchivingProxy, run_cli
 from tests.stanzaguard.es_support import EsLocation
 from tests.stanzaguard.test_quarantine_e2e import (
     BOB,
@@ -293,3 +293,35 @@ def test_the_shared_review_queue_needs_redis(tmp_path: Path) -> None:
     ok = Settings(**base, review_queue="redis", redis_url="redis://127.0.0.1:6379/0")
     assert ok.review_queue == "redis"
     assert Settings(**base).review_queue == "files"
+
+
+async def test_the_commands_use_the_shared_queue_by_their_settings(
+    replicas: Replicas, remote: RemoteFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    first = replicas[0]
+    await login(first, "bob", resource="desk")
+    eve = await remote("eve")
+    eve.send_chat(BOB, SPAM)
+    held = await held_on(first, EVE)
+    config = tmp_path / "officer.toml"
+    config.write_text(
+        f'domain = ["localhost"]\nreview_queue = "redis"\nredis_url = "{redis_server.url}"\n'
+    )
+    # No data directory here: the request goes to the replicas through Redis.
+    args = ["quarantine", "confirm-spam", held.record_id, "--actor", "olivia"]
+    args += ["--config", str(config), "--data-dir", str(tmp_path / "none")]
+    done = await asyncio.to_thread(run_cli, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "confirmed spam" in done.stdout
+    again = await asyncio.to_thread(run_cli, *args)
+    assert again.returncode == 0 and "already confirmed spam" in again.stdout
+    refused = await asyncio.to_thread(
+        run_cli, "quarantine", "release", held.record_id, "--actor", "mallory",
+        "--config", str(config),
+    )  # fmt: skip
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "never delivered" in refused.stdout
+    redis_server.stop()
+    down = await asyncio.to_thread(run_cli, *args, "--wait", "1")
+    assert down.returncode == 2, down.stdout + down.stderr
+    assert "review queue is unavailable" in down.stderr
