@@ -164,11 +164,39 @@ class _DiskThread:
             else:
                 _call_in_loop(loop, _settle, future, result)
 
+        self._hand_over(job)
+        return await future
+
+    def submit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[..., _T],
+        arg: Any,
+        on_done: Callable[[_T | None, BaseException | None], None],
+    ) -> None:
+        """Run ``fn(arg)`` on the thread; ``on_done(result, error)`` then runs in `loop`.
+
+        The callback form of `run`, for the commit path: no future and no task to resume in
+        between, so a commit costs the loop one wake-up (the outcome) instead of three.
+        """
+        if self._stopped:
+            raise RuntimeError("the spool's disk thread is stopped")
+
+        def job() -> None:
+            try:
+                result = fn(arg)
+            except BaseException as exc:
+                _call_in_loop(loop, on_done, None, exc)
+            else:
+                _call_in_loop(loop, on_done, result, None)
+
+        self._hand_over(job)
+
+    def _hand_over(self, job: Callable[[], None]) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
             self._thread.start()
         self._jobs.put(job)
-        return await future
 
     def stop(self) -> None:
         """Let the thread end once the jobs handed over so far are done; do not wait."""
@@ -510,8 +538,10 @@ class Spool:
 
         self._disk = _DiskThread("spool-writer")
         self._queue: deque[_Request] = deque()
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._committing: list[_Request] | None = None  # the batch the disk thread writes
+        self._idle = asyncio.Event()  # nothing queued and nothing being written
+        self._idle.set()
         self._cursor_lock = asyncio.Lock()
         self._closing = False
         self._behind_timer: asyncio.TimerHandle | None = None
@@ -589,7 +619,7 @@ class Spool:
         except BaseException:
             spool._disk.stop()
             raise
-        spool._writer = asyncio.create_task(spool._write_loop(), name=f"spool-writer {spool_dir}")
+        spool._loop = asyncio.get_running_loop()
         return spool
 
     async def __aenter__(self) -> Self:
@@ -611,9 +641,12 @@ class Spool:
         if self._behind_timer is not None:
             self._behind_timer.cancel()
             self._behind_timer = None
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer
+        self._commit_next()
+        await self._idle.wait()
+        for request in self._retry:
+            if not request.future.done():
+                request.future.set_exception(SpoolUnavailable("the spool closed"))
+        self._retry.clear()
         await self._disk.run(self._close_fd)
         self._disk.stop()
         self._closed = True
@@ -638,7 +671,7 @@ class Spool:
             size += FRAME_OVERHEAD + len(payload)
         future: asyncio.Future[list[ChainLink]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Request(list(payloads), size, future))
-        self._wakeup.set()
+        self._commit_next()
         return await future
 
     def append_behind(self, payloads: Sequence[bytes], *, within: float = 0.02) -> None:
@@ -679,7 +712,7 @@ class Spool:
         target = self._taken + self._in_flight + len(self._queue)
         if self._taken >= target:
             return
-        self._wakeup.set()
+        self._commit_next()
         while self._taken < target and not self._closed:
             self._progress.clear()
             await self._progress.wait()
@@ -690,48 +723,57 @@ class Spool:
             # Failed before (a full disk, say): back in line, after what came meanwhile.
             self._queue.extend(self._retry)
             self._retry.clear()
-        self._wakeup.set()
+        self._commit_next()
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                batch = self._take_batch()
-                self._in_flight = len(batch)
-                outcomes: list[list[ChainLink] | SpoolUnavailable]
-                try:
-                    outcomes = await self._disk.run(self._commit_batch, [r.payloads for r in batch])
-                except Exception as exc:
-                    # _commit_batch maps I/O failures itself; this is a bug, still fail closed.
-                    logger.exception("spool writer failed unexpectedly")
-                    outcomes = [_unavailable(f"spool writer failed: {exc}", exc) for _ in batch]
-                self._taken += len(batch)
-                self._in_flight = 0
-                self._progress.set()
-                for request, outcome in zip(batch, outcomes, strict=True):
-                    if request.future.done():  # the caller was cancelled
-                        continue
-                    if (
-                        isinstance(outcome, SpoolUnavailable)
-                        and request.behind
-                        and not self._closing
-                    ):
-                        self._retry.append(request)
-                        continue
-                    if isinstance(outcome, SpoolUnavailable):
-                        request.future.set_exception(outcome)
-                    else:
-                        request.future.set_result(outcome)
-            if self._retry and self._behind_timer is None and not self._closing:
-                self._behind_timer = loop.call_later(_BEHIND_RETRY, self._wake_for_behind)
-            if self._closing:
-                for request in self._retry:
-                    if not request.future.done():
-                        request.future.set_exception(SpoolUnavailable("the spool closed"))
-                self._retry.clear()
-                return
+    # Group commit without a writer task: when nothing is being written, an append hands its
+    # batch to the disk thread at once; what arrives meanwhile waits in the queue and goes
+    # as the next batch when the outcome comes back (`_committed`, run in the loop).
+
+    def _commit_next(self) -> None:
+        if self._committing is not None or not self._queue:
+            return
+        assert self._loop is not None
+        batch = self._take_batch()
+        self._committing = batch
+        self._in_flight = len(batch)
+        self._idle.clear()
+        self._disk.submit(
+            self._loop, self._commit_batch, [r.payloads for r in batch], self._committed
+        )
+
+    def _committed(
+        self,
+        outcomes: list[list[ChainLink] | SpoolUnavailable] | None,
+        error: BaseException | None,
+    ) -> None:
+        batch = self._committing
+        assert batch is not None
+        self._committing = None
+        if outcomes is None:
+            # _commit_batch maps I/O failures itself; this is a bug, still fail closed.
+            logger.error("spool writer failed unexpectedly", exc_info=error)
+            cause = error if error is not None else RuntimeError("no outcome")
+            outcomes = [_unavailable(f"spool writer failed: {cause}", cause) for _ in batch]
+        self._taken += len(batch)
+        self._in_flight = 0
+        self._progress.set()
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if request.future.done():  # the caller was cancelled
+                continue
+            if isinstance(outcome, SpoolUnavailable) and request.behind and not self._closing:
+                self._retry.append(request)
+                continue
+            if isinstance(outcome, SpoolUnavailable):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+        if self._queue:
+            self._commit_next()
+            return
+        if self._retry and self._behind_timer is None and not self._closing:
+            assert self._loop is not None
+            self._behind_timer = self._loop.call_later(_BEHIND_RETRY, self._wake_for_behind)
+        self._idle.set()
 
     def _take_batch(self) -> list[_Request]:
         batch = [self._queue.popleft()]
