@@ -21,8 +21,10 @@ version, length and body. hash = link_hash(prev hash, seq, payload) as in
 Because every segment names the hash its first entry follows, a segment is verifiable on its
 own, and the chain continues after older segments were sealed away.
 
-Writes go through one writer task that drains the queue of pending appends, writes them all
-and fsyncs once (group commit) in a dedicated thread, so the event loop never waits on the disk.
+Writes go through one dedicated thread, so the event loop never waits on the disk: an append
+to an idle spool is handed over at once; appends made while a commit is on the disk wait in a
+queue and go together as the next commit, written and fsynced once (group commit). The
+commit's outcome comes back to the loop as one callback that settles every caller in it.
 """
 
 from __future__ import annotations
