@@ -382,7 +382,8 @@ def test_distributed_secrets_reach_the_components_that_need_them(
         "-proxy": {"STANZAGUARD_REDIS_URL", "STANZAGUARD_ES_API_KEY", "STANZAGUARD_SESSION_SECRET"},
         "-worker": {"STANZAGUARD_REDIS_URL", "STANZAGUARD_ES_API_KEY"},
         "-beat": {"STANZAGUARD_REDIS_URL", "STANZAGUARD_ES_API_KEY"},
-        "-api": {"STANZAGUARD_ES_API_KEY", "STANZAGUARD_SESSION_SECRET"},
+        # review_queue=redis (examples/distributed.yaml): the API queues review actions there
+        "-api": {"STANZAGUARD_REDIS_URL", "STANZAGUARD_ES_API_KEY", "STANZAGUARD_SESSION_SECRET"},
     }
     for suffix, variables in wanted.items():
         kind = "StatefulSet" if suffix == "-proxy" else "Deployment"
@@ -464,6 +465,10 @@ def test_distributed_proxies_ship_to_celery_on_elasticsearch(
     worker = one(distributed, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
     assert worker["args"] == ["worker"]
     assert _settings_from(worker, monkeypatch).worker_concurrency == 4
+    # Officers' actions from the API Deployment reach the proxies through Redis.
+    api = one(distributed, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
+    assert settings.review_queue == "redis"
+    assert _settings_from(api, monkeypatch).review_queue == "redis"
 
 
 # -- Elasticsearch as a full store: the API and retention -------------------------------------
@@ -707,6 +712,12 @@ REFUSED: list[tuple[str, tuple[str, ...], str]] = [
     ("celery on sqlite", ("--set", "indexing=celery", *REDIS), "needs store=elasticsearch"),
     ("es without urls", ("--set", "store=elasticsearch"), "needs elasticsearch.urls"),
     ("celery without redis", (*ES, "--set", "indexing=celery"), "need Redis"),
+    (
+        "shared review without redis",
+        ("--set", "settings.review_queue=redis"),
+        "settings.review_queue=redis needs Redis",
+    ),
+    ("shared ledger without redis", ("--set", "settings.seen_ledger=redis"), "needs Redis"),
     (
         "redis password in values",
         ("--set", "counters=redis", "--set", "redis.url=redis://:pw@redis:6379/0"),

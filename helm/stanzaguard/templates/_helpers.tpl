@@ -262,6 +262,11 @@ refused install says what to do.
 {{- if and $redisNeeded (not $redisGiven) }}
 {{- fail "indexing=celery and counters=redis need Redis: set redis.url, or secrets.existingSecret and secrets.keys.redisUrl" }}
 {{- end }}
+{{- range $name := list "sm_store" "seen_ledger" "policy_sync" "review_queue" }}
+{{- if and (eq (toString (get $v.settings $name)) "redis") (not $redisGiven) }}
+{{- fail (printf "settings.%s=redis needs Redis: set redis.url, or secrets.existingSecret and secrets.keys.redisUrl" $name) }}
+{{- end }}
+{{- end }}
 {{- if and $v.redis.url $v.secrets.keys.redisUrl }}
 {{- fail "give the Redis URL once: redis.url or secrets.keys.redisUrl, not both" }}
 {{- end }}
