@@ -26,3 +26,11 @@ SEEN_LEDGER = Counter(
     "Look-ups and writes of the record ids shared by all proxies (seen_ledger=redis), by outcome",
     ["outcome"],
 )
+
+SHARED_REVIEW = Counter(
+    "stanzaguard_shared_review",
+    "Officers' review actions across replicas (review_queue=redis), by event: requests "
+    "applied, refused as garbage or postponed, releases announced or left to retry, "
+    "released copies delivered into this replica's sessions",
+    ["event"],
+)

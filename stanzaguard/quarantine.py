@@ -63,6 +63,7 @@ from classifier.verdict import Action
 from proxy.errors import SpoolUnavailable
 from proxy.hook import Decision, SessionInfo, StanzaHook
 from proxy.indexer import IndexControl
+from proxy.metrics import SHARED_REVIEW
 from proxy.pipeline import SpoolWriter
 from proxy.redis_state import (
     RedisReviewBus,
@@ -775,6 +776,7 @@ class QuarantineService:
             await shared.add_pending(delivery)
         except SharedStateUnavailable as exc:
             log.error("quarantine: release not announced yet; retried", extra={"error": str(exc)})
+            SHARED_REVIEW.labels("announce_postponed").inc()
             self._unannounced.append(delivery)
             return Outcome(
                 True,
@@ -783,6 +785,7 @@ class QuarantineService:
                 RecordStatus.RELEASED,
                 pending=True,
             )
+        SHARED_REVIEW.labels("announced").inc()
         delivered = await self._delivered_within(record_id, self.delivery_wait)
         if not delivered:
             return Outcome(
@@ -959,6 +962,7 @@ class QuarantineService:
             await self._append(_observations(record.record_id, claimed, self.clock.now()))
             delivered = self._inject(record, claimed, direction)
             await shared.remove_pending(delivery)
+        SHARED_REVIEW.labels("delivered").inc(len(delivered))
         log.info(
             "quarantine: released message delivered",
             extra={"record": record.record_id, "sessions": len(delivered)},
@@ -1072,18 +1076,21 @@ class QuarantineService:
             except StanzaGuardError as exc:
                 log.error("quarantine: %s; removed", exc)
                 await shared.finish(item.entry_id, None, b"")
+                SHARED_REVIEW.labels("request_dropped").inc()
                 finished += 1
                 continue
             try:
                 outcome = await self.apply(request)
             except (SpoolUnavailable, SharedStateUnavailable) as exc:
                 log.error("quarantine: request postponed", extra={"error": str(exc)})
+                SHARED_REVIEW.labels("request_postponed").inc()
                 break
             except StanzaGuardError as exc:
                 outcome = Outcome(False, str(exc), request.record_id)
             answer = dataclasses.replace(outcome, request_id=request.request_id)
             payload = json.dumps(answer.to_json(), ensure_ascii=False).encode()
             await shared.finish(item.entry_id, request.request_id, payload)
+            SHARED_REVIEW.labels("request_applied").inc()
             finished += 1
         return finished
 

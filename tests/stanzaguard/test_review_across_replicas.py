@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from archive_api.context import ReviewUnavailable
@@ -124,6 +125,12 @@ async def statuses(running: ArchivingProxy, record_id: str) -> list[SpoolEntry]:
     return out
 
 
+def shared_review(event: str) -> float:
+    """The replicas' `stanzaguard_shared_review_total` for one event (one process here)."""
+    found = REGISTRY.get_sample_value("stanzaguard_shared_review_total", {"event": event})
+    return found or 0.0
+
+
 async def until(check: Callable[[], Awaitable[object]], what: str) -> None:
     await eventually(check, what, timeout=TIMEOUT)
 
@@ -137,12 +144,14 @@ async def test_a_release_on_one_replica_reaches_the_session_on_the_other(
     eve.send_chat(BOB, SPAM)
     held = await held_on(holding, EVE)
     assert no_message_from(await bob.drain(), EVE)
+    delivered_before = shared_review("delivered")
 
     outcome = await quarantine.release(deciding.service, held.record_id, "olivia")
     assert outcome.ok and outcome.status is RecordStatus.RELEASED, outcome
     copy = await bob.next_message(TIMEOUT, where=lambda m: m.body == SPAM)
     assert_released_copy(copy, held, bob.jid)
     assert outcome.delivered_to in ((bob.jid,), ()), outcome  # () if it took over a second
+    assert shared_review("delivered") == delivered_before + 1
 
     # The decision is in the deciding replica's chain; the delivery in the holding one's.
     (status,) = await statuses(deciding, held.record_id)
@@ -233,6 +242,8 @@ async def test_garbage_in_the_queue_is_dropped_and_redis_down_is_unavailable(
     eve.send_chat(BOB, SPAM)
     held = await held_on(first, EVE)
 
+    dropped_before = shared_review("request_dropped")
+    applied_before = shared_review("request_applied")
     raw = redis.Redis.from_url(redis_server.url)
     try:
         stream = REVIEW_PREFIX + "requests"
@@ -256,6 +267,8 @@ async def test_garbage_in_the_queue_is_dropped_and_redis_down_is_unavailable(
         await until(emptied, "every request, garbage too, taken off the queue")
     finally:
         raw.close()
+    assert shared_review("request_dropped") == dropped_before + 6
+    assert shared_review("request_applied") == applied_before + 1
     assert no_message_from(await bob.drain(), EVE)
 
     eve.send_chat(BOB, SPAM)
