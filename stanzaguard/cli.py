@@ -522,21 +522,26 @@ def quarantine_list(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record a line.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="Most records to show.")] = 500,
+    config: ConfigOption = None,
 ) -> None:
-    """List held (quarantined) messages, oldest first, with their record ids."""
+    """List held (quarantined) messages, oldest first, with their record ids.
+
+    With --config, from the archive the settings choose (Elasticsearch with several proxies).
+    """
     from archive_api.store.errors import StoreError
     from stanzaguard import operations
     from stanzaguard.quarantine import held_records
 
-    async def fetch() -> list[Any]:
-        store = await operations.open_existing_store(operations.Paths(data_dir))
+    async def fetch(spec: StoreSpec | None) -> list[Any]:
+        store = await operations.open_chosen_store(operations.Paths(data_dir), spec)
         try:
             return await held_records(store, limit=limit, include_decided=show_all)
         finally:
             await store.close()
 
     try:
-        records = asyncio.run(fetch())
+        spec = _configured_store(config, data_dir) if config is not None else None
+        records = asyncio.run(fetch(spec))
     except (StanzaGuardError, StoreError) as exc:
         raise _fail(exc) from None
     if as_json:

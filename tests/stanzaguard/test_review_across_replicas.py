@@ -18,6 +18,7 @@ which the policy quarantines. Then:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,11 @@ def test_the_shared_review_queue_needs_redis(tmp_path: Path) -> None:
 
 
 async def test_the_commands_use_the_shared_queue_by_their_settings(
-    replicas: Replicas, remote: RemoteFactory, redis_server: RedisServer, tmp_path: Path
+    replicas: Replicas,
+    remote: RemoteFactory,
+    redis_server: RedisServer,
+    es_location: EsLocation,
+    tmp_path: Path,
 ) -> None:
     first = replicas[0]
     await login(first, "bob", resource="desk")
@@ -319,8 +324,18 @@ async def test_the_commands_use_the_shared_queue_by_their_settings(
     config = tmp_path / "officer.toml"
     config.write_text(
         f'domain = ["localhost"]\nreview_queue = "redis"\nredis_url = "{redis_server.url}"\n'
+        f'store = "elasticsearch"\nes_url = ["{es_location.url}"]\n'
+        f'es_index_prefix = "{es_location.prefix}"\n'
     )
-    # No data directory here: the request goes to the replicas through Redis.
+    # No data directory here: the archive is in Elasticsearch, requests go through Redis.
+    listed = await asyncio.to_thread(
+        run_cli, "quarantine", "list", "--json", "--config", str(config),
+        "--data-dir", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert [json.loads(line)["record_id"] for line in listed.stdout.splitlines()] == [
+        held.record_id
+    ]
     args = ["quarantine", "confirm-spam", held.record_id, "--actor", "olivia"]
     args += ["--config", str(config), "--data-dir", str(tmp_path / "none")]
     done = await asyncio.to_thread(run_cli, *args)
