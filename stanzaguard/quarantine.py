@@ -739,21 +739,8 @@ class QuarantineService:
         log.info("quarantine: released", extra={"record": record_id, "actor": actor})
         if not sessions:
             await asyncio.to_thread(self.pending.add, record_id, target, direction)
-            return Outcome(
-                True,
-                f"released; {target} has no live session: delivered at their next login",
-                record_id,
-                RecordStatus.RELEASED,
-                pending=True,
-            )
-        delivered = self._inject(record, sessions, direction)
-        return Outcome(
-            True,
-            f"released and delivered to {len(delivered)} session(s)",
-            record_id,
-            RecordStatus.RELEASED,
-            delivered_to=tuple(delivered),
-        )
+            return _released(record_id, target, ())
+        return _released(record_id, target, self._inject(record, sessions, direction))
 
     async def _release_shared(
         self, record: ArchiveRecord, actor: str, shared: RedisReviewBus
@@ -787,21 +774,7 @@ class QuarantineService:
             )
         SHARED_REVIEW.labels("announced").inc()
         delivered = await self._delivered_within(record_id, self.delivery_wait)
-        if not delivered:
-            return Outcome(
-                True,
-                f"released; {target} has no live session: delivered at their next login",
-                record_id,
-                RecordStatus.RELEASED,
-                pending=True,
-            )
-        return Outcome(
-            True,
-            f"released and delivered to {len(delivered)} session(s)",
-            record_id,
-            RecordStatus.RELEASED,
-            delivered_to=tuple(delivered),
-        )
+        return _released(record_id, target, delivered)
 
     async def _delivered_within(self, record_id: str, within: float) -> list[str]:
         """Where the proxies delivered a released record, waiting up to `within` seconds."""
@@ -1184,6 +1157,25 @@ class QuarantineService:
                 return await self.label(request.record_id, Label.SPAM, request.actor)
             case RequestKind.LABEL_HAM:
                 return await self.label(request.record_id, Label.HAM, request.actor)
+
+
+def _released(record_id: str, target: str, delivered: Sequence[str]) -> Outcome:
+    """The outcome of a release: delivered to these sessions, or at the target's next login."""
+    if not delivered:
+        return Outcome(
+            True,
+            f"released; {target} has no live session: delivered at their next login",
+            record_id,
+            RecordStatus.RELEASED,
+            pending=True,
+        )
+    return Outcome(
+        True,
+        f"released and delivered to {len(delivered)} session(s)",
+        record_id,
+        RecordStatus.RELEASED,
+        delivered_to=tuple(delivered),
+    )
 
 
 def _delivery_target(record: ArchiveRecord) -> tuple[str, Direction]:

@@ -56,6 +56,7 @@ from tests.stanzaguard.test_quarantine_e2e import (
     login,
     no_message_from,
 )
+from tests.support.clients import ChatClient
 from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -132,6 +133,16 @@ def shared_review(event: str) -> float:
     return found or 0.0
 
 
+async def spam_held_for_bob(
+    replica: ArchivingProxy, remote: RemoteFactory
+) -> tuple[ChatClient, ChatClient, ArchiveRecord]:
+    """Bob logged in through `replica`; eve's spam to him, held there. (Bob, eve, record.)"""
+    bob = await login(replica, "bob", resource="desk")
+    eve = await remote("eve")
+    eve.send_chat(BOB, SPAM)
+    return bob, eve, await held_on(replica, EVE)
+
+
 async def until(check: Callable[[], Awaitable[object]], what: str) -> None:
     await eventually(check, what, timeout=TIMEOUT)
 
@@ -140,10 +151,7 @@ async def test_a_release_on_one_replica_reaches_the_session_on_the_other(
     replicas: Replicas, remote: RemoteFactory
 ) -> None:
     deciding, holding = replicas
-    bob = await login(holding, "bob", resource="desk")
-    eve = await remote("eve")
-    eve.send_chat(BOB, SPAM)
-    held = await held_on(holding, EVE)
+    bob, _eve, held = await spam_held_for_bob(holding, remote)
     assert no_message_from(await bob.drain(), EVE)
     delivered_before = shared_review("delivered")
 
@@ -182,10 +190,7 @@ async def test_a_release_through_the_api_reaches_an_offline_recipient_once(
     replicas: Replicas, remote: RemoteFactory, api_review: MailboxReview, redis_server: RedisServer
 ) -> None:
     first, second = replicas
-    bob = await login(first, "bob", resource="desk")
-    eve = await remote("eve")
-    eve.send_chat(BOB, SPAM)
-    held = await held_on(first, EVE)
+    bob, _eve, held = await spam_held_for_bob(first, remote)
     await bob.disconnect()
 
     async def offline() -> bool:
@@ -219,10 +224,7 @@ async def test_the_first_decision_wins_across_replicas(
     replicas: Replicas, remote: RemoteFactory
 ) -> None:
     first, second = replicas
-    bob = await login(second, "bob", resource="desk")
-    eve = await remote("eve")
-    eve.send_chat(BOB, SPAM)
-    held = await held_on(second, EVE)
+    bob, _eve, held = await spam_held_for_bob(second, remote)
 
     # Back to back: neither status entry is indexed when the other replica decides.
     confirmed = await quarantine.confirm_spam(second.service, held.record_id, "olivia")
@@ -238,10 +240,7 @@ async def test_garbage_in_the_queue_is_dropped_and_redis_down_is_unavailable(
     replicas: Replicas, remote: RemoteFactory, api_review: MailboxReview, redis_server: RedisServer
 ) -> None:
     first = replicas[0]
-    bob = await login(first, "bob", resource="desk")
-    eve = await remote("eve")
-    eve.send_chat(BOB, SPAM)
-    held = await held_on(first, EVE)
+    bob, eve, held = await spam_held_for_bob(first, remote)
 
     dropped_before = shared_review("request_dropped")
     applied_before = shared_review("request_applied")
@@ -317,10 +316,7 @@ async def test_the_commands_use_the_shared_queue_by_their_settings(
     tmp_path: Path,
 ) -> None:
     first = replicas[0]
-    await login(first, "bob", resource="desk")
-    eve = await remote("eve")
-    eve.send_chat(BOB, SPAM)
-    held = await held_on(first, EVE)
+    _bob, _eve, held = await spam_held_for_bob(first, remote)
     config = tmp_path / "officer.toml"
     config.write_text(
         f'domain = ["localhost"]\nreview_queue = "redis"\nredis_url = "{redis_server.url}"\n'
