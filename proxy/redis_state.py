@@ -90,6 +90,24 @@ class SharedStateUnavailable(ProxyError):
     """Redis, which holds the shared counters, could not be reached or refused the call."""
 
 
+def _sync_client(url: str, timeout: float) -> redis.Redis:
+    """A client connecting lazily to `url`; every call gives up after `timeout` seconds."""
+    try:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    except (ValueError, redis.RedisError) as exc:
+        raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+
+
+def _async_client(url: str, timeout: float) -> redis.asyncio.Redis:
+    """The asyncio form of `_sync_client`."""
+    try:
+        return redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+    except (ValueError, redis.RedisError) as exc:
+        raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+
+
 def _bounded(text: str) -> bytes:
     # surrogatepass: JIDs from the wire may carry lone surrogates; they must not raise here.
     raw = text.encode("utf-8", "surrogatepass")
@@ -109,12 +127,7 @@ class RedisCounterStore:
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5) -> RedisCounterStore:
         """Connect lazily to `url`; every call gives up after `timeout` seconds."""
-        try:
-            client = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        except (ValueError, redis.RedisError) as exc:
-            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        client = _sync_client(url, timeout)
         return cls(client)
 
     def close(self) -> None:
@@ -190,11 +203,9 @@ class RedisSmStore:
     @classmethod
     def from_url(cls, url: str, *, ttl: float, timeout: float = 0.5) -> RedisSmStore:
         try:
-            client = redis.asyncio.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        except (ValueError, redis.RedisError) as exc:
-            raise SmStoreUnavailable(f"bad redis_url: {exc}") from None
+            client = _async_client(url, timeout)
+        except SharedStateUnavailable as exc:
+            raise SmStoreUnavailable(str(exc)) from None
         return cls(client, ttl=ttl)
 
     async def close(self) -> None:
@@ -303,12 +314,7 @@ class RedisPolicyVersion:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5) -> RedisPolicyVersion:
-        try:
-            client = redis.asyncio.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        except (ValueError, redis.RedisError) as exc:
-            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        client = _async_client(url, timeout)
         return cls(client)
 
     async def close(self) -> None:
@@ -470,12 +476,7 @@ class RedisSeenLedger:
 
     @classmethod
     def from_url(cls, url: str, *, ttl: float, timeout: float = 0.2) -> RedisSeenLedger:
-        try:
-            client = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        except (ValueError, redis.RedisError) as exc:
-            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        client = _sync_client(url, timeout)
         return cls(client, ttl=ttl)
 
     def close(self) -> None:
@@ -764,12 +765,7 @@ class RedisReviewBus:
 
     @classmethod
     def from_url(cls, url: str, *, consumer: str, timeout: float = 2.0) -> RedisReviewBus:
-        try:
-            client = redis.asyncio.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        except (ValueError, redis.RedisError) as exc:
-            raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
+        client = _async_client(url, timeout)
         return cls(client, consumer=consumer)
 
     async def close(self) -> None:
