@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -296,36 +298,69 @@ class SmRegistry:
     The live objects themselves are kept, so a resumption through this proxy continues the
     very ledgers the old connection counted in; writes are therefore free. Several proxies
     share states through `proxy.redis_state.RedisSmStore` instead.
+
+    A state whose connection ended (saved ``detached``) is forgotten `ttl` seconds later
+    (the server's resumption timeout: it cannot resume after that either), and past
+    `max_entries` the least recently used state goes first. States of live connections
+    never expire.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        *,
+        ttl: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._states: dict[str, SmState] = {}
         self._max_entries = max_entries
+        self._ttl = ttl
+        self._monotonic = monotonic
+        self._expires: dict[str, float] = {}  # detached states: when they are forgotten
+        self._next_sweep = -math.inf
 
-    def create(self, sm_id: str) -> SmState:
+    def _make_room(self) -> None:
+        self._sweep()
         if len(self._states) >= self._max_entries:
             oldest = min(self._states.values(), key=lambda s: s.last_seen)
-            del self._states[oldest.sm_id]
+            self.forget(oldest.sm_id)
+
+    def _sweep(self) -> None:
+        now = self._monotonic()
+        if now < self._next_sweep or not self._expires:
+            return
+        self._next_sweep = now + 1.0  # at most one scan a second, however many sessions
+        for sm_id in [i for i, deadline in self._expires.items() if deadline <= now]:
+            self.forget(sm_id)
+
+    def create(self, sm_id: str) -> SmState:
+        self._make_room()
         state = SmState(sm_id)
+        state.last_seen = self._monotonic()
         self._states[sm_id] = state
+        self._expires.pop(sm_id, None)
         return state
 
     def get(self, sm_id: str) -> SmState | None:
+        deadline = self._expires.get(sm_id)
+        if deadline is not None and deadline <= self._monotonic():
+            self.forget(sm_id)
+            return None
         state = self._states.get(sm_id)
         if state is not None:
-            state.last_seen = time.monotonic()
+            state.last_seen = self._monotonic()
+            self._expires.pop(sm_id, None)  # being resumed: live again until it ends
         return state
 
     def forget(self, sm_id: str) -> None:
         self._states.pop(sm_id, None)
+        self._expires.pop(sm_id, None)
 
     def adopt(self, state: SmState) -> None:
         """Keep a state read from elsewhere (a shared store) among this process's own."""
-        self._states.pop(state.sm_id, None)
-        if len(self._states) >= self._max_entries:
-            oldest = min(self._states.values(), key=lambda s: s.last_seen)
-            del self._states[oldest.sm_id]
-        state.last_seen = time.monotonic()
+        self.forget(state.sm_id)
+        self._make_room()
+        state.last_seen = self._monotonic()
         self._states[state.sm_id] = state
 
     def __len__(self) -> int:
@@ -335,8 +370,13 @@ class SmRegistry:
         return self.get(sm_id)
 
     async def save(self, state: SmState, *, detached: bool = False) -> None:
-        state.last_seen = time.monotonic()
+        now = self._monotonic()
+        state.last_seen = now
         state.mark_written()
+        if detached and self._ttl is not None and state.sm_id in self._states:
+            self._expires[state.sm_id] = now + self._ttl
+        else:
+            self._expires.pop(state.sm_id, None)
 
     async def discard(self, sm_id: str) -> None:
         self.forget(sm_id)

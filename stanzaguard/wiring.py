@@ -268,10 +268,10 @@ def build_review_bus(settings: Settings) -> RedisReviewBus | None:
         raise SettingsError(f"redis_url: {exc}") from None
 
 
-def build_sm_store(settings: Settings) -> SmStore:
+def build_sm_store(settings: Settings, clock: Clock) -> SmStore:
     """XEP-0198 states: this process's own, or shared in Redis so clients resume anywhere."""
     if settings.sm_store != "redis" or settings.redis_url is None:
-        return SmRegistry()
+        return SmRegistry(ttl=settings.sm_resume_timeout, monotonic=clock.monotonic)
     from proxy.redis_state import RedisSmStore
 
     try:
@@ -550,7 +550,7 @@ class ArchivingService:
             self.rtbl = RtblSubscriber(self.rtbl_config, self.blocklist)
             await self.rtbl.start()
         self.hook = DeliveryHook(self.pipeline, self.quarantine)
-        self.sm_store = build_sm_store(settings)
+        self.sm_store = build_sm_store(settings, self.clock)
         self.proxy = C2SProxy(self.proxy_config, self._hook_override or self.hook, self.sm_store)
         self.quarantine.attach(self.proxy)
         await self.quarantine.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from classifier.clock import ManualClock
 from proxy.sm import MODULUS, DirectionLedger, SmRegistry
 
 
@@ -80,3 +81,43 @@ def test_registry_evicts_the_least_recently_used() -> None:
     registry.get("a")
     registry.create("c")
     assert registry.get("b") is None and registry.get("a") is not None
+
+
+async def test_a_detached_state_is_forgotten_after_the_resumption_timeout() -> None:
+    clock = ManualClock()
+    registry = SmRegistry(ttl=600.0, monotonic=clock.monotonic)
+    live = registry.create("live")
+    ended = registry.create("ended")
+    await registry.save(live)
+    await registry.save(ended, detached=True)  # its connection is gone
+    clock.advance(599.0)
+    assert await registry.fetch("ended") is ended  # still resumable...
+    await registry.save(ended, detached=True)  # ...and that resumption broke off again
+    clock.advance(599.0)
+    registry.create("newcomer")  # creating sweeps what expired (none yet)
+    assert len(registry) == 3
+    clock.advance(2.0)
+    registry.create("late")  # the sweep forgets "ended": 601 s after its last write
+    assert len(registry) == 3
+    assert await registry.fetch("ended") is None
+    clock.advance(10 * 86_400.0)
+    assert await registry.fetch("live") is live  # a live connection's state never expires
+
+
+async def test_an_expired_state_is_refused_even_before_a_sweep() -> None:
+    clock = ManualClock()
+    registry = SmRegistry(ttl=5.0, monotonic=clock.monotonic)
+    state = registry.create("s")
+    await registry.save(state, detached=True)
+    clock.advance(5.0)
+    assert await registry.fetch("s") is None
+    assert len(registry) == 0
+
+
+async def test_without_a_ttl_detached_states_stay_until_evicted() -> None:
+    clock = ManualClock()
+    registry = SmRegistry(max_entries=2, monotonic=clock.monotonic)
+    state = registry.create("s")
+    await registry.save(state, detached=True)
+    clock.advance(10 * 86_400.0)
+    assert await registry.fetch("s") is state
