@@ -617,19 +617,22 @@ class QuarantineService:
                 return refused
             assert record is not None
             if self._status(record) == RecordStatus.RELEASED:
-                return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
+                return await self._already_released(record)
             before = await self._claim(record_id, RecordStatus.RELEASED)
             if before == RecordStatus.RELEASED:
                 self._decided[record_id] = before
-                return Outcome(True, "already released", record_id, before)
+                return await self._already_released(record)
             if before is not None:
                 self._decided[record_id] = before
                 return Outcome(False, "confirmed spam is never delivered", record_id, before)
             try:
-                outcome = await self._release(record, actor)
+                done = await self._release(record, actor)
             except SpoolUnavailable:
                 await self._drop_claim(record_id, RecordStatus.RELEASED)
                 raise
+        # Outside the lock: the replica holding the session may be this one, and it takes the
+        # lock to deliver.
+        outcome = done if isinstance(done, Outcome) else await self._announced(done)
         if label and self.learning is not None:
             await self.learning.officer_label(record, Label.HAM, actor)
         return outcome
@@ -721,7 +724,7 @@ class QuarantineService:
             with contextlib.suppress(SharedStateUnavailable):
                 await self.shared.drop_claim(record_id, status.value)
 
-    async def _release(self, record: ArchiveRecord, actor: str) -> Outcome:
+    async def _release(self, record: ArchiveRecord, actor: str) -> Outcome | _Announced:
         if self.shared is not None:
             return await self._release_shared(record, actor, self.shared)
         now = self.clock.now()
@@ -744,7 +747,7 @@ class QuarantineService:
 
     async def _release_shared(
         self, record: ArchiveRecord, actor: str, shared: RedisReviewBus
-    ) -> Outcome:
+    ) -> Outcome | _Announced:
         """Released on one replica, delivered by whichever holds the recipient's sessions."""
         record_id = record.record_id
         entry = SpoolEntry(
@@ -773,8 +776,33 @@ class QuarantineService:
                 pending=True,
             )
         SHARED_REVIEW.labels("announced").inc()
-        delivered = await self._delivered_within(record_id, self.delivery_wait)
-        return _released(record_id, target, delivered)
+        return _Announced(record_id, target)
+
+    async def _announced(self, announced: _Announced) -> Outcome:
+        """The outcome of an announced release, once some replica delivered it (or not)."""
+        delivered = await self._delivered_within(announced.record_id, self.delivery_wait)
+        return _released(announced.record_id, announced.target, delivered)
+
+    async def _already_released(self, record: ArchiveRecord) -> Outcome:
+        """A release repeated. Across replicas, a delivery that was lost (Redis lost its data
+        before anyone delivered it: no delivery mark, no release observation) is announced
+        again; otherwise nothing happens."""
+        record_id = record.record_id
+        shared = self.shared
+        if shared is None or any(o.via is ObservationVia.RELEASE for o in record.observations):
+            return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
+        if await shared.delivered_to(record_id):
+            return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
+        target, direction = _delivery_target(record)
+        await shared.add_pending(SharedDelivery(record_id, target.lower(), direction.value))
+        SHARED_REVIEW.labels("announced").inc()
+        return Outcome(
+            True,
+            "already released, never delivered: its delivery is announced again",
+            record_id,
+            RecordStatus.RELEASED,
+            pending=True,
+        )
 
     async def _delivered_within(self, record_id: str, within: float) -> list[str]:
         """Where the proxies delivered a released record, waiting up to `within` seconds."""
@@ -1157,6 +1185,14 @@ class QuarantineService:
                 return await self.label(request.record_id, Label.SPAM, request.actor)
             case RequestKind.LABEL_HAM:
                 return await self.label(request.record_id, Label.HAM, request.actor)
+
+
+@dataclass(frozen=True, slots=True)
+class _Announced:
+    """A release announced to the replicas; its outcome waits for their delivery marks."""
+
+    record_id: str
+    target: str
 
 
 def _released(record_id: str, target: str, delivered: Sequence[str]) -> Outcome:

@@ -349,3 +349,41 @@ async def test_the_commands_use_the_shared_queue_by_their_settings(
     down = await asyncio.to_thread(run_cli, *args, "--wait", "1")
     assert down.returncode == 2, down.stdout + down.stderr
     assert "review queue is unavailable" in down.stderr
+
+
+async def test_a_delivery_lost_with_redis_data_is_announced_again_on_a_repeated_release(
+    replicas: Replicas, remote: RemoteFactory, redis_server: RedisServer
+) -> None:
+    first, second = replicas
+    bob, _eve, held = await spam_held_for_bob(first, remote)
+    await bob.disconnect()
+
+    async def offline() -> bool:
+        return not any(r.service.proxy.sessions_of(BOB) for r in replicas)
+
+    await until(offline, "bob's session gone from both replicas")
+    outcome = await quarantine.release(first.service, held.record_id, "olivia")
+    assert outcome.ok and outcome.pending, outcome
+    await first.drain()  # the release is in the archive, as it would be long before a loss
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        raw.flushall()  # Redis lost its data (no persistence) before bob came back
+    finally:
+        raw.close()
+    again = await quarantine.release(second.service, held.record_id, "olivia")
+    assert again.ok and "announced again" in again.detail, again
+
+    phone = await login(second, "bob", resource="phone")
+    copy = await phone.next_message(TIMEOUT, where=lambda m: m.body == SPAM)
+    assert_released_copy(copy, held, phone.jid)
+
+    async def observed() -> bool:
+        await second.drain()
+        record = await second.service.store.get(held.record_id)
+        return record is not None and any(
+            o.via is ObservationVia.RELEASE for o in record.observations
+        )
+
+    await until(observed, "the delivery in the archive")
+    third = await quarantine.release(first.service, held.record_id, "olivia")
+    assert third.ok and third.detail == "already released", third  # delivered: nothing more
