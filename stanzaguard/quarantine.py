@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from xml.sax.saxutils import quoteattr
 
 from archive_api.store.base import ArchiveStore
+from archive_api.store.errors import StoreUnavailable
 from archive_api.store.query import JidKind, JidPattern, Party, PartyTerm, Query, VerdictTerm
 from archive_api.store.records import (
     ArchiveRecord,
@@ -1082,12 +1083,19 @@ class QuarantineService:
                 continue
             try:
                 outcome = await self.apply(request)
-            except (SpoolUnavailable, SharedStateUnavailable) as exc:
+            except (SpoolUnavailable, SharedStateUnavailable, StoreUnavailable) as exc:
                 log.error("quarantine: request postponed", extra={"error": str(exc)})
                 SHARED_REVIEW.labels("request_postponed").inc()
                 break
             except StanzaGuardError as exc:
                 outcome = Outcome(False, str(exc), request.record_id)
+            except Exception:
+                # Answered, not retried: a request that keeps failing must not come back
+                # every claim interval for ever. The officer sees the failure and may retry.
+                log.exception("quarantine: request failed", extra={"record": request.record_id})
+                outcome = Outcome(
+                    False, "the request failed; see the proxy's log", request.record_id
+                )
             answer = dataclasses.replace(outcome, request_id=request.request_id)
             payload = json.dumps(answer.to_json(), ensure_ascii=False).encode()
             await shared.finish(item.entry_id, request.request_id, payload)
