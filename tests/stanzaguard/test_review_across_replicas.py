@@ -143,6 +143,18 @@ async def spam_held_for_bob(
     return bob, eve, await held_on(replica, EVE)
 
 
+async def spam_held_for_offline_bob(replicas: Replicas, remote: RemoteFactory) -> ArchiveRecord:
+    """Eve's spam held for Bob on the first replica; then Bob gone from both replicas."""
+    bob, _eve, held = await spam_held_for_bob(replicas[0], remote)
+    await bob.disconnect()
+
+    async def offline() -> bool:
+        return not any(r.service.proxy.sessions_of(BOB) for r in replicas)
+
+    await until(offline, "bob's session gone from both replicas")
+    return held
+
+
 async def until(check: Callable[[], Awaitable[object]], what: str) -> None:
     await eventually(check, what, timeout=TIMEOUT)
 
@@ -190,13 +202,7 @@ async def test_a_release_through_the_api_reaches_an_offline_recipient_once(
     replicas: Replicas, remote: RemoteFactory, api_review: MailboxReview, redis_server: RedisServer
 ) -> None:
     first, second = replicas
-    bob, _eve, held = await spam_held_for_bob(first, remote)
-    await bob.disconnect()
-
-    async def offline() -> bool:
-        return not any(r.service.proxy.sessions_of(BOB) for r in replicas)
-
-    await until(offline, "bob's session gone from both replicas")
+    held = await spam_held_for_offline_bob(replicas, remote)
     outcome = await api_review.release(held.record_id, "token:olivia")
     assert outcome.ok and not outcome.queued, outcome
     assert "next login" in outcome.detail, outcome
@@ -355,13 +361,7 @@ async def test_a_delivery_lost_with_redis_data_is_announced_again_on_a_repeated_
     replicas: Replicas, remote: RemoteFactory, redis_server: RedisServer
 ) -> None:
     first, second = replicas
-    bob, _eve, held = await spam_held_for_bob(first, remote)
-    await bob.disconnect()
-
-    async def offline() -> bool:
-        return not any(r.service.proxy.sessions_of(BOB) for r in replicas)
-
-    await until(offline, "bob's session gone from both replicas")
+    held = await spam_held_for_offline_bob(replicas, remote)
     outcome = await quarantine.release(first.service, held.record_id, "olivia")
     assert outcome.ok and outcome.pending, outcome
     await first.drain()  # the release is in the archive, as it would be long before a loss
