@@ -28,7 +28,7 @@ import redis
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from archive_api.context import ReviewUnavailable
+from archive_api.context import ReviewLabel, ReviewUnavailable
 from archive_api.store.records import (
     ArchiveRecord,
     EntryOp,
@@ -387,3 +387,23 @@ async def test_a_delivery_lost_with_redis_data_is_announced_again_on_a_repeated_
     await until(observed, "the delivery in the archive")
     third = await quarantine.release(first.service, held.record_id, "olivia")
     assert third.ok and third.detail == "already released", third  # delivered: nothing more
+
+
+async def test_a_request_failing_unexpectedly_is_answered_not_retried(
+    replicas: Replicas, remote: RemoteFactory, api_review: MailboxReview, redis_server: RedisServer
+) -> None:
+    first = replicas[0]
+    _bob, _eve, held = await spam_held_for_bob(first, remote)
+    for replica in replicas:  # a directory where the examples file goes: an OSError
+        examples = replica.service.settings.data_dir / "learning" / "examples.jsonl"
+        examples.unlink(missing_ok=True)
+        examples.mkdir(parents=True)
+    applied_before = shared_review("request_applied")
+    outcome = await api_review.label(held.record_id, ReviewLabel.SPAM, "token:olivia")
+    assert not outcome.ok and "failed" in outcome.detail, outcome
+    assert shared_review("request_applied") == applied_before + 1
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        assert raw.xlen(REVIEW_PREFIX + "requests") == 0  # answered, so never taken again
+    finally:
+        raw.close()
