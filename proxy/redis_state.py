@@ -47,6 +47,7 @@ from redis.commands.core import AsyncScript, Script
 
 from classifier.clock import Clock
 from classifier.errors import PolicyError
+from classifier.limits import InMemoryCounterStore
 from classifier.policy import (
     ActivePolicy,
     Policy,
@@ -108,6 +109,11 @@ def _async_client(url: str, timeout: float) -> redis.asyncio.Redis:
         raise SharedStateUnavailable(f"bad redis_url: {exc}") from None
 
 
+def _check_times(now: float, window: float) -> None:
+    if not (math.isfinite(now) and math.isfinite(window) and window > 0):
+        raise ValueError("now and window must be finite, and window positive")
+
+
 def _bounded(text: str) -> bytes:
     # surrogatepass: JIDs from the wire may carry lone surrogates; they must not raise here.
     raw = text.encode("utf-8", "surrogatepass")
@@ -141,16 +147,169 @@ class RedisCounterStore:
         return self._run(key, now, window, cap, b"m:" + _bounded(member))
 
     def _run(self, key: str, now: float, window: float, cap: int, member: bytes) -> int:
-        if not (math.isfinite(now) and math.isfinite(window) and window > 0):
-            raise ValueError("now and window must be finite, and window positive")
         try:
-            count: Any = self._slide(
-                keys=[self._prefix + _bounded(key)],
-                args=[repr(float(now)), repr(float(window)), max(1, cap), member],
-            )
+            count: Any = self._slide(**self._slide_call(key, now, window, cap, member))
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"shared counters unavailable: {exc}") from exc
         return int(cast(int, count))
+
+    def _slide_call(
+        self, key: str, now: float, window: float, cap: int, member: bytes
+    ) -> dict[str, Any]:
+        _check_times(now, window)
+        return {
+            "keys": [self._prefix + _bounded(key)],
+            "args": [repr(float(now)), repr(float(window)), max(1, cap), member],
+        }
+
+    def pipeline(self) -> redis.client.Pipeline:
+        """A pipeline for `queue_slide` calls (one round trip for many counted events)."""
+        return self._client.pipeline(transaction=False)
+
+    def queue_slide(
+        self,
+        pipe: redis.client.Pipeline,
+        key: str,
+        now: float,
+        window: float,
+        cap: int,
+        member: bytes,
+    ) -> None:
+        self._slide(client=pipe, **self._slide_call(key, now, window, cap, member))
+
+
+@dataclass(slots=True)
+class _Known:
+    """What Redis said about a key at this replica's last flush of it."""
+
+    shared: int  # every replica's events in the window, this replica's flushed ones included
+    own: int  # this replica's own count when its last flushed event was counted
+    at: float  # `now` of that event
+    window: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    key: str
+    member: str | None  # None: an event (`hit`); else a distinct member
+    now: float
+    window: float
+    cap: int
+    own: int
+
+
+class BufferedRedisCounters:
+    """A `CounterStore` shared through Redis that never waits for Redis on the hot path.
+
+    `RedisCounterStore` costs the rule chain one blocking round trip per counted stanza.
+    Here this replica's own events are counted at once in memory (exact), and written to
+    Redis by a background thread every `interval` seconds in one pipeline; each write
+    returns the shared count, which later answers use: *shared count at the last flush +
+    own events since*. So a burst spread over several replicas is seen by each of them
+    within about `interval` seconds, and a lone replica's count is exact. Never less than
+    this replica's own count; a shared count older than its window is ignored.
+
+    When Redis does not answer, events keep being counted locally (the shared part goes
+    stale and is then ignored) and the queued writes are dropped and counted, never
+    retried into the past. Bounded: at most `max_pending` queued writes and `max_keys`
+    remembered shared counts.
+    """
+
+    def __init__(
+        self,
+        remote: RedisCounterStore,
+        *,
+        interval: float,
+        max_pending: int = 100_000,
+        max_keys: int = 200_000,
+    ) -> None:
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError("interval must be positive")
+        self._remote = remote
+        self._local = InMemoryCounterStore(max_keys=max_keys)
+        self._interval = interval
+        self._max_pending = max_pending
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._pending: list[_Queued] = []
+        self._known: dict[str, _Known] = {}
+        self._stop = threading.Event()
+        self.dropped = 0
+        self.failures = 0
+        self._thread = threading.Thread(
+            target=self._flush_forever, name="stanzaguard-counters", daemon=True
+        )
+        self._thread.start()
+
+    def hit(self, key: str, now: float, window: float, cap: int) -> int:
+        _check_times(now, window)
+        own = self._local.hit(key, now, window, cap)
+        return self._answer(_Queued(key, None, now, window, max(1, cap), own))
+
+    def add_distinct(self, key: str, member: str, now: float, window: float, cap: int) -> int:
+        _check_times(now, window)
+        own = self._local.add_distinct(key, member, now, window, cap)
+        return self._answer(_Queued(key, member, now, window, max(1, cap), own))
+
+    def _answer(self, event: _Queued) -> int:
+        with self._lock:
+            if len(self._pending) < self._max_pending:
+                self._pending.append(event)
+            else:
+                self.dropped += 1
+            known = self._known.get(event.key)
+        count = event.own
+        if known is not None and event.now - known.at < known.window:
+            count = max(count, known.shared + max(0, event.own - known.own))
+        return min(count, event.cap)
+
+    def flush(self) -> bool:
+        """Write what is queued now (the thread does it every `interval`); False on failure."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return True
+        sent: list[_Queued] = []
+        try:
+            with self._remote.pipeline() as pipe:
+                for event in batch:
+                    member = (
+                        b"e:" + os.urandom(9).hex().encode()
+                        if event.member is None
+                        else b"m:" + _bounded(event.member)
+                    )
+                    try:
+                        self._remote.queue_slide(
+                            pipe, event.key, event.now, event.window, event.cap, member
+                        )
+                    except ValueError:  # not a time Redis can sort by: this one only
+                        continue
+                    sent.append(event)
+                answers = pipe.execute() if sent else []
+        except redis.RedisError as exc:
+            with self._lock:
+                self.failures += 1
+                self.dropped += len(batch)
+            log.warning("shared counters: flush failed", extra={"error": str(exc)})
+            return False
+        with self._lock:
+            self.dropped += len(batch) - len(sent)
+            for event, answer in zip(sent, answers, strict=True):
+                self._known[event.key] = _Known(int(answer), event.own, event.now, event.window)
+            while len(self._known) > self._max_keys:
+                del self._known[next(iter(self._known))]
+        return len(sent) == len(batch)
+
+    def _flush_forever(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, close the client."""
+        self._stop.set()
+        self._thread.join(5.0)
+        self.flush()
+        self._remote.close()
 
 
 # -- stream-management states (XEP-0198), so a client can resume through another replica ------

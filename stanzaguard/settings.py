@@ -216,6 +216,15 @@ class Settings(BaseSettings):
         description="Where rate and fan-out counters live: 'memory' (this proxy) or 'redis' "
         "(shared by every proxy on redis_url).",
     )
+    counters_flush_interval: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="With counters=redis: 0 asks Redis for every counted stanza (exact, one "
+        "blocking round trip each); more than 0 counts this proxy's events at once and writes "
+        "them to Redis that often, in one round trip (other proxies' events are seen that "
+        "much later).",
+    )
     sm_store: Literal["memory", "redis"] = Field(
         "memory",
         description="Where XEP-0198 stream-management states live: 'memory' (a client resumes "

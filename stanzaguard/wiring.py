@@ -229,12 +229,15 @@ def build_counter_store(settings: Settings) -> CounterStore | None:
     """Rate and fan-out counters: None (the policy's own, in memory) or shared in Redis."""
     if settings.counters != "redis" or settings.redis_url is None:
         return None
-    from proxy.redis_state import RedisCounterStore, SharedStateUnavailable
+    from proxy.redis_state import BufferedRedisCounters, RedisCounterStore, SharedStateUnavailable
 
     try:
-        return RedisCounterStore.from_url(settings.redis_url.get_secret_value())
+        remote = RedisCounterStore.from_url(settings.redis_url.get_secret_value())
     except SharedStateUnavailable as exc:
         raise SettingsError(f"redis_url: {exc}") from None
+    if settings.counters_flush_interval > 0:  # no round trip per counted stanza
+        return BufferedRedisCounters(remote, interval=settings.counters_flush_interval)
+    return remote
 
 
 def build_seen_ids(settings: Settings, clock: Clock) -> SharedRecentIds | None:
@@ -379,6 +382,7 @@ class ArchivingService:
         self.policy_watcher: PolicyFileWatcher | None = None
         self.policy_sync: PolicySync | None = None
         self.seen_ids: SharedRecentIds | None = None
+        self.counters: CounterStore | None = None
         self.retention: RetentionJob | None = None
         self.bound: list[tuple[str, int]] = []
         self._local_cache: tuple[ActivePolicy, frozenset[str]] | None = None
@@ -416,6 +420,7 @@ class ArchivingService:
             model = self.model_watcher.initial()
         log.info("text model", extra={"model": model.model_version if model else None})
         # -- end text model --
+        self.counters = build_counter_store(settings)
         try:
             self.policy = PolicyHolder(
                 load_policy(settings.policy, domains),
@@ -423,7 +428,7 @@ class ArchivingService:
                 reputation=self.reputation,
                 blocklists=self.blocklist,
                 model=model,
-                counters=build_counter_store(settings),
+                counters=self.counters,
             )
         except PolicyError as exc:
             raise SettingsError(f"policy: {exc}") from None
@@ -601,6 +606,9 @@ class ArchivingService:
             await self.sm_store.close()
         if self.seen_ids is not None:  # writes what the proxy spooled last
             await asyncio.to_thread(self.seen_ids.close)
+        close_counters = getattr(self.counters, "close", None)
+        if close_counters is not None:  # shared counters: writes what is still queued
+            await asyncio.to_thread(close_counters)
         if self.quarantine is not None:  # before the spool closes: its tasks append to it
             await self.quarantine.stop()
             if self.quarantine.shared is not None:

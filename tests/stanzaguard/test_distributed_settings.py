@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.redis_state import BufferedRedisCounters, RedisCounterStore
 from stanzaguard.errors import SettingsError
 from stanzaguard.settings import load_settings
 from stanzaguard.wiring import build_counter_store
@@ -40,3 +41,14 @@ def test_redis_url_stays_secret() -> None:
     settings = load_settings(redis_url="redis://:hunter2@127.0.0.1:6379/0", counters="redis")
     assert "hunter2" not in repr(settings)
     assert build_counter_store(settings) is not None  # connects lazily
+
+
+def test_counters_are_exact_or_buffered_by_settings() -> None:
+    url = "redis://127.0.0.1:6379/0"
+    exact = build_counter_store(load_settings(counters="redis", redis_url=url))
+    assert isinstance(exact, RedisCounterStore)
+    exact.close()
+    settings = load_settings(counters="redis", redis_url=url, counters_flush_interval=0.05)
+    buffered = build_counter_store(settings)
+    assert isinstance(buffered, BufferedRedisCounters)
+    buffered.close()  # nothing queued: closing touches no Redis

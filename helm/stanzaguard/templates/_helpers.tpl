@@ -96,7 +96,7 @@ component_chain_name component_jid component_secret component_server ibb_archive
 policy_sync retrain_activate retrain_base retrain_folds retrain_interval rtbl_publish_ca_file
 rtbl_publish_domain_nodes rtbl_publish_jid rtbl_publish_jid_nodes rtbl_publish_password
 rtbl_publish_server rtbl_publish_service rtbl_publish_tls sm_resume_timeout sm_store
-seen_ledger seen_ledger_ttl review_queue
+seen_ledger seen_ledger_ttl review_queue counters_flush_interval
 {{- end }}
 
 {{/* Settings the chart sets itself from its own values (or from the Secret). */}}
