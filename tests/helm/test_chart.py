@@ -468,6 +468,7 @@ def test_distributed_proxies_ship_to_celery_on_elasticsearch(
     # Officers' actions from the API Deployment reach the proxies through Redis.
     api = one(distributed, "Deployment", "-api")["spec"]["template"]["spec"]["containers"][0]
     assert settings.review_queue == "redis"
+    assert settings.counters_flush_interval == 0.05
     assert _settings_from(api, monkeypatch).review_queue == "redis"
 
 
