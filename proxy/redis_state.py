@@ -86,6 +86,30 @@ redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
 return n
 """
 
+# The same for several events of one key at once (a buffered flush): KEYS[1] the sorted set;
+# ARGV: window, cap, then (time, member) pairs. The window ends at the newest time given.
+_SLIDE_MANY = """
+local key = KEYS[1]
+local window = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local newest = nil
+for i = 3, #ARGV, 2 do
+  local t = tonumber(ARGV[i])
+  if newest == nil or t > newest then newest = t end
+  redis.call('ZADD', key, ARGV[i], ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYSCORE', key, '-inf', newest - window)
+local n = redis.call('ZCARD', key)
+if n > cap then
+  redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1)
+  n = cap
+end
+redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
+return n
+"""
+#: Most events of one key one `_SLIDE_MANY` call carries.
+SLIDE_MANY_EVENTS = 1000
+
 
 class SharedStateUnavailable(ProxyError):
     """Redis, which holds the shared counters, could not be reached or refused the call."""
@@ -129,6 +153,7 @@ class RedisCounterStore:
         self._client = client
         self._prefix = prefix.encode()
         self._slide: Script = client.register_script(_SLIDE)
+        self._slide_many: Script = client.register_script(_SLIDE_MANY)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5) -> RedisCounterStore:
@@ -163,19 +188,23 @@ class RedisCounterStore:
         }
 
     def pipeline(self) -> redis.client.Pipeline:
-        """A pipeline for `queue_slide` calls (one round trip for many counted events)."""
+        """A pipeline for `queue_slide_many` calls (one round trip for many counted events)."""
         return self._client.pipeline(transaction=False)
 
-    def queue_slide(
+    def queue_slide_many(
         self,
         pipe: redis.client.Pipeline,
         key: str,
-        now: float,
         window: float,
         cap: int,
-        member: bytes,
+        events: Sequence[tuple[float, bytes]],
     ) -> None:
-        self._slide(client=pipe, **self._slide_call(key, now, window, cap, member))
+        """Add several (time, member) events of one key in one script call, in `pipe`."""
+        args: list[str | int | bytes] = [repr(float(window)), max(1, cap)]
+        for now, member in events:
+            _check_times(now, window)
+            args += [repr(float(now)), member]
+        self._slide_many(keys=[self._prefix + _bounded(key)], args=args, client=pipe)
 
 
 @dataclass(slots=True)
@@ -269,36 +298,43 @@ class BufferedRedisCounters:
             batch, self._pending = self._pending, []
         if not batch:
             return True
-        sent: list[_Queued] = []
+        # One script call per key (events of a key repeat within an interval), in order.
+        by_key: dict[str, list[_Queued]] = {}
+        for event in batch:
+            by_key.setdefault(event.key, []).append(event)
+        calls: list[list[_Queued]] = [
+            events[i : i + SLIDE_MANY_EVENTS]
+            for events in by_key.values()
+            for i in range(0, len(events), SLIDE_MANY_EVENTS)
+        ]
         try:
             with self._remote.pipeline() as pipe:
-                for event in batch:
-                    member = (
-                        b"e:" + os.urandom(9).hex().encode()
-                        if event.member is None
-                        else b"m:" + _bounded(event.member)
-                    )
-                    try:
-                        self._remote.queue_slide(
-                            pipe, event.key, event.now, event.window, event.cap, member
+                for events in calls:
+                    last = events[-1]
+                    members = [
+                        (
+                            e.now,
+                            b"e:" + os.urandom(9).hex().encode()
+                            if e.member is None
+                            else b"m:" + _bounded(e.member),
                         )
-                    except ValueError:  # not a time Redis can sort by: this one only
-                        continue
-                    sent.append(event)
-                answers = pipe.execute() if sent else []
-        except redis.RedisError as exc:
+                        for e in events
+                    ]
+                    self._remote.queue_slide_many(pipe, last.key, last.window, last.cap, members)
+                answers = pipe.execute()
+        except (redis.RedisError, ValueError) as exc:
             with self._lock:
                 self.failures += 1
                 self.dropped += len(batch)
             log.warning("shared counters: flush failed", extra={"error": str(exc)})
             return False
         with self._lock:
-            self.dropped += len(batch) - len(sent)
-            for event, answer in zip(sent, answers, strict=True):
-                self._known[event.key] = _Known(int(answer), event.own, event.now, event.window)
+            for events, answer in zip(calls, answers, strict=True):
+                last = events[-1]
+                self._known[last.key] = _Known(int(answer), last.own, last.now, last.window)
             while len(self._known) > self._max_keys:
                 del self._known[next(iter(self._known))]
-        return len(sent) == len(batch)
+        return True
 
     def _flush_forever(self) -> None:
         while not self._stop.wait(self._interval):

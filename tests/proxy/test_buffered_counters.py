@@ -138,3 +138,15 @@ def test_the_interval_setting() -> None:
     for bad in (-1.0, 11.0, math.nan, math.inf):
         with pytest.raises(ValidationError):
             Settings(**base, counters_flush_interval=bad)
+
+
+def test_a_flush_carries_many_events_of_a_key_in_a_few_calls(
+    replicas: tuple[BufferedRedisCounters, ...],
+) -> None:
+    first, second = replicas
+    for i in range(2500):  # three script calls for this key (at most 1,000 events each)
+        first.hit("busy", i / 1000.0, 60.0, 10_000)
+    assert first.flush()
+    assert second.hit("busy", 2.5, 60.0, 10_000) == 1
+    assert second.flush()
+    assert second.hit("busy", 2.6, 60.0, 10_000) == 2502  # all of first's, both of its own
