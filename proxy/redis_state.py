@@ -1149,6 +1149,16 @@ class RedisReviewBus:
             raise SharedStateUnavailable(f"delivery marks unavailable: {exc}") from exc
         return bool(added)
 
+    async def drop_delivery_claims(self, record_id: str, destinations: Sequence[str]) -> None:
+        """Undo `claim_delivery` for destinations this replica could not deliver to after all."""
+        if not destinations:
+            return
+        key = self._prefix + "delivered:" + self._checked(record_id)
+        try:
+            await self._client.srem(key, *(_jid_bytes(d) for d in destinations))
+        except redis.RedisError as exc:
+            raise SharedStateUnavailable(f"delivery marks unavailable: {exc}") from exc
+
     async def delivered_to(self, record_id: str) -> list[str]:
         key = self._prefix + "delivered:" + self._checked(record_id)
         try:

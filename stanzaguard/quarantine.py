@@ -938,9 +938,14 @@ class QuarantineService:
             return []
         async with self._lock:
             record = await self._record(delivery.record_id)
+            if record is None:  # not indexed here yet: the sweep or the next login tries again
+                log.warning(
+                    "quarantine: announced release not in the archive yet",
+                    extra={"record": delivery.record_id},
+                )
+                return []
             if (
-                record is None
-                or record.kind is not RecordKind.MESSAGE
+                record.kind is not RecordKind.MESSAGE
                 or record.verdict.action is not Action.QUARANTINE
                 or self._status(record) == RecordStatus.CONFIRMED_SPAM
             ):
@@ -950,7 +955,7 @@ class QuarantineService:
                 )
                 await shared.remove_pending(delivery)
                 return []
-            claimed: list[ClientSession] = []
+            claimed: list[tuple[ClientSession, str]] = []
             for session in sessions:
                 destination = (
                     SERVER_DESTINATION
@@ -958,11 +963,17 @@ class QuarantineService:
                     else session.info.bound_jid or ""
                 )
                 if await shared.claim_delivery(record.record_id, destination):
-                    claimed.append(session)
+                    claimed.append((session, destination))
             if not claimed:
                 return []
-            await self._append(_observations(record.record_id, claimed, self.clock.now()))
-            delivered = self._inject(record, claimed, direction)
+            chosen = [session for session, _ in claimed]
+            try:
+                await self._append(_observations(record.record_id, chosen, self.clock.now()))
+            except SpoolUnavailable:
+                # Not delivered after all: the sessions may get it from the next attempt.
+                await shared.drop_delivery_claims(record.record_id, [d for _, d in claimed])
+                raise
+            delivered = self._inject(record, chosen, direction)
             await shared.remove_pending(delivery)
         SHARED_REVIEW.labels("delivered").inc(len(delivered))
         log.info(

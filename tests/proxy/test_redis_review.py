@@ -153,6 +153,10 @@ async def test_each_destination_gets_a_release_once(bus: RedisReviewBus) -> None
     assert await bus.claim_delivery("rec-1", "bob@corp.example/phone") is True
     assert await bus.delivered_to("rec-1") == ["bob@corp.example/desk", "bob@corp.example/phone"]
     assert await bus.delivered_to("rec-2") == []
+    # A replica that could not deliver after all (its spool refused) gives its claims back.
+    await bus.drop_delivery_claims("rec-1", ["bob@corp.example/desk"])
+    await bus.drop_delivery_claims("rec-1", [])
+    assert await bus.claim_delivery("rec-1", "bob@corp.example/desk") is True
 
 
 async def test_every_replica_hears_of_a_release(
@@ -212,6 +216,7 @@ async def test_a_stopped_redis_is_an_error_for_every_call(
         bus.remove_pending(SharedDelivery("rec-1", "bob@corp.example", "to-client")),
         bus.claim_delivery("rec-1", "bob@corp.example/desk"),
         bus.delivered_to("rec-1"),
+        bus.drop_delivery_claims("rec-1", ["bob@corp.example/desk"]),
         bus.announcements(),
     ]
     for call in calls:
