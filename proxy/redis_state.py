@@ -67,28 +67,11 @@ KEY_PREFIX = "sg:cnt:"
 #: Longer keys and members are stored as their SHA-256 (they are user-chosen text).
 MAX_PLAIN_BYTES = 200
 
-# KEYS[1] the sorted set; ARGV: now, window, cap, member.
-# Keeps the events in (now - window, now], at most `cap` of them (the newest), and returns how
-# many there are. The TTL only collects idle keys; the window itself is computed from `now`.
+# KEYS[1] the sorted set; ARGV: window, cap, then (time, member) pairs: one event (a counted
+# stanza) or several of one key at once (a buffered flush). Keeps the events in
+# (newest - window, newest], at most `cap` of them (the newest), and returns how many there
+# are. The TTL only collects idle keys; the window itself is computed from the times.
 _SLIDE = """
-local key = KEYS[1]
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local cap = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-redis.call('ZADD', key, ARGV[1], ARGV[4])
-local n = redis.call('ZCARD', key)
-if n > cap then
-  redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1)
-  n = cap
-end
-redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
-return n
-"""
-
-# The same for several events of one key at once (a buffered flush): KEYS[1] the sorted set;
-# ARGV: window, cap, then (time, member) pairs. The window ends at the newest time given.
-_SLIDE_MANY = """
 local key = KEYS[1]
 local window = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
@@ -107,7 +90,7 @@ end
 redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
 return n
 """
-#: Most events of one key one `_SLIDE_MANY` call carries.
+#: Most events of one key one `_SLIDE` call carries.
 SLIDE_MANY_EVENTS = 1000
 
 
@@ -138,6 +121,14 @@ def _check_times(now: float, window: float) -> None:
         raise ValueError("now and window must be finite, and window positive")
 
 
+def _set_member(member: str | None) -> bytes:
+    """A counted event's member in a key's sorted set. An event (`member` None) is its own
+    member, a random id, so two proxies' hits never merge; a distinct member is itself."""
+    if member is None:
+        return b"e:" + os.urandom(9).hex().encode()
+    return b"m:" + _bounded(member)
+
+
 def _bounded(text: str) -> bytes:
     # surrogatepass: JIDs from the wire may carry lone surrogates; they must not raise here.
     raw = text.encode("utf-8", "surrogatepass")
@@ -153,7 +144,6 @@ class RedisCounterStore:
         self._client = client
         self._prefix = prefix.encode()
         self._slide: Script = client.register_script(_SLIDE)
-        self._slide_many: Script = client.register_script(_SLIDE_MANY)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.5) -> RedisCounterStore:
@@ -165,27 +155,26 @@ class RedisCounterStore:
         self._client.close()
 
     def hit(self, key: str, now: float, window: float, cap: int) -> int:
-        # Every event is its own member: a random id, so two proxies' hits never merge.
-        return self._run(key, now, window, cap, b"e:" + os.urandom(9).hex().encode())
+        return self._run(key, now, window, cap, _set_member(None))
 
     def add_distinct(self, key: str, member: str, now: float, window: float, cap: int) -> int:
-        return self._run(key, now, window, cap, b"m:" + _bounded(member))
+        return self._run(key, now, window, cap, _set_member(member))
 
     def _run(self, key: str, now: float, window: float, cap: int, member: bytes) -> int:
         try:
-            count: Any = self._slide(**self._slide_call(key, now, window, cap, member))
+            count: Any = self._slide(**self._slide_args(key, window, cap, [(now, member)]))
         except redis.RedisError as exc:
             raise SharedStateUnavailable(f"shared counters unavailable: {exc}") from exc
         return int(cast(int, count))
 
-    def _slide_call(
-        self, key: str, now: float, window: float, cap: int, member: bytes
+    def _slide_args(
+        self, key: str, window: float, cap: int, events: Sequence[tuple[float, bytes]]
     ) -> dict[str, Any]:
-        _check_times(now, window)
-        return {
-            "keys": [self._prefix + _bounded(key)],
-            "args": [repr(float(now)), repr(float(window)), max(1, cap), member],
-        }
+        args: list[str | int | bytes] = [repr(float(window)), max(1, cap)]
+        for now, member in events:
+            _check_times(now, window)
+            args += [repr(float(now)), member]
+        return {"keys": [self._prefix + _bounded(key)], "args": args}
 
     def pipeline(self) -> redis.client.Pipeline:
         """A pipeline for `queue_slide_many` calls (one round trip for many counted events)."""
@@ -200,11 +189,7 @@ class RedisCounterStore:
         events: Sequence[tuple[float, bytes]],
     ) -> None:
         """Add several (time, member) events of one key in one script call, in `pipe`."""
-        args: list[str | int | bytes] = [repr(float(window)), max(1, cap)]
-        for now, member in events:
-            _check_times(now, window)
-            args += [repr(float(now)), member]
-        self._slide_many(keys=[self._prefix + _bounded(key)], args=args, client=pipe)
+        self._slide(client=pipe, **self._slide_args(key, window, cap, events))
 
 
 @dataclass(slots=True)
@@ -311,15 +296,7 @@ class BufferedRedisCounters:
             with self._remote.pipeline() as pipe:
                 for events in calls:
                     last = events[-1]
-                    members = [
-                        (
-                            e.now,
-                            b"e:" + os.urandom(9).hex().encode()
-                            if e.member is None
-                            else b"m:" + _bounded(e.member),
-                        )
-                        for e in events
-                    ]
+                    members = [(e.now, _set_member(e.member)) for e in events]
                     self._remote.queue_slide_many(pipe, last.key, last.window, last.cap, members)
                 answers = pipe.execute()
         except (redis.RedisError, ValueError) as exc:

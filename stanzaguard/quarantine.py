@@ -761,8 +761,7 @@ class QuarantineService:
         await self._append([entry])
         self._decided[record_id] = RecordStatus.RELEASED
         log.info("quarantine: released", extra={"record": record_id, "actor": actor})
-        target, direction = _delivery_target(record)
-        delivery = SharedDelivery(record_id, target.lower(), direction.value)
+        delivery = _shared_delivery(record)
         try:
             await shared.add_pending(delivery)
         except SharedStateUnavailable as exc:
@@ -777,7 +776,7 @@ class QuarantineService:
                 pending=True,
             )
         SHARED_REVIEW.labels("announced").inc()
-        return _Announced(record_id, target)
+        return _Announced(record_id, delivery.target)
 
     async def _announced(self, announced: _Announced) -> Outcome:
         """The outcome of an announced release, once some replica delivered it (or not)."""
@@ -794,8 +793,7 @@ class QuarantineService:
             return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
         if await shared.delivered_to(record_id):
             return Outcome(True, "already released", record_id, RecordStatus.RELEASED)
-        target, direction = _delivery_target(record)
-        await shared.add_pending(SharedDelivery(record_id, target.lower(), direction.value))
+        await shared.add_pending(_shared_delivery(record))
         SHARED_REVIEW.labels("announced").inc()
         return Outcome(
             True,
@@ -982,14 +980,8 @@ class QuarantineService:
         )
         return delivered
 
-    def _local_targets(self) -> set[str]:
-        if self.proxy is None:
-            return set()
-        return {
-            (s.info.bare_jid or "").lower()
-            for s in self.proxy.sessions
-            if s.info.bound_jid and not s.client.closed and s.server is not None
-        }
+    def _live_here(self, target: str) -> bool:
+        return bool(self._sessions(target, Direction.TO_CLIENT))
 
     async def sweep(self) -> int:
         """Announce what Redis could not take before, and deliver every pending release whose
@@ -1000,9 +992,10 @@ class QuarantineService:
         while self._unannounced:
             await shared.add_pending(self._unannounced[0])
             self._unannounced.pop(0)
-        here = self._local_targets()
         delivered = 0
-        for target in sorted(here & await shared.pending_targets()):
+        for target in sorted(await shared.pending_targets()):
+            if not self._live_here(target):
+                continue
             for delivery in await shared.pending_for(target):
                 delivered += len(await self.deliver_shared(delivery))
         return delivered
@@ -1041,7 +1034,7 @@ class QuarantineService:
                     except SharedStateUnavailable:
                         log.error("quarantine: unreadable delivery announcement ignored")
                         continue
-                    if delivery.target in self._local_targets():
+                    if self._live_here(delivery.target):
                         self._spawn(self._deliver_announced(delivery))
             except SharedStateUnavailable as exc:
                 log.warning("quarantine: delivery channel lost", extra={"error": str(exc)})
@@ -1231,6 +1224,12 @@ def _released(record_id: str, target: str, delivered: Sequence[str]) -> Outcome:
         RecordStatus.RELEASED,
         delivered_to=tuple(delivered),
     )
+
+
+def _shared_delivery(record: ArchiveRecord) -> SharedDelivery:
+    """A released record's delivery as the replicas share it."""
+    target, direction = _delivery_target(record)
+    return SharedDelivery(record.record_id, target.lower(), direction.value)
 
 
 def _delivery_target(record: ArchiveRecord) -> tuple[str, Direction]:
