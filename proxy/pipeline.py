@@ -42,9 +42,12 @@ from archive_api.store.records import (
     Attachment,
     Direction,
     EntryOp,
+    Observation,
+    ObservationVia,
     RecordKind,
     RecordStatus,
     SpoolEntry,
+    StanzaIdRef,
     deterministic_record_id,
 )
 from classifier.clock import Clock
@@ -67,12 +70,15 @@ from proxy.stanza import (
     Event,
     MessageEvent,
     MucJoinEvent,
+    PlainKey,
     ReportEvent,
     RosterEvent,
     SubscriptionEvent,
     dedupe_key,
     normalise,
     observation_of,
+    plain_copy,
+    plain_key,
     to_records,
 )
 from proxy.stream import Element
@@ -168,6 +174,9 @@ class PipelineConfig:
     # size and SHA-256 (docs/calls-and-files.md).
     ibb_archive_max_bytes: int = 10 * 1024 * 1024
     exchange_sessions: int = 50_000  # call / transfer sessions remembered (verdict, times)
+    # Plain messages sent by local clients whose local deliveries skip a second normalisation;
+    # a delivery comes milliseconds after the message, so a few thousand cover any burst.
+    sent_plain_messages: int = 4096
 
 
 @dataclass(slots=True)
@@ -220,9 +229,14 @@ class RecentMessages:
         self._capacity = capacity
 
     def note(self, event: MessageEvent, record_id: str) -> None:
-        for ref in event.stanza_ids:
+        self.note_parts(event.stanza_ids, event.recipient, event.sender, record_id)
+
+    def note_parts(
+        self, stanza_ids: Sequence[StanzaIdRef], recipient: str, sender: str, record_id: str
+    ) -> None:
+        for ref in stanza_ids:
             self._put(("sid", ref.by.lower(), ref.id), record_id)
-        self._put(("last", event.recipient.lower(), event.sender.lower()), record_id)
+        self._put(("last", recipient.lower(), sender.lower()), record_id)
 
     def _put(self, key: tuple[str, str, str], record_id: str) -> None:
         self._keys[key] = record_id
@@ -242,6 +256,29 @@ class RecentMessages:
             if last is not None:
                 found.append(last)
         return found
+
+
+class SentPlainMessages:
+    """Record ids of plain messages local clients sent lately (`proxy.stanza.plain_key`).
+
+    The server's delivery of such a message to a local recipient is then an observation of a
+    known record found by a dictionary look-up, not by a second normalisation: about half
+    the cost of the recipient's leg of a local conversation. Bounded; a miss only means the
+    copy takes the ordinary path.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._ids: OrderedDict[PlainKey, str] = OrderedDict()
+        self._capacity = capacity
+
+    def note(self, key: PlainKey, record_id: str) -> None:
+        self._ids[key] = record_id
+        self._ids.move_to_end(key)
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+    def find(self, key: PlainKey) -> str | None:
+        return self._ids.get(key)
 
 
 class Pipeline:
@@ -277,6 +314,8 @@ class Pipeline:
         self.trust = trust
         self.report_observer = report_observer
         self.delivered = RecentMessages(config.report_links)
+        self.sent_plain = SentPlainMessages(config.sent_plain_messages)
+        self.plain_copies_observed = 0  # deliveries taken as observations by look-up
         self.exchanges = ExchangeSessions(config.exchange_sessions)
 
     # -- StanzaHook ---------------------------------------------------------------------
@@ -290,6 +329,11 @@ class Pipeline:
         for index, element in enumerate(stanzas):
             if not _worth_reading(element, direction):
                 continue
+            if direction is _TO_CLIENT and element.name == "message":
+                known = self._known_copy(index, element, session, now)
+                if known is not None:
+                    plans.append(known)
+                    continue
             event = normalise(
                 element.tree(),
                 element.data,
@@ -332,6 +376,27 @@ class Pipeline:
         for plan in plans:
             decisions[plan.index] = plan.decision
         return decisions
+
+    def _known_copy(
+        self, index: int, element: Element, session: SessionInfo, now: datetime
+    ) -> _Planned | None:
+        """The delivery of a plain message a local client sent, as an observation of its
+        record; None sends the stanza down the ordinary path (normalise, then plan)."""
+        copy = plain_copy(element.tree(), session.bound_jid, now)
+        if copy is None:
+            return None
+        record_id = self.sent_plain.find(copy.key)
+        if record_id is None or record_id not in self.recent:
+            return None
+        sender, recipient = copy.key[0], copy.key[1]
+        self.delivered.note_parts(copy.stanza_ids, recipient, sender, record_id)
+        assert session.bound_jid is not None  # plain_copy says None without one
+        observation = Observation(
+            at=now, jid=session.bound_jid, via=ObservationVia.LIVE, direction=_TO_CLIENT
+        )
+        entry = SpoolEntry(_OBSERVE, record_id, observation=observation)
+        self.plain_copies_observed += 1
+        return _Planned(index, [entry], PASS, behind=True)
 
     def local_domains(self) -> frozenset[str]:
         if self._local_domains is not None:
@@ -524,6 +589,9 @@ class Pipeline:
         verdict = self.decider.evaluate(self._context(event, now))
         if verdict.action.delivers:
             self._note_correspondent(event, now)
+            key = plain_key(event)
+            if key is not None:
+                self.sent_plain.note(key, record_id)
         status = _STATUS_OF_ACTION[verdict.action]
         (record,) = to_records(event, verdict, status, observation, record_id=record_id)
         entry = SpoolEntry(_RECORD, record_id, record)

@@ -1385,6 +1385,103 @@ def dedupe_key(event: ArchivableEvent) -> str:
     return deterministic_record_id(*parts)
 
 
+# --- copies of plain messages: the record id without a second normalisation --------------
+
+PlainKey: TypeAlias = tuple[str, str, str, str]
+"""(sender bare, recipient bare, origin-id or id, body) of a plain one-to-one message."""
+
+_PLAIN_TYPES: Final = frozenset({"chat", "normal"})
+_PLAIN_BODY_MAX: Final = 4096  # longer bodies are not remembered: the memory is bounded
+
+
+@dataclass(frozen=True, slots=True)
+class PlainCopy:
+    """What the pipeline needs of a server's delivery of a plain message to a local client."""
+
+    key: PlainKey
+    stanza_ids: tuple[StanzaIdRef, ...]
+
+
+def plain_key(event: MessageEvent) -> PlainKey | None:
+    """The key of a plain message a local client sent, or None when it is not plain.
+
+    Plain: one-to-one, live, one body and nothing else that `_content_digest` covers (no
+    other-language body, subject, encrypted payload, correction, retraction, invitation or
+    attachment of its own), and an id. For two plain messages, equal keys mean equal
+    `dedupe_key`s: the digest then covers the body alone, and the other parts of the key are
+    in the tuple. That is why a delivered copy with the same key (`plain_copy`) may take the
+    sender's record id without being normalised again.
+    """
+    if (
+        event.leg != Direction.FROM_CLIENT
+        or event.history is not None
+        or event.stanza_type not in _PLAIN_TYPES
+        or not event.body
+        or len(event.body) > _PLAIN_BODY_MAX
+        or event.other_bodies
+        or event.subject is not None
+        or event.replaces_id is not None
+        or event.retracts_id is not None
+        or event.invitation is not None
+        or event.anomalies
+        or not event.is_content
+        or any(attachment.source != "upload" for attachment in event.attachments)
+    ):
+        return None
+    if event.encryption is not None and event.encryption != "otr":
+        return None
+    ident = event.origin_id or event.message_id
+    if not ident:
+        return None
+    return (event.sender, event.recipient, ident, event.body)
+
+
+def plain_copy(element: ET.Element, session_jid: str | None, now: datetime) -> PlainCopy | None:
+    """A server's delivery of a plain message to the local client of `session_jid`, or None.
+
+    Reads only what `plain_key` compares, with the same readers `normalise` uses, and says
+    None for anything it would have to think about: history (a delay or a forwarding
+    wrapper), groupchat, an invalid address, or any child the content digest covers.
+    """
+    if element.tag != _MESSAGE or not session_jid:
+        return None
+    stanza_type = element.get("type") or "normal"
+    if stanza_type not in _PLAIN_TYPES:
+        return None
+    sender, to = _jid(element.get("from")), _jid(element.get("to"))
+    if not (sender.full and sender.valid and to.valid):
+        return None
+    scan = _scan(element, inner=False)
+    if (
+        len(scan.bodies) != 1
+        or scan.delays
+        or scan.wrapper is not None
+        or scan.nested
+        or scan.subject is not None
+        or scan.references
+        or scan.sfs
+        or scan.oobs
+        or scan.replaces_id is not None
+        or scan.retracts_id is not None
+        or scan.muc_user is not None
+        or scan.direct_invite is not None
+        or scan.encryption is not None
+        or scan.payload is not None
+    ):
+        return None
+    body = scan.bodies[0].text
+    ident = scan.origin_id or element.get("id")
+    if not body or not ident:
+        return None
+    own = _jid(session_jid)
+    recipient = to if to.full else own
+    ctx = _Context(Direction.TO_CLIENT, own, None, now, frozenset())
+    return PlainCopy(
+        key=(sender.bare, recipient.bare, ident, body),
+        stanza_ids=_stanza_ids(scan, ctx, None, ()),
+    )
+
+
 def _key_parts(event: ArchivableEvent) -> tuple[str, ...]:
     if isinstance(event, MessageEvent):
         if event.stanza_type == "groupchat":
