@@ -53,32 +53,28 @@ def tree(xml: str) -> ET.Element:
     return element(xml).tree()
 
 
-def sent_event(xml: str) -> MessageEvent:
+def read(xml: str, leg: Direction) -> MessageEvent:
+    """`normalise` as the pipeline calls it: the sender's leg is Alice's, the copy's Bob's."""
+    mine = leg is Direction.FROM_CLIENT
     event = normalise(
         tree(xml),
         xml.encode(),
-        direction=Direction.FROM_CLIENT,
-        session_jid=ALICE,
-        client_address="192.0.2.1",
+        direction=leg,
+        session_jid=ALICE if mine else BOB,
+        client_address="192.0.2.1" if mine else "192.0.2.2",
         now=ManualClock().now(),
         upload_hosts=frozenset({UPLOAD}),
     )
     assert isinstance(event, MessageEvent)
     return event
+
+
+def sent_event(xml: str) -> MessageEvent:
+    return read(xml, Direction.FROM_CLIENT)
 
 
 def copy_event(xml: str) -> MessageEvent:
-    event = normalise(
-        tree(xml),
-        xml.encode(),
-        direction=Direction.TO_CLIENT,
-        session_jid=BOB,
-        client_address="192.0.2.2",
-        now=ManualClock().now(),
-        upload_hosts=frozenset({UPLOAD}),
-    )
-    assert isinstance(event, MessageEvent)
-    return event
+    return read(xml, Direction.TO_CLIENT)
 
 
 # -- what counts as plain ---------------------------------------------------------------------
