@@ -96,18 +96,23 @@ class ProxyConfig:
 class Leg:
     """One side's writer with write-combining; counts what crosses it."""
 
-    __slots__ = ("closed", "direction", "out", "writer")
+    __slots__ = ("closed", "direction", "holds", "out", "writer")
 
     def __init__(self, writer: asyncio.StreamWriter, direction: Direction) -> None:
         self.writer = writer
         self.direction = direction
         self.out = bytearray()
         self.closed = False
+        # While above zero, a stream-management mapping that covers what is buffered is being
+        # saved: flushing waits (the bytes stay in order in `out`) until the last hold ends.
+        self.holds = 0
 
     def push(self, data: bytes) -> None:
         self.out += data
 
     def flush(self) -> None:
+        if self.holds:
+            return
         if self.out and not self.closed:
             metrics.BYTES_BY[self.direction].inc(len(self.out))
             self.writer.write(bytes(self.out))
@@ -127,6 +132,7 @@ class Leg:
     async def close(self) -> None:
         if self.closed:
             return
+        self.holds = 0  # the stream ends: what is buffered goes now or never
         self.flush()
         self.closed = True
         with contextlib.suppress(Exception):
@@ -226,6 +232,7 @@ class ClientSession:
         self._connection_lost = False  # the client's TCP connection died without a close
         # Per direction: batches handed to the hook, in arrival order, with their decisions.
         self._inflight: dict[Direction, _InFlight] = {}
+        self._saves: set[asyncio.Task[None]] = set()  # SM writes after a delivery (`deliver`)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -272,6 +279,9 @@ class ClientSession:
 
     async def _shutdown(self) -> None:
         self._closing = True
+        if self._saves:
+            # A delivery's SM write still under way must not land after the detached state.
+            await asyncio.gather(*self._saves, return_exceptions=True)
         await self._keep_sm_for_resumption()
         if self.server is not None:
             if self._connection_lost:
@@ -722,6 +732,46 @@ class ClientSession:
         if dropped:
             metrics.DROPPED_BY[forward.direction].inc(dropped)
 
+    def deliver(self, direction: Direction, data: bytes) -> None:
+        """Send a stanza of the proxy's own from outside the relay (a released message).
+
+        Like the relay, nothing it sends leaves before the stream-management mapping that
+        counts it is saved: both legs hold their output until the write is done. A failed
+        write ends the server's stream cleanly (so the server ends the SM session and no
+        replica can resume it with the stale mapping), as a failed write in the relay does.
+        """
+        self.inject(direction, data)
+        state = self.sm
+        if state is None or not state.sm_id or not state.changed:
+            self.flush_all()
+            return
+        held = self._hold_output()
+        task = asyncio.create_task(self._save_after_delivery(held))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+
+    async def _save_after_delivery(self, held: list[Leg]) -> None:
+        try:
+            await self._save_changed_sm()
+        except StreamClosed:
+            if self.server is not None and not self.server.closed:
+                self.server.holds = 0
+                self.server.push(b"</stream:stream>")
+                self.server.flush()
+        finally:
+            self._release_output(held)
+
+    def _hold_output(self) -> list[Leg]:
+        held = [leg for leg in (self.client, self.server) if leg is not None]
+        for leg in held:
+            leg.holds += 1
+        return held
+
+    def _release_output(self, held: list[Leg]) -> None:
+        for leg in held:
+            leg.holds = max(0, leg.holds - 1)
+            leg.flush()
+
     def inject(self, direction: Direction, data: bytes) -> None:
         """Send a stanza of the proxy's own into one leg, keeping the SM counts right."""
         if direction == Direction.TO_CLIENT:
@@ -748,6 +798,9 @@ class ClientSession:
         state = self.sm
         if state is None or not state.sm_id or not state.changed:
             return
+        # The other direction's pump flushes both legs too; without the hold it could send
+        # what this mapping covers while the write is still under way.
+        held = self._hold_output()
         try:
             await self.proxy.sm_registry.save(state)
         except SmStoreUnavailable as exc:
@@ -756,6 +809,8 @@ class ClientSession:
                 extra={"session": self.info.session_id, "error": str(exc)},
             )
             raise StreamClosed("internal-server-error", "stream state unavailable") from None
+        finally:
+            self._release_output(held)
 
     async def _save_new_sm(self, state: SmState) -> None:
         """Write a state just enabled or resumed; a failure is retried with the next change.

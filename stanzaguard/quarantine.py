@@ -845,8 +845,7 @@ class QuarantineService:
             except StanzaGuardError:
                 log.error("quarantine: held stanza unreadable", extra={"record": record.record_id})
                 return delivered
-            session.inject(direction, data)
-            session.flush_all()
+            session.deliver(direction, data)
             delivered.append(session.info.bound_jid or "")
         return delivered
 

@@ -29,6 +29,7 @@ from archive_api.store.records import Direction
 from classifier.verdict import Action
 from proxy.hook import Decision, SessionInfo
 from proxy.redis_state import SM_KEY_PREFIX, RedisSmStore
+from proxy.sm import SmStoreUnavailable
 from proxy.stream import Element
 from stanzaguard.settings import Settings
 from tests.conftest import ProxyFactory
@@ -357,3 +358,96 @@ def test_shared_states_need_a_redis_url(tmp_path: Path) -> None:
             Settings(domain=["localhost"], data_dir=tmp_path, **chosen)
     with pytest.raises(ValidationError):
         Settings(domain=["localhost"], data_dir=tmp_path, sm_resume_timeout=0)
+
+
+class GatedSaves:
+    """The first replica's SM store, with its writes held at a gate (or failing) on demand."""
+
+    def __init__(self, store: RedisSmStore) -> None:
+        self.store = store
+        self.real = store.save
+        self.open = asyncio.Event()
+        self.open.set()
+        self.fail = False
+        self.waiting = 0
+
+    async def save(self, state: Any, *, detached: bool = False) -> None:
+        self.waiting += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
+        if self.fail and not detached:
+            raise SmStoreUnavailable("redis said no")
+        await self.real(state, detached=detached)
+
+
+def released(to: str) -> tuple[str, bytes]:
+    ident = f"rel-{uuid.uuid4().hex[:8]}"
+    data = (
+        f"<message xmlns='jabber:client' from='alice@localhost/x' to='{to}' type='chat' "
+        f"id='{ident}'><body>released by an officer</body></message>"
+    ).encode()
+    return ident, data
+
+
+async def test_a_delivered_message_waits_for_its_mapping_and_is_not_repeated_on_resumption(
+    prosody: ProsodyServer, replicas: tuple[Replicas, Burst], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair, _ = replicas
+    gate = GatedSaves(pair.first_store)
+    monkeypatch.setattr(pair.first_store, "save", gate.save)
+    phone = await phone_on(pair.first, prosody)
+    sm = await phone.enable_sm()
+    assert sm.sm_id
+    [session] = pair.first.sessions_of("carol@localhost")
+    ident, data = released(CAROL)
+
+    gate.open.clear()
+    session.deliver(Direction.TO_CLIENT, data)  # what the quarantine's release does
+    await wait_until(lambda: gate.waiting == 1)
+    assert await quiet_ids(phone, 0.5) == []  # held while the mapping is being written
+    gate.open.set()
+    assert message_ids(await phone.messages(1)) == [ident]
+
+    # The saved mapping counts it: resuming elsewhere with this h repeats nothing.
+    h = sm.inbound
+    phone.abort()
+    await wait_until(lambda: not pair.first.sessions_of("carol@localhost"))
+    second = await authenticated_stream(pair.second, prosody)
+    try:
+        second.sm = sm
+        await second.resume(sm.sm_id, h)
+        assert ident not in await quiet_ids(second)
+        alice = pair.second.client("alice")
+        await alice.connect()
+        after = alice.send_chat(CAROL, "after the release")
+        assert message_ids(await second.messages(1)) == [after]
+    finally:
+        await second.close()
+    no_ack_trouble(prosody)
+
+
+async def test_a_failed_mapping_write_after_a_delivery_ends_the_sm_session(
+    prosody: ProsodyServer, replicas: tuple[Replicas, Burst], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair, _ = replicas
+    gate = GatedSaves(pair.first_store)
+    monkeypatch.setattr(pair.first_store, "save", gate.save)
+    phone = await phone_on(pair.first, prosody)
+    sm = await phone.enable_sm()
+    assert sm.sm_id
+    [session] = pair.first.sessions_of("carol@localhost")
+    _, data = released(CAROL)
+    gate.fail = True
+    session.deliver(Direction.TO_CLIENT, data)
+    # The proxy closes the server's stream; the server's close ends the client's stream too.
+    await phone.read_until_closed(timeout=10)
+    await wait_until(lambda: not pair.first.sessions_of("carol@localhost"))
+    # No replica can resume it: the server ended the SM session with the stream.
+    second = await authenticated_stream(pair.second, prosody)
+    try:
+        answer = await sm_answer(second, sm.sm_id, sm.inbound)
+        assert local(answer.tag) == (SM_NS, "failed"), ET.tostring(answer)
+    finally:
+        await second.close()
