@@ -382,14 +382,16 @@ class Pipeline:
     ) -> _Planned | None:
         """The delivery of a plain message a local client sent, as an observation of its
         record; None sends the stanza down the ordinary path (normalise, then plan)."""
+        sender = element.attrs.get("from", "")
+        if sender.partition("/")[0].rpartition("@")[2].lower() not in self.local_domains():
+            return None  # only local clients' messages are remembered: no reading twice
         copy = plain_copy(element.tree(), session.bound_jid, now)
         if copy is None:
             return None
         record_id = self.sent_plain.find(copy.key)
         if record_id is None or record_id not in self.recent:
             return None
-        sender, recipient = copy.key[0], copy.key[1]
-        self.delivered.note_parts(copy.stanza_ids, recipient, sender, record_id)
+        self.delivered.note_parts(copy.stanza_ids, copy.key[1], copy.key[0], record_id)
         assert session.bound_jid is not None  # plain_copy says None without one
         observation = Observation(
             at=now, jid=session.bound_jid, via=ObservationVia.LIVE, direction=_TO_CLIENT

@@ -185,11 +185,11 @@ class Run:
     directory: Path
 
 
-async def start(directory: Path, clock: ManualClock, *, remember: int) -> Run:
+async def start(directory: Path, clock: ManualClock, *, remember: int, domain: str = DOMAIN) -> Run:
     spool = await Spool.open(directory, clock=clock, fsync=False)
     pipeline = Pipeline(
         PipelineConfig(
-            local_domains=frozenset({DOMAIN}),
+            local_domains=frozenset({domain}),
             upload_hosts=frozenset({UPLOAD}),
             sent_plain_messages=remember,
         ),
@@ -291,6 +291,7 @@ _COPY_CHANGES = st.lists(
             "drop-origin-id",
             "groupchat",
             "other-sender",
+            "remote-sender",
             "other-recipient",
         ]
     ),
@@ -318,6 +319,8 @@ def conversations(draw: st.DrawFn) -> list[tuple[str, str]]:
         sender = "carol@corp.example/pc" if "other-sender" in changes else ALICE
         if "upper-case-from" in changes:
             sender = "Alice@Corp.Example/laptop"
+        if "remote-sender" in changes:
+            sender = "alice@elsewhere.example/laptop"
         to = f"bob@{DOMAIN}" if "bare-to" in changes else BOB
         if "other-recipient" in changes:
             to = f"dave@{DOMAIN}/pc"
@@ -367,7 +370,7 @@ async def test_through_prosody_the_recipients_copy_is_an_observation_by_look_up(
     proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
     clock = ManualClock()
-    run = await start(tmp_path / "spool", clock, remember=4096)
+    run = await start(tmp_path / "spool", clock, remember=4096, domain="localhost")
     running = await proxy_factory(run.pipeline)
     alice = running.client("alice", resource="laptop")
     bob = running.client("bob", resource="desk")
