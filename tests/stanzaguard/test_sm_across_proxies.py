@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from archive_api.store.records import Direction
 from classifier.verdict import Action
+from proxy.c2s import ClientSession
 from proxy.hook import Decision, SessionInfo
 from proxy.redis_state import SM_KEY_PREFIX, RedisSmStore
 from proxy.sm import SmStoreUnavailable
@@ -37,7 +38,7 @@ from tests.stanzaguard.conftest import ArchivingFactory
 from tests.support.clients import ChatClient
 from tests.support.prosody import ProsodyServer
 from tests.support.proxy import RecordingHook, Rule, RunningProxy, wait_until
-from tests.support.rawxmpp import CLIENT_NS, SM_NS, RawXmppClient, local
+from tests.support.rawxmpp import CLIENT_NS, SM_NS, RawXmppClient, SmCounters, local
 from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -382,6 +383,28 @@ class GatedSaves:
         await self.real(state, detached=detached)
 
 
+@dataclass
+class GatedPhone:
+    gate: GatedSaves
+    phone: RawXmppClient
+    sm: SmCounters
+    sm_id: str
+    session: ClientSession
+
+
+async def gated_phone(
+    pair: Replicas, prosody: ProsodyServer, monkeypatch: pytest.MonkeyPatch
+) -> GatedPhone:
+    """Carol on the first replica with SM enabled, that replica's SM writes behind a gate."""
+    gate = GatedSaves(pair.first_store)
+    monkeypatch.setattr(pair.first_store, "save", gate.save)
+    phone = await phone_on(pair.first, prosody)
+    sm = await phone.enable_sm()
+    assert sm.sm_id
+    [session] = pair.first.sessions_of("carol@localhost")
+    return GatedPhone(gate, phone, sm, sm.sm_id, session)
+
+
 def released(to: str) -> tuple[str, bytes]:
     ident = f"rel-{uuid.uuid4().hex[:8]}"
     data = (
@@ -395,12 +418,8 @@ async def test_a_delivered_message_waits_for_its_mapping_and_is_not_repeated_on_
     prosody: ProsodyServer, replicas: tuple[Replicas, Burst], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pair, _ = replicas
-    gate = GatedSaves(pair.first_store)
-    monkeypatch.setattr(pair.first_store, "save", gate.save)
-    phone = await phone_on(pair.first, prosody)
-    sm = await phone.enable_sm()
-    assert sm.sm_id
-    [session] = pair.first.sessions_of("carol@localhost")
+    carol = await gated_phone(pair, prosody, monkeypatch)
+    gate, phone, sm, session = carol.gate, carol.phone, carol.sm, carol.session
     ident, data = released(CAROL)
 
     gate.open.clear()
@@ -417,7 +436,7 @@ async def test_a_delivered_message_waits_for_its_mapping_and_is_not_repeated_on_
     second = await authenticated_stream(pair.second, prosody)
     try:
         second.sm = sm
-        await second.resume(sm.sm_id, h)
+        await second.resume(carol.sm_id, h)
         assert ident not in await quiet_ids(second)
         alice = pair.second.client("alice")
         await alice.connect()
@@ -432,12 +451,8 @@ async def test_a_failed_mapping_write_after_a_delivery_ends_the_sm_session(
     prosody: ProsodyServer, replicas: tuple[Replicas, Burst], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pair, _ = replicas
-    gate = GatedSaves(pair.first_store)
-    monkeypatch.setattr(pair.first_store, "save", gate.save)
-    phone = await phone_on(pair.first, prosody)
-    sm = await phone.enable_sm()
-    assert sm.sm_id
-    [session] = pair.first.sessions_of("carol@localhost")
+    carol = await gated_phone(pair, prosody, monkeypatch)
+    gate, phone, sm, session = carol.gate, carol.phone, carol.sm, carol.session
     _, data = released(CAROL)
     gate.fail = True
     session.deliver(Direction.TO_CLIENT, data)
@@ -447,7 +462,7 @@ async def test_a_failed_mapping_write_after_a_delivery_ends_the_sm_session(
     # No replica can resume it: the server ended the SM session with the stream.
     second = await authenticated_stream(pair.second, prosody)
     try:
-        answer = await sm_answer(second, sm.sm_id, sm.inbound)
+        answer = await sm_answer(second, carol.sm_id, sm.inbound)
         assert local(answer.tag) == (SM_NS, "failed"), ET.tostring(answer)
     finally:
         await second.close()
