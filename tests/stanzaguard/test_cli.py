@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.clients import ChatClient, TlsMode, go_sendxmpp
 from tests.support.prosody import ProsodyServer
-from tests.support.proxy import start_stanzaguard
+from tests.support.proxy import start_stanzaguard, wait_until
 from tests.support.services import port_is_open
 
 pytestmark = pytest.mark.integration
@@ -33,6 +33,9 @@ async def test_run_relays_go_sendxmpp_and_stops_cleanly_on_sigterm(
             port=guard.port,
         )
         assert result.ok, f"{result.describe()}\n{guard.log_tail()}"
+        # The client may be gone before the proxy's fsync'd spool lets the message through to
+        # the server: wait for it there rather than read the server's store at once.
+        await wait_until(lambda: bool(prosody.offline_messages("bob")))
         [stored] = prosody.offline_messages("bob")
         assert (stored.body, stored.to) == (body, "bob@localhost")
         assert stored.sender.startswith("alice@localhost/")
