@@ -233,9 +233,13 @@ async def test_reports_to_the_component_are_learned_and_published(
     eve_hash = jid_sha256(EVE)
 
     async def published() -> bool:
-        return eve_hash in await node_items(subscriber, prosody.pubsub_domain, JIDS_NODE)
+        # The nodes are published one after the other: wait for the MUC-ban node as well.
+        assert publishing.publisher is not None
+        bans = publishing.publisher.published.get("muc_bans_sha256", set())
+        on_node = await node_items(subscriber, prosody.pubsub_domain, JIDS_NODE)
+        return eve_hash in on_node and eve_hash in bans
 
-    await eventually(published, "eve's SHA-256 on the pubsub node")
+    await eventually(published, "eve's SHA-256 on the pubsub nodes")
     items = await node_items(subscriber, prosody.pubsub_domain, JIDS_NODE)
     assert items == {eve_hash}, "only eve: not the reporter's own colleague, not frank"
     assert eve_hash in publishing.publisher.published.get("muc_bans_sha256", set())
