@@ -229,6 +229,7 @@ class ClientSession:
         self._resume_pending: list[bytes] = []
         self._enable_pending = False  # the client sent <enable/>, the server has not answered
         self._client_closed_stream = False  # the client sent </stream:stream>
+        self._server_stream_ended = False  # we sent the server </stream:stream>
         self._connection_lost = False  # the client's TCP connection died without a close
         # Per direction: batches handed to the hook, in arrival order, with their decisions.
         self._inflight: dict[Direction, _InFlight] = {}
@@ -290,8 +291,8 @@ class ClientSession:
                 # client is about to resume; a </stream:stream> ends it for good.
                 self.server.abort()
             else:
-                if not self.server.closed and not self._client_closed_stream:
-                    self.server.push(b"</stream:stream>")
+                if not self._client_closed_stream:  # the client's own close went through
+                    self._end_server_stream()
                 await self.server.close()
         await self.client.close()
         if self.info.authenticated:
@@ -754,12 +755,19 @@ class ClientSession:
         try:
             await self._save_changed_sm()
         except StreamClosed:
-            if self.server is not None and not self.server.closed:
-                self.server.holds = 0
-                self.server.push(b"</stream:stream>")
-                self.server.flush()
+            self._end_server_stream()
         finally:
             self._release_output(held)
+
+    def _end_server_stream(self) -> None:
+        """Send the server our `</stream:stream>`, once: it ends the SM session there too."""
+        server = self.server
+        if server is None or server.closed or self._server_stream_ended:
+            return
+        self._server_stream_ended = True
+        server.holds = 0
+        server.push(b"</stream:stream>")
+        server.flush()
 
     def _hold_output(self) -> list[Leg]:
         held = [leg for leg in (self.client, self.server) if leg is not None]

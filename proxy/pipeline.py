@@ -382,8 +382,7 @@ class Pipeline:
     ) -> _Planned | None:
         """The delivery of a plain message a local client sent, as an observation of its
         record; None sends the stanza down the ordinary path (normalise, then plan)."""
-        sender = element.attrs.get("from", "")
-        if sender.partition("/")[0].rpartition("@")[2].lower() not in self.local_domains():
+        if not self._is_local(element.attrs.get("from", "")):
             return None  # only local clients' messages are remembered: no reading twice
         copy = plain_copy(element.tree(), session.bound_jid, now)
         if copy is None:
@@ -697,10 +696,14 @@ class Pipeline:
             sender_in_recipient_roster=known,
         )
 
+    def _is_local(self, jid: str) -> bool:
+        """Whether a (bare or full) JID belongs to a domain this service serves."""
+        return jid.partition("/")[0].rpartition("@")[2].lower() in self.local_domains()
+
     def _direction_of(self, leg: Direction, sender: str) -> DecisionDirection:
         """A server's copy (component mode) has no leg: a local sender makes it outbound."""
         if leg == Direction.COPY:
-            local = sender.rpartition("@")[2].lower() in self.local_domains()
+            local = self._is_local(sender)
             return DecisionDirection.OUTBOUND if local else DecisionDirection.INBOUND
         return _decision_direction(leg)
 
@@ -708,7 +711,7 @@ class Pipeline:
         """A server's copy of a message to a local user: a spam report may name it."""
         if event.leg != Direction.COPY or not event.recipient:
             return False
-        return event.recipient.rpartition("@")[2].lower() in self.local_domains()
+        return self._is_local(event.recipient)
 
     # -- trust and reports ----------------------------------------------------------------
 
@@ -716,7 +719,7 @@ class Pipeline:
         """For a stanza arriving for a local user: does the recipient know the sender?"""
         if self.trust is None or leg != Direction.TO_CLIENT or not recipient or not sender:
             return None
-        if recipient.rpartition("@")[2].lower() not in self.local_domains():
+        if not self._is_local(recipient):
             return None
         try:
             return self.trust.knows(recipient, sender, now)

@@ -1424,7 +1424,6 @@ def plain_key(event: MessageEvent) -> PlainKey | None:
         or event.retracts_id is not None
         or event.invitation is not None
         or event.anomalies
-        or not event.is_content
         or any(attachment.source != "upload" for attachment in event.attachments)
     ):
         return None
