@@ -56,9 +56,25 @@ from benchmarks._services import (
 DOMAIN = "localhost"
 USERS = {"alice": "alice-bench-pw", "bob": "bob-bench-pw", "idle": "idle-bench-pw"}
 
-TARGET_CPU_RATIO = 1 / 3
-TARGET_THROUGHPUT_RATIO = 0.8
-TARGET_ADDED_P99_MS = 1.0
+
+@dataclass(frozen=True)
+class Targets:
+    """An issue's targets: proxy CPU per message as a share of Prosody's, throughput as a
+    share of direct, and the p99 the proxy may add at the paced rate."""
+
+    issue: str
+    cpu_ratio: float
+    cpu_label: str
+    throughput_ratio: float
+    added_p99_ms: float
+
+
+# The inline proxy's transport alone (issue "inline proxy") and the full pipeline behind
+# `stanzaguard run` (issue 3) have different targets; report the ones of what was measured.
+TARGETS = {
+    "passthrough": Targets("inline proxy (transport)", 1 / 3, "1/3 of", 0.8, 1.0),
+    "service": Targets("3, the per-stanza pipeline", 1.0, "", 0.6, 2.0),
+}
 
 
 def _self_cpu() -> float:
@@ -635,16 +651,24 @@ def report(res: dict[str, object]) -> str:
             add(f"{label:34}{b:12,}{a:12,}{(a - b) / mem['connections']:10.1f}")
     add(f"{'connect+auth+bind time via proxy':34}{mem['connect_seconds']:11.1f}s")
     add("")
-    add("targets")
+    goal = TARGETS.get(str(res.get("proxy_kind")), TARGETS["passthrough"])
+    add(f"targets (issue {goal.issue})")
     add(
-        f"  proxy CPU/msg <= 1/3 of Prosody's: {proxy_us:.1f} us vs Prosody direct "
+        f"  proxy CPU/msg <= {goal.cpu_label + ' ' if goal.cpu_label else ''}Prosody's: "
+        f"{proxy_us:.1f} us vs Prosody direct "
         f"{d.per_msg_us(d.prosody_cpu):.1f} us = {vs_direct:.2f} "
-        f"({verdict(vs_direct <= TARGET_CPU_RATIO)}); "
+        f"({verdict(vs_direct <= goal.cpu_ratio)}); "
         f"vs Prosody behind the proxy {p.per_msg_us(p.prosody_cpu):.1f} us = {vs_same:.2f} "
-        f"({verdict(vs_same <= TARGET_CPU_RATIO)})"
+        f"({verdict(vs_same <= goal.cpu_ratio)})"
     )
-    add(f"  throughput >= 0.8x direct: {tput:.2f}x ({verdict(tput >= TARGET_THROUGHPUT_RATIO)})")
-    add(f"  added p99 <= 1 ms: {added:+.3f} ms ({verdict(added <= TARGET_ADDED_P99_MS)})")
+    add(
+        f"  throughput >= {goal.throughput_ratio}x direct: {tput:.2f}x "
+        f"({verdict(tput >= goal.throughput_ratio)})"
+    )
+    add(
+        f"  added p99 <= {goal.added_p99_ms:g} ms: {added:+.3f} ms "
+        f"({verdict(added <= goal.added_p99_ms)})"
+    )
     prof = res.get("profile")
     if isinstance(prof, dict):
         for label, data in prof.items():
@@ -718,6 +742,7 @@ async def run(
     )
     started.append(proxy)
     proxy.start()
+    res["proxy_kind"] = args.proxy
     res["proxy_argv"] = " ".join(Path(a).name if "/" in a else a for a in proxy.argv()[:3])
     res["git"] = git_state()
     global QUIET
