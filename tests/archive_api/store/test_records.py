@@ -148,45 +148,39 @@ def test_payload_is_canonical_json_byte_for_byte(entry: SpoolEntry) -> None:
     assert _outcome(entry.payload) == _outcome(lambda: canonical_json(entry.to_json()))
 
 
+def _entry(body: str, verdict: Verdict | None = None) -> SpoolEntry:
+    record = ArchiveRecord(
+        record_id="r1",
+        kind=RecordKind.MESSAGE,
+        occurred_at=datetime(2026, 11, 23, tzinfo=UTC),
+        direction=Direction.FROM_CLIENT,
+        body=body,
+        verdict=verdict or Verdict(Action.ALLOW),
+    )
+    return SpoolEntry(EntryOp.RECORD, "r1", record)
+
+
 @pytest.mark.parametrize(
     "score",
     [1e-05, 2.5e-07, 5e-324, -1e-4 / 3, 1e16, 1.5e300, math.inf, -math.inf, math.nan],
 )
 def test_floats_json_writes_differently_are_left_to_json(score: float) -> None:
-    record = ArchiveRecord(
-        record_id="r1",
-        kind=RecordKind.MESSAGE,
-        occurred_at=datetime(2026, 11, 23, tzinfo=UTC),
-        direction=Direction.FROM_CLIENT,
-        body="hi",
-        verdict=Verdict(Action.FLAG, score, (Reason("model", "spammy", score, Action.FLAG),)),
-    )
-    entry = SpoolEntry(EntryOp.RECORD, "r1", record)
+    reason = Reason("model", "spammy", score, Action.FLAG)
+    entry = _entry("hi", Verdict(Action.FLAG, score, (reason,)))
     assert entry.payload() == canonical_json(entry.to_json())
     assert not entry._floats_print_alike()
 
 
 def test_plain_entries_take_the_fast_path() -> None:
-    record = ArchiveRecord(
-        record_id="r1",
-        kind=RecordKind.MESSAGE,
-        occurred_at=datetime(2026, 11, 23, tzinfo=UTC),
-        direction=Direction.FROM_CLIENT,
-        body='caf\u00e9 \u2028 \U0001f600 "quoted" \\ \x00\x1f\x7f',
-        verdict=Verdict(Action.FLAG, 0.75, (Reason("lexicon", "word", 0.25, Action.FLAG),)),
+    reason = Reason("lexicon", "word", 0.25, Action.FLAG)
+    entry = _entry(
+        'caf\u00e9 \u2028 \U0001f600 "quoted" \\ \x00\x1f\x7f',
+        Verdict(Action.FLAG, 0.75, (reason,)),
     )
-    entry = SpoolEntry(EntryOp.RECORD, "r1", record)
     assert entry._floats_print_alike()
     assert entry.payload() == canonical_json(entry.to_json())
 
 
 def test_a_lone_surrogate_fails_as_it_did_before() -> None:
-    record = ArchiveRecord(
-        record_id="r1",
-        kind=RecordKind.MESSAGE,
-        occurred_at=datetime(2026, 11, 23, tzinfo=UTC),
-        direction=Direction.FROM_CLIENT,
-        body="\ud800",
-    )
     with pytest.raises(UnicodeEncodeError):
-        SpoolEntry(EntryOp.RECORD, "r1", record).payload()
+        _entry("\ud800").payload()
