@@ -64,14 +64,15 @@ async def test_a_request_left_by_a_dead_replica_is_taken_over(redis_server: Redi
     survivor = RedisReviewBus(
         redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=2.0),
         consumer="replica-1",
-        claim_idle=0.3,
+        # Long enough that the "not yet" check below holds on a loaded machine too.
+        claim_idle=1.5,
     )
     try:
         await dying.submit(b"release me")
         assert [r.payload for r in await dying.take(block=0.2)] == [b"release me"]
         await dying.close()  # it never finished the request
         assert await survivor.take(block=0.1) == []  # not idle long enough yet
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.6)
         (taken,) = await survivor.take(block=0.1)
         assert taken.payload == b"release me"
         await survivor.finish(taken.entry_id, None, b"")
