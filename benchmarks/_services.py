@@ -86,7 +86,16 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of every thread of ``pid``."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
+    return _split_of(f"/proc/{pid}/stat")
+
+
+def main_thread_cpu(pid: int) -> float:
+    """utime + stime of ``pid``'s main thread alone (where asyncio's loop runs), in seconds."""
+    return sum(_split_of(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def _split_of(path: str) -> tuple[float, float]:
+    with open(path, "rb") as fh:
         stat = fh.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK

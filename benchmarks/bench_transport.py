@@ -48,6 +48,7 @@ from benchmarks._services import (
     Prosody,
     Proxy,
     cpu_split,
+    main_thread_cpu,
     make_cert,
     rss_kib,
     wait_quiet,
@@ -91,6 +92,10 @@ class Throughput:
     prosody_sys: float = 0.0
     proxy_cpu: float = 0.0
     proxy_sys: float = 0.0
+    # The proxy's main thread alone (its event loop): one thread can use one core at most,
+    # so this bounds the proxy's rate however many cores the machine has.
+    proxy_loop_cpu: float = 0.0
+    seconds: float = 0.0  # wall time of the measured rounds
     client_cpu: float = 0.0
     # The index worker (a child of the proxy): its CPU from the round's start until it has
     # caught up, which may be after the last message was delivered.
@@ -157,9 +162,21 @@ async def throughput_round(
             other.start()
         workers = child_pids(proxy_pid)
         worker_before = sum(_cpu_or_zero(pid) for pid in workers)
-        before = (*cpu_split(prosody_pid), *cpu_split(proxy_pid), _self_cpu())
+        before = (
+            *cpu_split(prosody_pid),
+            *cpu_split(proxy_pid),
+            _self_cpu(),
+            main_thread_cpu(proxy_pid),
+            time.perf_counter(),
+        )
         result = await xmppload.run_burst(sender, receiver, f"bob@{DOMAIN}", count, window=window)
-        after = (*cpu_split(prosody_pid), *cpu_split(proxy_pid), _self_cpu())
+        after = (
+            *cpu_split(prosody_pid),
+            *cpu_split(proxy_pid),
+            _self_cpu(),
+            main_thread_cpu(proxy_pid),
+            time.perf_counter(),
+        )
         other_cores = other.stop() if other is not None else float("nan")
         worker_after = await _settled_cpu(workers)
     finally:
@@ -177,6 +194,8 @@ async def throughput_round(
         into.proxy_cpu += d[2] + d[3]
         into.proxy_sys += d[3]
         into.client_cpu += d[4]
+        into.proxy_loop_cpu += d[5]
+        into.seconds += d[6]
         into.worker_cpu += worker_after - worker_before
         into.round_us.append(((d[0] + d[1]) / count * 1e6, (d[2] + d[3]) / count * 1e6))
     return result.msgs_per_s
@@ -601,6 +620,12 @@ def report(res: dict[str, object]) -> str:
         f"{p.per_msg_us(p.proxy_sys):12.1f}"
     )
     add(f"{'  per round':34}{'':>12}  {' '.join(f'{r[1]:.0f}' for r in p.round_us)}")
+    if p.seconds:
+        add(
+            f"{'  of which its loop thread':34}{'':>12}{p.per_msg_us(p.proxy_loop_cpu):12.1f}"
+            f"  ({p.proxy_loop_cpu / p.seconds:.2f} of a core busy; alone it would allow "
+            f"{p.delivered / p.proxy_loop_cpu if p.proxy_loop_cpu else float('nan'):,.0f} msgs/s)"
+        )
     if p.worker_cpu:
         add(
             f"{'index worker CPU us/msg':34}{'':>12}{p.per_msg_us(p.worker_cpu):12.1f}"
@@ -989,6 +1014,7 @@ def main() -> int:
                 "delivered": t.delivered,
                 "prosody_us_per_msg": t.per_msg_us(t.prosody_cpu),
                 "proxy_us_per_msg": t.per_msg_us(t.proxy_cpu),
+                "proxy_loop_thread_us_per_msg": t.per_msg_us(t.proxy_loop_cpu),
                 "client_us_per_msg": t.per_msg_us(t.client_cpu),
                 "index_worker_us_per_msg": t.per_msg_us(t.worker_cpu),
             }
