@@ -213,7 +213,7 @@ async def test_resuming_through_another_replica_loses_and_repeats_nothing(
         assert Counter(received) == burst.expected_ids  # each once, across both connections
         # Both of carol's own messages reached alice once, and the server counts them.
         assert await second.request_ack() == sm.outbound
-        got = [m.id for m in await alice.drain()]
+        got = await alice.ids_until(own)
         assert sorted(i for i in got if i in own) == sorted(own)
         after = alice.send_chat(CAROL, "after resumption")
         assert message_ids(await second.messages(1)) == [after]

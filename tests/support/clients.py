@@ -451,6 +451,28 @@ class ChatClient:
                 return message
             self.skipped.append(message)
 
+    async def ids_until(
+        self, expected: Iterable[str], timeout: float = DEFAULT_TIMEOUT
+    ) -> list[str]:
+        """Ids of the messages received until every id in ``expected`` has arrived, then of
+        any arriving within :meth:`drain`'s quiet window, so that a duplicate still shows.
+
+        Raises ``TimeoutError`` (naming what did arrive) when one is still missing.
+        """
+        wanted = set(expected)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        got: list[str] = []
+        while not wanted <= set(got):
+            try:
+                got.append((await self.next_message(deadline - loop.time())).id)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"{self.requested_jid}: {sorted(wanted - set(got))} missing after "
+                    f"{timeout}s; received {got}"
+                ) from None
+        return got + [m.id for m in await self.drain()]
+
     async def drain(self, quiet_for: float = 0.3) -> list[ReceivedMessage]:
         """Collect messages until none arrives for ``quiet_for`` seconds.
 
