@@ -78,10 +78,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid``, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        stat = fh.read()
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return sum(_split_of(f"/proc/{pid}/stat"))
 
 
 def cpu_split(pid: int) -> tuple[float, float]:

@@ -81,6 +81,15 @@ async def spool_burst(spool: Spool, shipper: CeleryIndexer, first: int, last: in
         await asyncio.sleep(0)
 
 
+async def wait_for_failures(shipper: CeleryIndexer, more_than: int, limit: float) -> None:
+    """Until the shipper has counted more than `more_than` failed (timed-out) batches."""
+    for _ in range(int(limit / 0.05)):
+        if shipper.failures > more_than:
+            break
+        await asyncio.sleep(0.05)
+    assert shipper.failures > more_than
+
+
 async def wait_until_indexed(shipper: CeleryIndexer, spool: Spool, seq: int, limit: float) -> None:
     async def reached() -> None:
         while spool.cursor() < seq:
@@ -110,19 +119,11 @@ async def test_everything_indexed_once_through_a_worker_killed_mid_batch(
         # way (the worker stored the batch before it died) moves the cursor first, however
         # late it is taken in; the next batch then times out. Either way the cursor is where
         # it stays once a batch has timed out.
-        for _ in range(200):
-            if shipper.failures > failures:
-                break
-            await asyncio.sleep(0.05)
-        assert shipper.failures > failures
+        await wait_for_failures(shipper, failures, 10)
         stalled = spool.cursor()
         assert stalled < ENTRIES
         # Sent again, it times out again, and the cursor stays.
-        for _ in range(200):
-            if shipper.failures > failures + 1:
-                break
-            await asyncio.sleep(0.05)
-        assert shipper.failures > failures + 1
+        await wait_for_failures(shipper, failures + 1, 10)
         assert spool.cursor() == stalled
         replacement = start_worker(data_dir, redis_server.url, tmp_path / "worker2.log")
         await wait_until_indexed(shipper, spool, ENTRIES, 25)
@@ -156,11 +157,7 @@ async def test_a_redis_restart_during_a_burst_loses_nothing(
         cursor_during_outage = spool.cursor()
         # The proxy keeps spooling while Redis is away; nothing moves the cursor.
         await spool_burst(spool, shipper, ENTRIES // 2 + 1, ENTRIES)
-        for _ in range(200):
-            if shipper.failures > failures_before:
-                break
-            await asyncio.sleep(0.05)
-        assert shipper.failures > failures_before
+        await wait_for_failures(shipper, failures_before, 10)
         assert spool.cursor() <= cursor_during_outage + 200  # at most the batch that was answered
         stalled = spool.cursor()
         await asyncio.sleep(1.0)
@@ -183,11 +180,7 @@ async def test_nothing_moves_without_a_worker_and_a_late_worker_catches_up(
     worker: ManagedProcess | None = None
     try:
         await spool_burst(spool, shipper, 1, 1000)
-        for _ in range(100):
-            if shipper.failures >= 1:
-                break
-            await asyncio.sleep(0.05)
-        assert shipper.failures >= 1  # the batch timed out unanswered
+        await wait_for_failures(shipper, 0, 5)  # the batch timed out unanswered
         assert spool.cursor() == 0
         # The unanswered copies wait in the queue; the late worker applies them as no-ops.
         worker = start_worker(data_dir, redis_server.url, tmp_path / "worker.log")
