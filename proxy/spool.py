@@ -712,6 +712,13 @@ class Spool:
         Returns once the writer tried it all: written, refused, or (written behind) failed
         again and kept for a later retry.
         """
+        # A batch already on the disk was taken before this flush: let it finish first, so
+        # that written-behind entries it fails to write get a try of this flush's own below
+        # rather than waiting for the retry timer.
+        on_disk = self._taken + self._in_flight
+        while self._taken < on_disk and not self._closed:
+            self._progress.clear()
+            await self._progress.wait()
         if self._retry:
             self._queue.extend(self._retry)
             self._retry.clear()

@@ -144,6 +144,35 @@ async def test_written_behind_entries_survive_a_refused_write(tmp_path: Path) ->
     assert [link.payload for link in iter_spool_segments(tmp_path)][-1] == payload(4)
 
 
+async def test_a_flush_retries_what_a_retry_already_on_the_disk_fails_to_write(
+    tmp_path: Path,
+) -> None:
+    # The retry timer's attempt is on the disk (and will be refused) when room returns and
+    # the flush is called: that attempt began before the flush, so the flush tries again.
+    size = 100
+    spool = await open_spool(tmp_path, max_spool_bytes=3 * (FRAME_OVERHEAD + size) + 60)
+    try:
+        for n in range(1, 4):
+            await spool.append([payload(n)])
+        spool.append_behind([payload(4)])
+        await spool.flush()  # refused: kept for a retry
+        spool._wake_for_behind()  # the retry timer fires: the attempt goes to the disk
+        # Block the loop (the attempt's outcome cannot be taken in) until the disk thread
+        # is past the attempt: a job behind it sets the event.
+        past_it = threading.Event()
+        spool._disk.submit(asyncio.get_running_loop(), lambda _: past_it.set(), None, _ignore)
+        assert past_it.wait(30)
+        spool._max_spool_bytes = None  # room again, after that attempt was refused
+        await spool.flush()
+        assert spool.head()[0] == 4
+    finally:
+        await spool.close()
+
+
+def _ignore(_result: object, _error: BaseException | None) -> None:
+    return None
+
+
 async def test_flush_returns_at_once_when_nothing_is_queued(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     try:
