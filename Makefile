@@ -12,7 +12,7 @@ PYTEST_ARGS ?= --numprocesses auto --maxprocesses 4 --dist loadfile
 # .ci/run sets this: a run that collects no tests (pytest exit 5) then still counts as passed.
 ALLOW_NO_TESTS ?= 0
 
-.PHONY: venv deps test lint demo
+.PHONY: venv native deps test lint demo
 
 venv: $(STAMP)
 
@@ -21,10 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# The hot path compiled by mypyc, in place (docs/native.md); rebuilt only when its sources
+# changed. STANZAGUARD_PURE_PYTHON=1 removes the compiled modules instead.
+native: venv
+	$(BIN)/python scripts/build_native.py
+
 deps:
 	$(INSTALL_DEPS)
 
-test: venv deps
+test: venv deps native
 	$(BIN)/pytest $(PYTEST_ARGS) || { status=$$?; \
 	  if [ $$status -eq 5 ] && [ "$(ALLOW_NO_TESTS)" = 1 ]; then \
 	    echo "pytest collected no tests (exit 5); accepted because ALLOW_NO_TESTS=1"; exit 0; \
@@ -36,5 +41,5 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/mypy --strict tests/support tests/conftest.py
 
-demo: venv
+demo:
 	scripts/demo.sh

@@ -36,8 +36,8 @@ MAM replays, offline redelivery and each MUC reflection. See `dedupe_key` for th
 
 How slixmpp is used (figures measured on a loaded 2-core machine, see `_scan`):
 - presence and iq stanzas (subscriptions, MUC joins, bind, block/report, roster detection) are
-  wrapped in private subclasses of slixmpp's stanza classes with exactly the plugins needed,
-  registered once at import; their interfaces read the payloads;
+  wrapped in private subclasses of slixmpp's stanza classes with exactly the plugins needed
+  (`proxy.stanza_classes`, registered once at import); their interfaces read the payloads;
 - messages, the stanza every conversation produces two or more times, are read with
   ElementTree in one pass over the children, with every tag name taken from slixmpp's stanza
   classes; roster items are read from the tree too (a roster can have thousands);
@@ -64,15 +64,12 @@ from functools import lru_cache
 from typing import Final, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
-from slixmpp.features.feature_bind.stanza import Bind
 from slixmpp.jid import JID, InvalidJID
-from slixmpp.plugins.xep_0045.stanza import MUCInvite, MUCJoin, MUCMessage, MUCPresence
+from slixmpp.plugins.xep_0045.stanza import MUCInvite, MUCMessage
 from slixmpp.plugins.xep_0066.stanza import OOB
 from slixmpp.plugins.xep_0085.stanza import Active, Composing, Gone, Inactive, Paused
-from slixmpp.plugins.xep_0172.stanza import UserNick
 from slixmpp.plugins.xep_0184.stanza import Received as ReceiptReceived
 from slixmpp.plugins.xep_0184.stanza import Request as ReceiptRequest
-from slixmpp.plugins.xep_0191.stanza import Block, BlockItem
 from slixmpp.plugins.xep_0203.stanza import Delay
 from slixmpp.plugins.xep_0234.stanza import File as JingleFile
 from slixmpp.plugins.xep_0249.stanza import Invite
@@ -85,7 +82,6 @@ from slixmpp.plugins.xep_0333.stanza import Acknowledged, Displayed, Markable
 from slixmpp.plugins.xep_0333.stanza import Received as MarkerReceived
 from slixmpp.plugins.xep_0359.stanza import OriginID, StanzaID
 from slixmpp.plugins.xep_0372.stanza import Reference
-from slixmpp.plugins.xep_0377.stanza import Report
 from slixmpp.plugins.xep_0385.stanza import Sims
 from slixmpp.plugins.xep_0385.stanza import Sources as SimsSources
 from slixmpp.plugins.xep_0422.stanza import ApplyTo
@@ -93,9 +89,9 @@ from slixmpp.plugins.xep_0424.stanza import Retract
 from slixmpp.plugins.xep_0446.stanza import File as FileMetadata
 from slixmpp.plugins.xep_0447.stanza import Sources as SfsSources
 from slixmpp.plugins.xep_0447.stanza import StatelessFileSharing, UrlData
-from slixmpp.stanza import Iq, Message, Presence
-from slixmpp.stanza.roster import Roster, RosterItem
-from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+from slixmpp.stanza import Message
+from slixmpp.stanza.roster import RosterItem
+from slixmpp.xmlstream import ElementBase
 
 from archive_api.store.records import (
     ArchiveRecord,
@@ -111,6 +107,7 @@ from archive_api.store.records import (
 from classifier.verdict import Verdict
 from proxy.errors import StanzaError
 from proxy.jingle import Exchange, ExchangeEvent, read_exchange
+from proxy.stanza_classes import BlockItemPayload, IqStanza, PresenceStanza
 
 logger = logging.getLogger(__name__)
 
@@ -357,60 +354,6 @@ Event: TypeAlias = (
 )
 ArchivableEvent: TypeAlias = MessageEvent | SubscriptionEvent | ReportEvent
 
-
-# --- slixmpp stanza classes (presence and iq) --------------------------------------------------
-# Private subclasses with plugin maps of their own, started empty: slixmpp discovers plugins
-# eagerly (every registered child is wrapped when the stanza is), so what it or a running
-# client registers on the shared classes (slixmpp.stanza.roster puts RosterItem on Roster at
-# import; a plugin's init puts MUC items on MUCPresence) would otherwise add work here, and our
-# registrations would change what a running client sees.
-
-
-class _MucUserPresence(MUCPresence):
-    pass
-
-
-class _Presence(Presence):
-    pass
-
-
-class _Report(Report):
-    pass
-
-
-class _BlockItem(BlockItem):
-    pass
-
-
-class _Block(Block):
-    pass
-
-
-class _Roster(Roster):
-    pass
-
-
-class _Iq(Iq):
-    pass
-
-
-def _register_plugins() -> None:
-    for cls in (_MucUserPresence, _Presence, _Report, _BlockItem, _Block, _Roster, _Iq):
-        cls.plugin_attrib_map = {}
-        cls.plugin_tag_map = {}
-        cls.plugin_iterables = set()
-        cls.plugin_overrides = {}
-    register_stanza_plugin(_Presence, MUCJoin)
-    register_stanza_plugin(_Presence, _MucUserPresence)
-    register_stanza_plugin(_Presence, UserNick)
-    register_stanza_plugin(_Report, StanzaID, iterable=True)
-    register_stanza_plugin(_BlockItem, _Report)
-    register_stanza_plugin(_Block, _BlockItem, iterable=True)
-    for payload in (Bind, _Roster, _Block):
-        register_stanza_plugin(_Iq, payload)
-
-
-_register_plugins()
 
 _E = TypeVar("_E", bound=ElementBase)
 
@@ -1133,7 +1076,7 @@ def _presence(element: ET.Element, raw: bytes, ctx: _Context) -> Event:
         return _subscription(element, raw, ctx, ptype)
     if ptype:
         return Ignored(f"presence {ptype[:40]}")
-    presence = _Presence(xml=element, recv=True)
+    presence = PresenceStanza(xml=element, recv=True)
     to = _jid(element.get("to"))
     if ctx.leg == Direction.FROM_CLIENT and _plugin(presence, "muc_join") is not None:
         if not to.resource or not to.valid:
@@ -1162,7 +1105,7 @@ def _presence(element: ET.Element, raw: bytes, ctx: _Context) -> Event:
 
 
 def _subscription(element: ET.Element, raw: bytes, ctx: _Context, ptype: str) -> SubscriptionEvent:
-    presence = _Presence(xml=element, recv=True)
+    presence = PresenceStanza(xml=element, recv=True)
     stated_from, to = _jid(element.get("from")), _jid(element.get("to"))
     anomalies: set[Anomaly] = set()
     if not (stated_from.valid and to.valid):
@@ -1176,7 +1119,9 @@ def _subscription(element: ET.Element, raw: bytes, ctx: _Context, ptype: str) ->
     else:
         sender = stated_from
         recipient = to if to.full else own
+    # Every plugin is read before the last use of `presence` (see _report).
     nick = _plugin(presence, "nick")
+    nick_text = _str(nick["nick"]) if nick is not None else None
     status = presence["status"]
     return SubscriptionEvent(
         leg=ctx.leg,
@@ -1188,7 +1133,7 @@ def _subscription(element: ET.Element, raw: bytes, ctx: _Context, ptype: str) ->
         received_at=ctx.now,
         raw=raw,
         stanza_id=element.get("id") or None,
-        nick=_str(nick["nick"]) if nick is not None else None,
+        nick=nick_text,
         status=_str(status),
         preauth=element.find(_PREAUTH) is not None,
         anomalies=frozenset(anomalies),
@@ -1202,11 +1147,11 @@ def _subscription(element: ET.Element, raw: bytes, ctx: _Context, ptype: str) ->
 def _iq(element: ET.Element, raw: bytes, ctx: _Context) -> Event:
     itype = element.get("type", "")
     # recv=True: otherwise slixmpp writes id='0' into an iq that has no id.
-    iq = _Iq(xml=element, recv=True)  # type: ignore[no-untyped-call]
+    iq = IqStanza(xml=element, recv=True)  # type: ignore[no-untyped-call]
     if ctx.leg == Direction.TO_CLIENT and itype in ("result", "set"):
         roster = _plugin(iq, "roster")
         if roster is not None:
-            return _roster(element, roster, ctx, is_push=itype == "set")
+            return _roster(element, iq, roster, ctx, is_push=itype == "set")
         bind = _plugin(iq, "bind")
         if bind is not None and itype == "result":
             bound = _jid(_str(bind["jid"]))
@@ -1216,7 +1161,7 @@ def _iq(element: ET.Element, raw: bytes, ctx: _Context) -> Event:
     if ctx.leg == Direction.FROM_CLIENT and itype == "set":
         block = _plugin(iq, "block")
         if block is not None:
-            return _report(element, raw, block, ctx)
+            return _report(element, raw, iq, block, ctx)
     if itype == "set":
         exchange = read_exchange(element)
         if exchange is not None:
@@ -1255,7 +1200,10 @@ _ROSTER_ITEM: Final = _tag(RosterItem)
 _SUBSCRIPTIONS: Final = frozenset({"none", "to", "from", "both", "remove"})
 
 
-def _roster(element: ET.Element, roster: ElementBase, ctx: _Context, *, is_push: bool) -> Event:
+def _roster(
+    element: ET.Element, iq: ElementBase, roster: ElementBase, ctx: _Context, *, is_push: bool
+) -> Event:
+    # `iq` is passed only to stay referenced while `roster` is read (see _report).
     stated_from = _jid(element.get("from"))
     own = ctx.session
     # RFC 6121 §2.1.6: a roster push (or result) from anyone but the account itself is an
@@ -1284,9 +1232,14 @@ def _roster(element: ET.Element, roster: ElementBase, ctx: _Context, *, is_push:
     return RosterEvent(owner=owner, items=tuple(items), is_push=is_push, version=roster["ver"])
 
 
-def _report(element: ET.Element, raw: bytes, block: ElementBase, ctx: _Context) -> Event:
+def _report(
+    element: ET.Element, raw: bytes, iq: ElementBase, block: ElementBase, ctx: _Context
+) -> Event:
+    # `iq` is passed only to stay referenced while `block` is read: slixmpp finds a plugin's
+    # language (and with it the plugin) through a weak reference to the parent stanza, and
+    # compiled code (docs/native.md) drops a local after its last use, not at the return.
     items = []
-    for item in _each(block, _BlockItem):
+    for item in _each(block, BlockItemPayload):
         jid = _jid(item.xml.get("jid"))
         if not jid.full:
             continue

@@ -10,8 +10,8 @@ prosody_port=15322
 listen_port=15222
 listen_tls_port=15223
 
-bash scripts/install-deps.sh prosody go-sendxmpp openssl
-make -s venv
+bash scripts/install-deps.sh prosody go-sendxmpp openssl python3-venv make gcc libc6-dev python3-dev
+make -s venv native
 
 rm -rf "$demo"
 mkdir -p "$demo/prosody/data" "$demo/prosody/certs"

@@ -20,6 +20,7 @@ PACKAGES=(
   chromium chromium-driver # browser tests of the web UI (Playwright drives Debian's build)
   fonts-dejavu-core fonts-droid-fallback # Unicode (and CJK) fonts embedded in PDF exports
   python3-venv make
+  gcc libc6-dev python3-dev # mypyc compiles the hot path (scripts/build_native.py)
 )
 # Services some of these packages would start on install.
 SERVICES=(prosody redis-server ejabberd)

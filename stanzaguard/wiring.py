@@ -49,6 +49,7 @@ from stanzaguard.index_worker import IndexWorker
 from stanzaguard.keys import load_or_create_signer
 from stanzaguard.learning import Learning
 from stanzaguard.model_runtime import MODEL_OFF, ModelWatcher, configured_model
+from stanzaguard.native import native_status
 from stanzaguard.operations import Paths
 from stanzaguard.quarantine import DeliveryHook, QuarantineService
 from stanzaguard.registry import ModelRegistry
@@ -645,14 +646,22 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     if settings.metrics_listen:
         metrics_host, metrics_port = split_host_port(settings.metrics_listen)
         start_http_server(metrics_port, metrics_host)
+    native = native_status()
     log.info(
         "proxy listening",
         extra={
             "addresses": [f"{h}:{p}" for h, p in service.bound],
             "web": {name: f"{h}:{p}" for name, (h, p) in service.web_bound.items()},
             "upstream": settings.upstream,
+            "compiled_modules": list(native.compiled),
         },
     )
+    if native.stale:
+        log.warning(
+            "compiled modules are older than their source: the edits are not running "
+            "(rebuild with `make native`)",
+            extra={"stale_modules": list(native.stale)},
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -13,13 +15,42 @@ import pytest
 from proxy.hook import StanzaHook
 from proxy.sm import SmStore
 from stanzaguard.logs import CurrentStderrHandler
+from stanzaguard.native import native_status
 from tests.support.certs import TlsPair, make_self_signed
 from tests.support.clients import ChatClient
 from tests.support.ejabberd import EjabberdServer, make_ejabberd
+from tests.support.native import native_module_names
 from tests.support.prosody import DEFAULT_USERS, ProsodyConfig, ProsodyServer, make_prosody
 from tests.support.proxy import RunningProxy, start_proxy
 from tests.support.redis import RedisServer, running_redis
+from tests.support.services import REQUIRE_SERVICES_ENV, services_required
 from tests.support.upstream import ServerUnderTest, XmppUpstream
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test compiled modules older than their source (docs/native.md).
+
+    `make test` rebuilds them first; a bare ``pytest`` after an edit would otherwise test the
+    code as it was. Under STANZAGUARD_REQUIRE_SERVICES=1 (CI) the hot path must also be
+    compiled, as shipped, unless STANZAGUARD_PURE_PYTHON=1 asks for pure Python.
+    """
+    if hasattr(config, "workerinput"):  # xdist workers: the controller checked already
+        return
+    names = native_module_names()
+    for name in names:
+        importlib.import_module(name)
+    status = native_status(names)
+    if status.stale:
+        raise pytest.UsageError(
+            f"compiled modules older than their source: {', '.join(status.stale)}; "
+            "run `make native` (or STANZAGUARD_PURE_PYTHON=1 make native for pure Python)"
+        )
+    interpreted = sorted(set(names) - set(status.compiled))
+    if interpreted and services_required() and os.environ.get("STANZAGUARD_PURE_PYTHON") != "1":
+        raise pytest.UsageError(
+            f"not compiled: {', '.join(interpreted)}; run `make native` "
+            f"({REQUIRE_SERVICES_ENV}=1 tests the hot path as shipped)"
+        )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
