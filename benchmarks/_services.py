@@ -10,6 +10,7 @@ by that PID.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import os
 import pwd
 import shutil
@@ -18,12 +19,15 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
+# On PYTHONPATH, makes a Python load our modules from source (see its sitecustomize.py).
+PURE_PYTHON = Path(__file__).resolve().parent / "pure_python"
 PROSODY_MODULES = ("roster", "saslauth", "tls", "disco", "ping", "offline", "carbons", "smacks")
 
 
@@ -264,6 +268,7 @@ class Proxy:
     kind: str = "passthrough"  # or "service": the full `stanzaguard run`
     ssl_buffer_kib: int = 0  # passthrough only: experiment with asyncio's TLS read buffer
     cprofile: str = ""  # passthrough only: cProfile (CPU time) stats file written on exit
+    pure: bool = False  # run from the .py sources even where compiled modules exist
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -299,6 +304,8 @@ class Proxy:
         env = dict(os.environ)
         env.setdefault("STANZAGUARD_LOG_LEVEL", "info")
         env["PYTHONPATH"] = str(REPO)
+        if self.pure:
+            env["PYTHONPATH"] = f"{PURE_PYTHON}{os.pathsep}{REPO}"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(),
@@ -318,6 +325,15 @@ class Proxy:
 
     def stop(self) -> None:
         stop_pid(self.proc)
+
+
+def native_state() -> str:
+    """How many of the modules pyproject.toml lists are compiled (`make native`)."""
+    with (REPO / "pyproject.toml").open("rb") as file:
+        names = tomllib.load(file)["tool"]["stanzaguard"]["native"]["modules"]
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    built = [n for n in names if (REPO / (n.replace(".", "/") + suffix)).exists()]
+    return f"compiled (mypyc) {len(built)}/{len(names)} hot-path modules"
 
 
 def system_busy_seconds() -> float:

@@ -147,6 +147,7 @@ async def run(args: argparse.Namespace) -> None:
     b1 = cpu()
 
     n = args.count
+    print(f"hot path: {'compiled (mypyc)' if runs_compiled() else 'pure Python'}")
     print(f"messages: {n:,} (each seen on both legs), batch {batch}")
     print(f"  pipeline, this process CPU : {(c1 - c0) / n * 1e6:8.1f} us/msg")
     print(f"  wall                       : {(t1 - t0) / n * 1e6:8.1f} us/msg")
@@ -159,6 +160,15 @@ async def run(args: argparse.Namespace) -> None:
     if profiler is not None:
         stats = pstats.Stats(profiler)
         stats.sort_stats(args.sort).print_stats(args.top)
+
+
+def runs_compiled() -> bool:
+    """Whether the normaliser this process runs is mypyc's (benchmarks/bench_native.py)."""
+    import types
+
+    from proxy import stanza
+
+    return not isinstance(stanza.normalise, types.FunctionType)
 
 
 def main() -> None:

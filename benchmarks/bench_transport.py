@@ -50,6 +50,7 @@ from benchmarks._services import (
     cpu_split,
     main_thread_cpu,
     make_cert,
+    native_state,
     rss_kib,
     wait_quiet,
 )
@@ -764,10 +765,12 @@ async def run(
         name="proxy",
         kind=args.proxy,
         ssl_buffer_kib=args.ssl_buffer_kib,
+        pure=args.pure,
     )
     started.append(proxy)
     proxy.start()
     res["proxy_kind"] = args.proxy
+    res["proxy_code"] = "pure Python" if args.pure else native_state()
     res["proxy_argv"] = " ".join(Path(a).name if "/" in a else a for a in proxy.argv()[:3])
     res["git"] = git_state()
     global QUIET
@@ -843,6 +846,7 @@ async def run(
         name="proxy-mem",
         kind=args.proxy,
         ssl_buffer_kib=args.ssl_buffer_kib,
+        pure=args.pure,
     )
     started.append(fresh)
     fresh.start()
@@ -946,6 +950,12 @@ def main() -> int:
         help="scheduling priority for this run and everything it starts "
         "(e.g. -5 on a shared machine; negative needs root)",
     )
+    parser.add_argument(
+        "--pure",
+        action="store_true",
+        help="run the proxy from its .py sources even where `make native` compiled them "
+        "(benchmarks/pure_python; bench_native.py compares the two)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1001,7 +1011,7 @@ def main() -> int:
     print(
         f"proxy: {args.proxy} ({res.get('proxy_argv')})"
         + (f", asyncio TLS read buffer {args.ssl_buffer_kib} KiB" if args.ssl_buffer_kib else "")
-        + f"; code: {res.get('git')}"
+        + f"; {res.get('proxy_code')}; code: {res.get('git')}"
     )
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(report(res))
