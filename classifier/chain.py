@@ -299,9 +299,15 @@ class RuleChain:
     ) -> RuleResult | None:
         """Run one rule; a result is appended to ``counted``, a failure counted at once."""
         try:
-            result = rule.evaluate(ctx)
-            if result is not None and not isinstance(result, RuleResult):
-                raise RuleError(f"returned {type(result).__name__}, not a RuleResult")
+            # Called as returning `object`: what a rule returns is checked here, not trusted
+            # (compiled, a call typed by the protocol raises TypeError instead; docs/native.md).
+            evaluate: Callable[[DecisionContext], object] = rule.evaluate
+            outcome = evaluate(ctx)
+            result: RuleResult | None
+            if outcome is None or isinstance(outcome, RuleResult):
+                result = outcome
+            else:
+                raise RuleError(f"returned {type(outcome).__name__}, not a RuleResult")
         except Exception as exc:
             # Any exception, including RuleError: the stanza still needs a verdict, and
             # the failure action (never ALLOW) gives it one.

@@ -29,7 +29,7 @@ import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from classifier.context import DecisionContext, Direction, StanzaKind
 from classifier.errors import RuleError
@@ -44,7 +44,6 @@ COUNTED_KINDS = frozenset(
 MINUTE = 60.0
 
 
-@runtime_checkable
 class CounterStore(Protocol):
     """Sliding-window counters shared by the limit rules.
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from classifier.context import DecisionContext, StanzaKind
 from classifier.errors import RuleError
@@ -45,7 +45,6 @@ class RuleResult:
             raise ValueError(f"RuleResult.score must be finite and within ±{MAX_CONTRIBUTION:g}")
 
 
-@runtime_checkable
 class Rule(Protocol):
     """One check in a `RuleChain`.
 

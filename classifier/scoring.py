@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from classifier.context import DecisionContext, Direction, StanzaKind
 from classifier.errors import RuleError
@@ -31,7 +31,6 @@ SCORED_KINDS = frozenset({StanzaKind.MESSAGE, StanzaKind.SUBSCRIPTION, StanzaKin
 MAX_SCORED_CHARS = 20_000
 
 
-@runtime_checkable
 class TextScorer(Protocol):
     """A text model: the probability, in [0, 1], that ``text`` is spam."""
 
@@ -151,7 +150,10 @@ class ModelRule:
             return None
         if not ctx.body or not ctx.body.strip() or ctx.encryption or is_groupchat(ctx):
             return None
-        raw = self._scorer(ctx.body[:MAX_SCORED_CHARS])
+        # Called as returning `object`: the model's output is checked below, not trusted
+        # (see RuleChain._run).
+        scorer: Callable[[str], object] = self._scorer
+        raw = scorer(ctx.body[:MAX_SCORED_CHARS])
         if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
             raise RuleError(f"the model returned {type(raw).__name__}, not a probability")
         probability = float(raw)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from classifier.context import DecisionContext, Direction, StanzaKind
 from classifier.errors import RuleError
@@ -73,7 +73,6 @@ def bare_key(jid: str) -> str:
     return str(normalise_bare(jid))
 
 
-@runtime_checkable
 class TrustStore(Protocol):
     """What the proxy has learned about who knows whom.
 

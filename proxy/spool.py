@@ -149,7 +149,7 @@ class _DiskThread:
     def __init__(self, name: str) -> None:
         self._name = name
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
         self._stopped = False
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -200,15 +200,15 @@ class _DiskThread:
         self._hand_over(job)
 
     def _hand_over(self, job: Callable[[], None]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
-            self._thread.start()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._main, name=self._name, daemon=True)
+            self._worker.start()
         self._jobs.put(job)
 
     def stop(self) -> None:
         """Let the thread end once the jobs handed over so far are done; do not wait."""
         self._stopped = True
-        if self._thread is not None:
+        if self._worker is not None:
             self._jobs.put(None)
 
     def _main(self) -> None:
@@ -1264,15 +1264,19 @@ class Spool:
     def _seal_indexed(self) -> list[Seal]:
         sealed: list[Seal] = []
         with self._seal_lock:
-            while True:
-                with self._lock:
-                    if len(self._segments) < 2:
-                        break
-                    segment, following = self._segments[0], self._segments[1]
-                    if following.first_seq - 1 > self._cursor:
-                        break
-                sealed.append(self._seal_segment(segment, following))
+            while (pair := self._next_sealable()) is not None:
+                sealed.append(self._seal_segment(*pair))
         return sealed
+
+    def _next_sealable(self) -> tuple[_Segment, _Segment] | None:
+        """The oldest segment and the one after it, if every entry of the oldest is indexed."""
+        with self._lock:
+            if len(self._segments) < 2:
+                return None
+            segment, following = self._segments[0], self._segments[1]
+            if following.first_seq - 1 > self._cursor:
+                return None
+            return segment, following
 
     def _seal_segment(self, segment: _Segment, following: _Segment) -> Seal:
         last_seq, last_hash = following.first_seq - 1, following.prev_hash

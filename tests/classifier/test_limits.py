@@ -20,6 +20,7 @@ from classifier.limits import (
 from classifier.trust import InMemoryTrustStore, RosterItem, Subscription, TrustResolver
 from classifier.verdict import Action
 from tests.classifier.helpers import CLOCK, make_ctx
+from tests.support.protocols import implements
 
 T0 = CLOCK.now()
 
@@ -30,7 +31,7 @@ def at(seconds: float, **overrides: Any) -> DecisionContext:
 
 class TestInMemoryCounterStore:
     def test_is_a_counter_store(self) -> None:
-        assert isinstance(InMemoryCounterStore(), CounterStore)
+        assert implements(InMemoryCounterStore(), CounterStore)
 
     def test_hit_slides(self) -> None:
         store = InMemoryCounterStore()

@@ -28,6 +28,7 @@ from classifier.policy import (
 from classifier.rules import FederationMode
 from classifier.verdict import Action
 from tests.classifier.helpers import make_ctx
+from tests.support.native import module_docstring
 
 EXAMPLE = textwrap.dedent(
     """
@@ -78,9 +79,7 @@ def test_example_policy() -> None:
 
 
 def test_module_docstring_example_is_valid() -> None:
-    import classifier.policy
-
-    doc = classifier.policy.__doc__ or ""
+    doc = module_docstring("classifier.policy")
     example = textwrap.dedent(doc.split("::", 1)[1].split("``version``", 1)[0])
     assert parse_policy(example).groups[0].name == "traders"
 

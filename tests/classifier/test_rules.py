@@ -16,6 +16,7 @@ from classifier.rules import (
 )
 from classifier.verdict import Action
 from tests.classifier.helpers import make_ctx
+from tests.support.protocols import implements
 
 TRADERS = UserGroup.of("traders", ["*@traders.corp.example", "alice@corp.example"])
 INTERNS = UserGroup.of("interns", ["ivan@corp.example", "alice@corp.example"])
@@ -58,7 +59,8 @@ class TestDomainList:
 
 def test_federation_rule_is_a_rule() -> None:
     rule = FederationRule(deny())
-    assert isinstance(rule, Rule)
+    assert implements(rule, Rule)
+    assert not implements(object(), Rule)
     assert rule.rule_id == "federation"
     assert rule.description
 

@@ -13,6 +13,7 @@ from classifier.scoring import ModelRule, ModelThresholds, TextScorer
 from classifier.trust import TrustResolver
 from classifier.verdict import Action
 from tests.classifier.helpers import make_ctx
+from tests.support.protocols import implements
 
 
 def constant(p: Any) -> TextScorer:
@@ -148,5 +149,5 @@ class TestModelRule:
             ModelRule(constant(0.5), weight=weight)
 
     def test_scorer_protocol(self) -> None:
-        assert isinstance(constant(0.1), TextScorer)
+        assert implements(constant(0.1), TextScorer)
         assert ModelRule(constant(0.1)).scorer is not None

@@ -19,6 +19,7 @@ from classifier.trust import (
 )
 from classifier.verdict import Action
 from tests.classifier.helpers import CLOCK, make_ctx
+from tests.support.protocols import implements
 
 NOW = CLOCK.now()
 BOB = "bob@corp.example"
@@ -49,7 +50,7 @@ class TestRosterItem:
 
 class TestInMemoryTrustStore:
     def test_is_a_trust_store(self) -> None:
-        assert isinstance(InMemoryTrustStore(), TrustStore)
+        assert implements(InMemoryTrustStore(), TrustStore)
 
     def test_unknown_owner(self) -> None:
         assert InMemoryTrustStore().knows(BOB, "a@x.example", NOW) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
 import sys
@@ -34,3 +35,9 @@ def interpreted(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while being built
     spec.loader.exec_module(module)
     return module
+
+
+def module_docstring(name: str) -> str:
+    """The docstring of module ``name`` as written in its source (compiled modules lack it)."""
+    source = PYPROJECT.parent / (name.replace(".", "/") + ".py")
+    return ast.get_docstring(ast.parse(source.read_text())) or ""
