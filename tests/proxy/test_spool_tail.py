@@ -124,15 +124,21 @@ async def test_written_behind_entries_need_no_fsync_of_their_own(tmp_path: Path)
     ]
 
 
-async def test_written_behind_entries_survive_a_refused_write(tmp_path: Path) -> None:
+async def spool_with_a_refused_write_behind(tmp_path: Path) -> Spool:
+    """Entries 1-3 written, entry 4 written behind and refused (kept for a retry)."""
     size = 100
     # Room for three frames of unindexed backlog only.
     spool = await open_spool(tmp_path, max_spool_bytes=3 * (FRAME_OVERHEAD + size) + 60)
+    for n in range(1, 4):
+        await spool.append([payload(n)])
+    spool.append_behind([payload(4)])
+    await spool.flush()  # refused: the backlog is full; kept for a retry
+    return spool
+
+
+async def test_written_behind_entries_survive_a_refused_write(tmp_path: Path) -> None:
+    spool = await spool_with_a_refused_write_behind(tmp_path)
     try:
-        for n in range(1, 4):
-            await spool.append([payload(n)])
-        spool.append_behind([payload(4)])
-        await spool.flush()  # refused: the backlog is full; kept for a retry
         assert spool.head()[0] == 3
         # The indexer catches up and sealing frees room: the retry goes through.
         await spool.commit_cursor(3)
@@ -149,13 +155,8 @@ async def test_a_flush_retries_what_a_retry_already_on_the_disk_fails_to_write(
 ) -> None:
     # The retry timer's attempt is on the disk (and will be refused) when room returns and
     # the flush is called: that attempt began before the flush, so the flush tries again.
-    size = 100
-    spool = await open_spool(tmp_path, max_spool_bytes=3 * (FRAME_OVERHEAD + size) + 60)
+    spool = await spool_with_a_refused_write_behind(tmp_path)
     try:
-        for n in range(1, 4):
-            await spool.append([payload(n)])
-        spool.append_behind([payload(4)])
-        await spool.flush()  # refused: kept for a retry
         spool._wake_for_behind()  # the retry timer fires: the attempt goes to the disk
         # Block the loop (the attempt's outcome cannot be taken in) until the disk thread
         # is past the attempt: a job behind it sets the event.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -66,10 +67,11 @@ def norm(
     session: str | None,
     now: datetime = NOW,
     upload_hosts: frozenset[str] = UPLOAD,
+    reader: Callable[..., Event] = normalise,
 ) -> Event:
     element = ET.fromstring(xml)
     before = ET.tostring(element)
-    event = normalise(
+    event = reader(
         element,
         xml.encode(),
         direction=leg,
@@ -1123,15 +1125,7 @@ def test_reader_failure_degrades_to_an_archivable_message(monkeypatch: pytest.Mo
     # The source copy: compiled, normalise calls _scan directly, past any monkeypatch.
     pure = interpreted("proxy.stanza")
     monkeypatch.setattr(pure, "_scan", broken)
-    event = pure.normalise(
-        ET.fromstring(DELIVERED_TO_BOB),
-        DELIVERED_TO_BOB.encode(),
-        direction=TO_CLIENT,
-        session_jid=BOB,
-        client_address=CLIENT,
-        now=NOW,
-        upload_hosts=UPLOAD,
-    )
+    event = norm(DELIVERED_TO_BOB, leg=TO_CLIENT, session=BOB, reader=pure.normalise)
     assert event.anomalies == {pure.Anomaly.UNREADABLE}
     assert event.archivable and event.sender_full == ALICE and event.message_id == "m-1"
     assert pure.dedupe_key(event)
