@@ -19,7 +19,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from xml.parsers import expat
 from xml.sax.saxutils import quoteattr
 
@@ -99,28 +99,46 @@ class Element:
 
 
 class _ScopedParser:
-    """A pull parser left open inside a wrapper element that declares a stream's namespaces.
+    """A parser left open inside a wrapper element that declares a stream's namespaces.
 
     Creating an expat parser costs about three times as much as parsing a short stanza, so
     one parser serves every stanza of streams with the same declarations; it is replaced
-    after `_PARSER_BUDGET` bytes because the wrapper keeps what it parsed.
+    after `_PARSER_BUDGET` bytes because expat keeps every distinct name it met.
+
+    The tree builder is ElementTree's C one, and no event is reported: each stanza is fed
+    with a sentinel element after it and read as the wrapper's last child but one, then
+    dropped from the wrapper. (A pull parser's event generator, which runs in Python, cost
+    as much as the parsing.) The sentinel also proves the stanza closed: had it not, the
+    sentinel would have become its child.
     """
 
-    __slots__ = ("fed", "parser")
+    __slots__ = ("fed", "parser", "wrapper")
 
     def __init__(self, namespaces: tuple[tuple[str, str], ...]) -> None:
         decls = " ".join(
             f"xmlns={quoteattr(uri)}" if prefix == "" else f"xmlns:{prefix}={quoteattr(uri)}"
             for prefix, uri in namespaces
         )
-        self.parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("end",))
+        # Safe on hostile input: only what the framer passed gets here, and it refuses DTDs,
+        # entity declarations and processing instructions (see the module docstring).
+        self.parser = ET.XMLParser(target=ET.TreeBuilder())  # noqa: S314
+        # The wrapper comes out of the one start event asked for; events then stay off.
+        # `_setevents` is what `ET.XMLPullParser` itself uses to ask the C parser for events.
+        started: list[tuple[str, ET.Element]] = []
+        events_of: Any = self.parser
+        events_of._setevents(started, ("start",))
         self.parser.feed(b"<w " + decls.encode() + b">")
+        events_of._setevents(started, ())
+        self.wrapper: ET.Element = started[0][1]
         self.fed = 0
 
 
 _PARSER_BUDGET = 1024 * 1024
 _MAX_SCOPED_PARSERS = 64
 _scoped_parsers: dict[tuple[tuple[str, str], ...], _ScopedParser] = {}
+_SENTINEL_NS: Final = "urn:stanzaguard:parser"
+_SENTINEL: Final = f"<sg:end xmlns:sg='{_SENTINEL_NS}'/>".encode()
+_SENTINEL_TAG: Final = f"{{{_SENTINEL_NS}}}end"
 
 
 def _parse_in_scope(data: bytes, namespaces: dict[str, str]) -> ET.Element:
@@ -130,9 +148,9 @@ def _parse_in_scope(data: bytes, namespaces: dict[str, str]) -> ET.Element:
         if len(_scoped_parsers) >= _MAX_SCOPED_PARSERS:
             _scoped_parsers.clear()
         scoped = _scoped_parsers[key] = _ScopedParser(key)
+    wrapper = scoped.wrapper
     try:
-        scoped.parser.feed(data)
-        events = list(scoped.parser.read_events())
+        scoped.parser.feed(data + _SENTINEL)
     except ET.ParseError as exc:
         # The framer checks well-formedness but not prefixes inside a stanza (that would
         # cost a callback per element); an undeclared one surfaces here. The parser is
@@ -140,12 +158,12 @@ def _parse_in_scope(data: bytes, namespaces: dict[str, str]) -> ET.Element:
         _scoped_parsers.pop(key, None)
         raise FramingError("not-well-formed", f"stanza does not parse: {exc}") from None
     scoped.fed += len(data)
-    if not events:  # the framer hands over whole elements only
+    complete = len(wrapper) >= 2 and wrapper[-1].tag == _SENTINEL_TAG
+    element = wrapper[-2] if complete else None
+    del wrapper[:]
+    if element is None:  # the framer hands over whole elements only
         _scoped_parsers.pop(key, None)
         raise FramingError("not-well-formed", "stanza does not parse: incomplete")
-    element = events[-1][-1]
-    if not isinstance(element, ET.Element):
-        raise FramingError("not-well-formed", "stanza does not parse")
     return element
 
 

@@ -27,6 +27,7 @@ PACKAGES = ("stanzaguard", "proxy", "classifier", "archive_api")
 # package, so that an editable install finds it wherever the process runs.
 GROUP = "stanzaguard/native__mypyc"
 STAMP = Path(sys.prefix) / ".native-stamp"
+MANIFEST = "native-sources.json"
 
 
 def modules() -> list[str]:
@@ -50,12 +51,22 @@ def digest(names: list[str], pure: bool) -> str:
 
 
 def compiled_files() -> list[Path]:
-    """Every compiled module of ours, the shared library of the group included."""
-    return [p for package in PACKAGES for p in (ROOT / package).rglob(f"*{suffix()}")]
+    """Every compiled module of ours, the shared library of the group included, and the
+    build's records of the sources they came from (setup.py's ``native-sources.json``)."""
+    return [
+        path
+        for package in PACKAGES
+        for pattern in (f"*{suffix()}", MANIFEST)
+        for path in (ROOT / package).rglob(pattern)
+    ]
 
 
 def expected_files(names: list[str]) -> list[Path]:
     return [ROOT / (n.replace(".", "/") + suffix()) for n in names] + [ROOT / (GROUP + suffix())]
+
+
+def manifest_files(names: list[str]) -> list[Path]:
+    return sorted({(ROOT / n.replace(".", "/")).parent / MANIFEST for n in names})
 
 
 def main() -> int:
@@ -63,7 +74,8 @@ def main() -> int:
     pure = os.environ.get("STANZAGUARD_PURE_PYTHON") == "1"
     want = digest(names, pure)
     have = STAMP.read_text() if STAMP.exists() else ""
-    if have == want and (pure or all(p.exists() for p in expected_files(names))):
+    built = [*expected_files(names), *manifest_files(names)]
+    if have == want and (pure or all(p.exists() for p in built)):
         print(f"native modules up to date ({'pure Python' if pure else f'{len(names)} compiled'})")
         return 0
     STAMP.unlink(missing_ok=True)
@@ -86,13 +98,10 @@ def main() -> int:
             )
             return done.returncode
         missing = [str(p) for p in expected_files(names) if not p.exists()]
+        missing += [str(p) for p in manifest_files(names) if not p.exists()]
         if missing:
             print(f"mypyc build did not produce {missing}", file=sys.stderr)
             return 1
-        # setuptools copies an unchanged module's stub with its old time: stamp them all
-        # now, so that "compiled module older than its source" means what it says.
-        for path in compiled_files():
-            os.utime(path)
     STAMP.write_text(want)
     print(f"native modules built ({'pure Python' if pure else f'{len(names)} compiled'})")
     return 0

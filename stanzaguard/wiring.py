@@ -658,8 +658,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     )
     if native.stale:
         log.warning(
-            "compiled modules are older than their source: the edits are not running "
-            "(rebuild with `make native`)",
+            "compiled modules were not built from the source beside them: edits to it are "
+            "not running (rebuild with `make native`)",
             extra={"stale_modules": list(native.stale)},
         )
     stop = asyncio.Event()

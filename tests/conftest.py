@@ -28,7 +28,7 @@ from tests.support.upstream import ServerUnderTest, XmppUpstream
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Refuse to test compiled modules older than their source (docs/native.md).
+    """Refuse to test compiled modules not built from their source (docs/native.md).
 
     `make test` rebuilds them first; a bare ``pytest`` after an edit would otherwise test the
     code as it was. Under STANZAGUARD_REQUIRE_SERVICES=1 (CI) the hot path must also be
@@ -42,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     status = native_status(names)
     if status.stale:
         raise pytest.UsageError(
-            f"compiled modules older than their source: {', '.join(status.stale)}; "
+            f"compiled modules not built from their source: {', '.join(status.stale)}; "
             "run `make native` (or STANZAGUARD_PURE_PYTHON=1 make native for pure Python)"
         )
     interpreted = sorted(set(names) - set(status.compiled))

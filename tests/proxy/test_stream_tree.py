@@ -49,3 +49,36 @@ def test_many_stanzas_through_one_parser_stay_correct() -> None:
     stanzas = [f"<message id='m{i}'><body>{i}</body></message>".encode() for i in range(5000)]
     for i, element in enumerate(elements(*stanzas)):
         assert element.tree().findtext("{jabber:client}body") == str(i)
+
+
+NAMESPACES = {"": "jabber:client", "stream": "http://etherx.jabber.org/streams"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<message id='open'><body>no end",
+        b"<message id='open'><sg:end xmlns:sg='urn:stanzaguard:parser'/>",
+        b"",
+        b"just text",
+    ],
+)
+def test_what_is_not_one_whole_element_is_refused_and_spoils_nothing(data: bytes) -> None:
+    with pytest.raises(FramingError) as caught:
+        Element(data, "jabber:client", "message", {}, NAMESPACES).tree()
+    assert caught.value.condition == "not-well-formed"
+    (after,) = elements(b"<message id='after'><body>fine</body></message>")
+    assert after.tree().get("id") == "after"
+
+
+def test_a_tree_is_the_stanza_alone() -> None:
+    # The sentinel fed after each stanza must not show up in it, beside it or after it.
+    first, second = elements(
+        b"<message id='1'><body>one</body></message>",
+        b"<message id='2'><sg:end xmlns:sg='urn:stanzaguard:parser'/></message>",
+    )
+    tree = first.tree()
+    assert [child.tag for child in tree] == ["{jabber:client}body"]
+    assert tree.tail is None
+    assert [child.tag for child in second.tree()] == ["{urn:stanzaguard:parser}end"]
+    assert first.tree() is tree and tree.findtext("{jabber:client}body") == "one"

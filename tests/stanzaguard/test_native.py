@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.machinery
+import json
 import os
 import sys
 import types
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stanzaguard.native import native_status
+from stanzaguard.native import MANIFEST, native_status
 from tests.support.native import interpreted, native_module_names
 
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -31,20 +33,44 @@ def test_a_source_alone_is_not_compiled(package: Path) -> None:
     assert native_status(["sgfake.hot"]) == native_status([])
 
 
-def test_a_compiled_module_newer_than_its_source_is_current(package: Path) -> None:
-    (package / "hot.py").write_text("")
+def record(package: Path, **sources: bytes) -> None:
+    """What a build writes beside the modules it compiled: each source's SHA-256."""
+    digests = {name: hashlib.sha256(text).hexdigest() for name, text in sources.items()}
+    (package / MANIFEST).write_text(json.dumps(digests))
+
+
+def test_a_module_built_from_the_source_beside_it_is_current(package: Path) -> None:
+    (package / "hot.py").write_bytes(b"x = 1\n")
     (package / f"hot{SUFFIX}").write_bytes(b"")
-    os.utime(package / "hot.py", (1_000, 1_000))
+    record(package, hot=b"x = 1\n")
+    # As after installing a wheel: the source written after the compiled module.
+    os.utime(package / f"hot{SUFFIX}", (1_000, 1_000))
     status = native_status(["sgfake.hot", "sgfake.cold"])
     assert (status.compiled, status.stale) == (("sgfake.hot",), ())
 
 
 def test_a_source_edited_after_the_build_is_stale(package: Path) -> None:
-    (package / "hot.py").write_text("")
+    (package / "hot.py").write_bytes(b"x = 2\n")
     (package / f"hot{SUFFIX}").write_bytes(b"")
-    os.utime(package / f"hot{SUFFIX}", (1_000, 1_000))
+    record(package, hot=b"x = 1\n")
+    os.utime(package / "hot.py", (1_000, 1_000))  # however old the file looks
     status = native_status(["sgfake.hot"])
     assert (status.compiled, status.stale) == (("sgfake.hot",), ("sgfake.hot",))
+
+
+@pytest.mark.parametrize("manifest", [None, b"", b"not json", b"[1, 2]", b'{"hot": 1}', b"{}"])
+def test_a_build_without_a_usable_record_is_stale(package: Path, manifest: bytes | None) -> None:
+    (package / "hot.py").write_bytes(b"x = 1\n")
+    (package / f"hot{SUFFIX}").write_bytes(b"")
+    if manifest is not None:
+        (package / MANIFEST).write_bytes(manifest)
+    assert native_status(["sgfake.hot"]).stale == ("sgfake.hot",)
+
+
+def test_a_compiled_module_without_its_source_is_current(package: Path) -> None:
+    (package / f"hot{SUFFIX}").write_bytes(b"")
+    status = native_status(["sgfake.hot"])
+    assert (status.compiled, status.stale) == (("sgfake.hot",), ())
 
 
 def test_modules_of_unimported_packages_are_not_guessed() -> None:
