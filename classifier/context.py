@@ -89,6 +89,40 @@ class DecisionContext:
     room: str | None = None
     sender_in_recipient_roster: bool | None = None
 
+    def __init__(
+        self,
+        kind: StanzaKind,
+        direction: Direction,
+        sender: str,
+        recipient: str,
+        timestamp: datetime,
+        local_domains: frozenset[str] = frozenset(),
+        sender_full: str | None = None,
+        recipient_full: str | None = None,
+        stanza_type: str | None = None,
+        body: str | None = None,
+        urls: tuple[str, ...] = (),
+        encryption: str | None = None,
+        room: str | None = None,
+        sender_in_recipient_roster: bool | None = None,
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "sender", sender)
+        object.__setattr__(self, "recipient", recipient)
+        object.__setattr__(self, "timestamp", timestamp)
+        object.__setattr__(self, "local_domains", local_domains)
+        object.__setattr__(self, "sender_full", sender_full)
+        object.__setattr__(self, "recipient_full", recipient_full)
+        object.__setattr__(self, "stanza_type", stanza_type)
+        object.__setattr__(self, "body", body)
+        object.__setattr__(self, "urls", urls)
+        object.__setattr__(self, "encryption", encryption)
+        object.__setattr__(self, "room", room)
+        object.__setattr__(self, "sender_in_recipient_roster", sender_in_recipient_roster)
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         if self.timestamp.tzinfo is None or self.timestamp.utcoffset() is None:
             # Naive datetimes silently shift by the host's offset somewhere down the line;

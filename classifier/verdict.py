@@ -74,6 +74,19 @@ class Verdict:
     # Which policy decided (`classifier.policy.policy_fingerprint`); None when no policy did.
     policy_fingerprint: str | None = None
 
+    def __init__(
+        self,
+        action: Action,
+        score: float = 0.0,
+        reasons: tuple[Reason, ...] = (),
+        policy_fingerprint: str | None = None,
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "action", action)
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "reasons", reasons)
+        object.__setattr__(self, "policy_fingerprint", policy_fingerprint)
+
     @property
     def reason_text(self) -> str:
         """The human-readable text sent back with a bounce: the deciding reasons only."""

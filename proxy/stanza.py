@@ -236,6 +236,75 @@ class MessageEvent:
     is_content: bool = False
     content_digest: str = ""
 
+    def __init__(
+        self,
+        leg: Direction,
+        direction: Direction,
+        stanza_type: str,
+        sender: str,
+        sender_full: str,
+        recipient: str,
+        recipient_full: str,
+        received_at: datetime,
+        raw: bytes,
+        seen_by: str = "",
+        body: str | None = None,
+        other_bodies: tuple[tuple[str, str], ...] = (),
+        subject: str | None = None,
+        thread: str | None = None,
+        message_id: str | None = None,
+        origin_id: str | None = None,
+        stanza_ids: tuple[StanzaIdRef, ...] = (),
+        attachments: tuple[Attachment, ...] = (),
+        encryption: str | None = None,
+        replaces_id: str | None = None,
+        retracts_id: str | None = None,
+        delay_stamp: datetime | None = None,
+        delay_from: str | None = None,
+        room: str | None = None,
+        nick: str | None = None,
+        invitation: Invitation | None = None,
+        signals: frozenset[Signal] = frozenset(),
+        history: HistoryKind | None = None,
+        anomalies: frozenset[Anomaly] = frozenset(),
+        client_address: str | None = None,
+        is_content: bool = False,
+        content_digest: str = "",
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "leg", leg)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "stanza_type", stanza_type)
+        object.__setattr__(self, "sender", sender)
+        object.__setattr__(self, "sender_full", sender_full)
+        object.__setattr__(self, "recipient", recipient)
+        object.__setattr__(self, "recipient_full", recipient_full)
+        object.__setattr__(self, "received_at", received_at)
+        object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "seen_by", seen_by)
+        object.__setattr__(self, "body", body)
+        object.__setattr__(self, "other_bodies", other_bodies)
+        object.__setattr__(self, "subject", subject)
+        object.__setattr__(self, "thread", thread)
+        object.__setattr__(self, "message_id", message_id)
+        object.__setattr__(self, "origin_id", origin_id)
+        object.__setattr__(self, "stanza_ids", stanza_ids)
+        object.__setattr__(self, "attachments", attachments)
+        object.__setattr__(self, "encryption", encryption)
+        object.__setattr__(self, "replaces_id", replaces_id)
+        object.__setattr__(self, "retracts_id", retracts_id)
+        object.__setattr__(self, "delay_stamp", delay_stamp)
+        object.__setattr__(self, "delay_from", delay_from)
+        object.__setattr__(self, "room", room)
+        object.__setattr__(self, "nick", nick)
+        object.__setattr__(self, "invitation", invitation)
+        object.__setattr__(self, "signals", signals)
+        object.__setattr__(self, "history", history)
+        object.__setattr__(self, "anomalies", anomalies)
+        object.__setattr__(self, "client_address", client_address)
+        object.__setattr__(self, "is_content", is_content)
+        object.__setattr__(self, "content_digest", content_digest)
+
     @property
     def archivable(self) -> bool:
         forged = Anomaly.FORGED_CARBON in self.anomalies or Anomaly.FORGED_MAM in self.anomalies
@@ -433,6 +502,21 @@ class _Context:
     client_address: str | None
     now: datetime
     upload_hosts: frozenset[str]
+
+    def __init__(
+        self,
+        leg: Direction,
+        session: _Jid,
+        client_address: str | None,
+        now: datetime,
+        upload_hosts: frozenset[str],
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "leg", leg)
+        object.__setattr__(self, "session", session)
+        object.__setattr__(self, "client_address", client_address)
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "upload_hosts", upload_hosts)
 
 
 def normalise(
@@ -1353,6 +1437,15 @@ class PlainCopy:
 
     key: PlainKey
     stanza_ids: tuple[StanzaIdRef, ...]
+
+    def __init__(
+        self,
+        key: PlainKey,
+        stanza_ids: tuple[StanzaIdRef, ...],
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "stanza_ids", stanza_ids)
 
 
 def plain_key(event: MessageEvent) -> PlainKey | None:

@@ -46,6 +46,19 @@ class ChainLink:
     hash: bytes
     payload: bytes
 
+    def __init__(
+        self,
+        seq: int,
+        prev_hash: bytes,
+        hash: bytes,
+        payload: bytes,
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "prev_hash", prev_hash)
+        object.__setattr__(self, "hash", hash)
+        object.__setattr__(self, "payload", payload)
+
 
 def verify_links(
     links: Iterable[ChainLink],

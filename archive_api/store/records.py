@@ -210,6 +210,15 @@ class StanzaIdRef:
     id: str
     by: str
 
+    def __init__(
+        self,
+        id: str,
+        by: str,
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "by", by)
+
     def to_json(self) -> dict[str, str]:
         return {"id": self.id, "by": self.by}
 
@@ -222,6 +231,19 @@ class Observation:
     jid: str
     via: ObservationVia
     direction: Direction
+
+    def __init__(
+        self,
+        at: datetime,
+        jid: str,
+        via: ObservationVia,
+        direction: Direction,
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "at", at)
+        object.__setattr__(self, "jid", jid)
+        object.__setattr__(self, "via", via)
+        object.__setattr__(self, "direction", direction)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -275,6 +297,71 @@ class ArchiveRecord:
     status: RecordStatus = RecordStatus.DELIVERED
     raw: bytes = b""
     observations: tuple[Observation, ...] = field(default_factory=tuple)
+
+    def __init__(
+        self,
+        record_id: str,
+        kind: RecordKind,
+        occurred_at: datetime,
+        direction: Direction,
+        sender: str = "",
+        sender_full: str = "",
+        recipient: str = "",
+        recipient_full: str = "",
+        stanza_type: str = "",
+        room: str | None = None,
+        body: str | None = None,
+        subject: str | None = None,
+        thread: str | None = None,
+        message_id: str | None = None,
+        origin_id: str | None = None,
+        stanza_ids: tuple[StanzaIdRef, ...] = (),
+        attachments: tuple[Attachment, ...] = (),
+        encryption: str | None = None,
+        replaces_id: str | None = None,
+        retracts_id: str | None = None,
+        delay_stamp: datetime | None = None,
+        client_address: str | None = None,
+        reported_jid: str | None = None,
+        report_reason: str | None = None,
+        report_text: str | None = None,
+        exchange: ExchangeDetails | None = None,
+        verdict: Verdict = ALLOW,
+        status: RecordStatus = RecordStatus.DELIVERED,
+        raw: bytes = b"",
+        observations: tuple[Observation, ...] = (),
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "record_id", record_id)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "occurred_at", occurred_at)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "sender", sender)
+        object.__setattr__(self, "sender_full", sender_full)
+        object.__setattr__(self, "recipient", recipient)
+        object.__setattr__(self, "recipient_full", recipient_full)
+        object.__setattr__(self, "stanza_type", stanza_type)
+        object.__setattr__(self, "room", room)
+        object.__setattr__(self, "body", body)
+        object.__setattr__(self, "subject", subject)
+        object.__setattr__(self, "thread", thread)
+        object.__setattr__(self, "message_id", message_id)
+        object.__setattr__(self, "origin_id", origin_id)
+        object.__setattr__(self, "stanza_ids", stanza_ids)
+        object.__setattr__(self, "attachments", attachments)
+        object.__setattr__(self, "encryption", encryption)
+        object.__setattr__(self, "replaces_id", replaces_id)
+        object.__setattr__(self, "retracts_id", retracts_id)
+        object.__setattr__(self, "delay_stamp", delay_stamp)
+        object.__setattr__(self, "client_address", client_address)
+        object.__setattr__(self, "reported_jid", reported_jid)
+        object.__setattr__(self, "report_reason", report_reason)
+        object.__setattr__(self, "report_text", report_text)
+        object.__setattr__(self, "exchange", exchange)
+        object.__setattr__(self, "verdict", verdict)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "observations", observations)
 
     @property
     def remote_domain(self) -> str:
@@ -432,6 +519,27 @@ class SpoolEntry:
     actor: str | None = None
     at: datetime | None = None
     fetch: AttachmentFetch | None = None  # ATTACHMENT entries only
+
+    def __init__(
+        self,
+        op: EntryOp,
+        record_id: str,
+        record: ArchiveRecord | None = None,
+        observation: Observation | None = None,
+        status: RecordStatus | None = None,
+        actor: str | None = None,
+        at: datetime | None = None,
+        fetch: AttachmentFetch | None = None,
+    ) -> None:
+        # Spelled out, not generated: compiled, this stores the fields directly (docs/native.md).
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "record_id", record_id)
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "observation", observation)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "actor", actor)
+        object.__setattr__(self, "at", at)
+        object.__setattr__(self, "fetch", fetch)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"op": self.op._value_, "record_id": self.record_id}
