@@ -83,7 +83,7 @@ def main() -> int:
         path.unlink()
     if not pure:
         print(
-            f"compiling {len(names)} modules with mypyc (about 5 minutes on 2 cores) ...",
+            f"compiling {len(names)} modules with mypyc (1.5-5 minutes on 2 cores) ...",
             flush=True,
         )
         env = dict(os.environ, STANZAGUARD_COMPILE="1")
