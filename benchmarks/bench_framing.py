@@ -6,7 +6,10 @@ Feeds a stream of one-line chat messages (as Prosody delivers them, with `from` 
 - expat alone, no Python callbacks (the floor for any expat-based framer);
 - expat with empty start/end callbacks, with and without namespace processing (the price of
   calling back into Python for every element, nested ones included);
-- `Framer.feed` (what the proxy runs per leg).
+- `Framer.feed` (what the proxy runs per leg);
+- `Element.tree()` on every framed stanza (what the pipeline reads), against the baseline of
+  an `ElementTree.XMLPullParser` kept open in the same wrapper element (how the proxy parsed
+  stanzas before session 9), with the ratio.
 
     .venv/bin/python benchmarks/bench_framing.py [--count 50000] [--chunk 65536]
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from xml.parsers import expat
 
@@ -97,6 +101,25 @@ def main() -> int:
                     total += 1
         frames_seen[0] = total
 
+    framed: list[Element] = []
+    f = Framer()
+    f.feed(HEADER)
+    for part in parts:
+        framed += [frame for frame in f.feed(part) if isinstance(frame, Element)]
+
+    def trees() -> None:
+        for element in framed:
+            element._tree = None  # parse again on every repeat
+            element.tree()
+
+    def pull_parser_trees() -> None:
+        pull: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("end",))
+        pull.feed(b"<w xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+        for element in framed:
+            pull.feed(element.data)
+            events = list(pull.read_events())
+            assert events[-1][1].tag == "{jabber:client}message"
+
     rows = [
         ("expat, no callbacks", timed(bare, args.repeats)),
         ("expat+callbacks, namespaces on", timed(callbacks_ns, args.repeats)),
@@ -110,6 +133,11 @@ def main() -> int:
     )
     for label, seconds in rows:
         print(f"  {label:34} {seconds / n * 1e6:6.2f} us/stanza")
+    baseline = timed(pull_parser_trees, args.repeats)
+    ours = timed(trees, args.repeats)
+    print(f"  {'tree: XMLPullParser (baseline)':34} {baseline / n * 1e6:6.2f} us/stanza")
+    print(f"  {'tree: Element.tree()':34} {ours / n * 1e6:6.2f} us/stanza")
+    print(f"  {'tree ratio, ours / baseline':34} {ours / baseline:6.2f}")
     return 0
 
 
