@@ -107,9 +107,10 @@ class _ScopedParser:
 
     The tree builder is ElementTree's C one, and no event is reported: each stanza is fed
     with a sentinel element after it and read as the wrapper's last child but one, then
-    dropped from the wrapper. (A pull parser's event generator, which runs in Python, cost
-    as much as the parsing.) The sentinel also proves the stanza closed: had it not, the
-    sentinel would have become its child.
+    dropped from the wrapper. The sentinel proves the stanza closed: had it not, the
+    sentinel would have become its child (a pull parser's last "end" event could be a child
+    of an unclosed stanza). Per stanza it costs about what the pull parser did
+    (`benchmarks/bench_framing.py`).
     """
 
     __slots__ = ("fed", "parser", "wrapper")
