@@ -365,7 +365,12 @@ class ComponentService:
         self.spool = await open_component_spool(settings, self.clock)
         self.indexer: IndexControl
         if settings.index_worker:
-            self.indexer = IndexWorker(self.spool, spec_from_settings(settings, layout.store))
+            self.indexer = IndexWorker(
+                self.spool,
+                spec_from_settings(settings, layout.store),
+                priority=settings.index_worker_priority,
+                boost_backlog=settings.index_worker_boost_backlog,
+            )
         else:
             self.indexer = Indexer(self.spool, self.store)
         self.learning = Learning(

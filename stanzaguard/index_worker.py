@@ -6,6 +6,7 @@ applies them to the store. They talk over the child's stdin and stdout, one line
 
     parent -> child   H <seq>            the spool is durable through seq
                       D <token> <seq>    answer once everything through seq is indexed
+                      Q                  finish the batch under way, then exit
     child -> parent   A <seq>            the store has every entry through seq
                       D <token> <seq>    the drain `token` is done (store through seq)
                       F <text>           indexing failed (it retries with backoff)
@@ -14,9 +15,18 @@ The store is named by a spec (`--store sqlite:PATH`, or `--store es:URL --es-pre
 with credentials in `STANZAGUARD_ES_*` variables the parent sets; a bare path is SQLite).
 `--chain` names the spool's hash chain in the store (the parent passes its spool's; it must
 match the name the spool directory records).
-The child exits when its stdin closes (the proxy stopped, or was killed). The store applies
+The child exits when its stdin closes (the proxy stopped, or was killed), after indexing what
+it was told of; on `Q` it exits after the batch under way. The store applies
 entries idempotently, so a child that dies mid-batch and its successor do no harm; the
 spool cursor moves only on the child's `A` and only the proxy's process moves it.
+
+CPU priority (`--priority`): `idle` runs the child under Linux's SCHED_IDLE policy, so it
+takes only CPU time nothing else wants. Indexing is deferrable (the spool holds every record
+durably) but the proxy's stanzas are not: a batch indexed while a stanza waits for a core is
+that stanza's latency. `low` is nice 5, sharing the CPU at a lower weight. The supervisor
+starts an `idle` child and, if the unindexed backlog passes `boost_backlog` entries (CPU so
+busy that idle time never comes), replaces it with a `low` one until the backlog is down to
+a tenth of that, so starved indexing cannot run the spool into its size limit.
 """
 
 from __future__ import annotations
@@ -72,11 +82,14 @@ class _Worker:
         self.applied = 0
         self.drains: list[tuple[str, int]] = []
         self.wake = asyncio.Event()
-        self.closing = False
+        self.closing = False  # stdin closed: index what was announced, then stop
+        self.quitting = False  # `Q`: stop after the batch under way
 
     def command(self, line: str) -> None:
         parts = line.split()
-        if len(parts) == 2 and parts[0] == "H" and parts[1].isdigit():
+        if parts == ["Q"]:
+            self.quitting = True
+        elif len(parts) == 2 and parts[0] == "H" and parts[1].isdigit():
             self.through = max(self.through, int(parts[1]))
         elif len(parts) == 3 and parts[0] == "D" and parts[2].isdigit():
             self.through = max(self.through, int(parts[2]))
@@ -89,7 +102,7 @@ class _Worker:
     async def run(self) -> None:
         self.applied = await self.store.last_seq(chain=self.chain)
         backoff = 0.2
-        while True:
+        while not self.quitting:
             try:
                 moved = await self._step()
                 backoff = 0.2
@@ -137,6 +150,26 @@ class _Worker:
                 await self.store.add_checkpoint(checkpoint)
 
 
+PRIORITIES = ("idle", "low")
+IDLE_FALLBACK_NICE = 19  # where SCHED_IDLE does not exist (not Linux)
+
+
+def set_priority(priority: str, nice: int) -> None:
+    """Put this process in the background: SCHED_IDLE (`idle`) or `nice` (`low`).
+
+    Called before any thread starts, so every thread of the worker inherits it.
+    """
+    # Background work: under load the proxy's own process goes first.
+    with contextlib.suppress(OSError):
+        if priority == "idle":
+            if hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.nice(IDLE_FALLBACK_NICE)
+        elif nice:
+            os.nice(nice)
+
+
 def child_store_spec(store: str, es_prefix: str | None) -> StoreSpec:
     """The worker's `--store` (and `--es-prefix`); a value without a scheme is a SQLite path."""
     scheme = store.partition(":")[0]
@@ -162,7 +195,8 @@ async def _child_main(spec: StoreSpec, spool_dir: Path, batch_size: int, chain: 
     store = await open_store_spec(spec)
     worker = _Worker(store, SpoolTail(spool_dir), spool_dir, batch_size, send, chain)
     task = asyncio.create_task(worker.run())
-    try:
+
+    async def follow_commands() -> None:
         while True:
             try:
                 line = await reader.readline()
@@ -174,11 +208,19 @@ async def _child_main(spec: StoreSpec, spool_dir: Path, batch_size: int, chain: 
             worker.command(line.decode("ascii", "replace").strip())
         worker.closing = True
         worker.wake.set()
-        await task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+
+    commands = asyncio.create_task(follow_commands())
+    try:
+        # The worker ends on `Q` with stdin still open, or after stdin closed.
+        await asyncio.wait((task, commands), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
             await task
+        task.result()
+    finally:
+        for running in (task, commands):
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
         await store.close()
 
 
@@ -192,12 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--nice", type=int, default=5)
+    parser.add_argument("--nice", type=int, default=5, help="niceness with --priority low")
+    parser.add_argument("--priority", choices=PRIORITIES, default="low")
     args = parser.parse_args(argv)
-    if args.nice:
-        # Background work: under load the proxy's own process goes first.
-        with contextlib.suppress(OSError):
-            os.nice(args.nice)
+    set_priority(args.priority, args.nice)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="index-worker %(levelname)s %(message)s"
     )
@@ -234,8 +274,19 @@ class IndexWorker:
         stop_timeout: float = 30.0,
         notify_interval: float = 0.1,
         follow_interval: float = 1.0,
+        priority: str = "low",
+        boost_backlog: int = 200_000,
         python: str = sys.executable,
     ) -> None:
+        if priority not in PRIORITIES:
+            raise ValueError(f"index worker priority must be one of {PRIORITIES}")
+        if boost_backlog < 1:
+            raise ValueError("boost_backlog must be at least 1")
+        self.priority = priority
+        self.boost_backlog = boost_backlog
+        self.boosted = False  # an idle worker replaced by a low one to catch up
+        self.priority_changes = 0
+        self._replacing = False  # the running child was asked to quit for a replacement
         self.notify_interval = notify_interval
         self.follow_interval = follow_interval
         self.stop_timeout = stop_timeout
@@ -358,6 +409,8 @@ class IndexWorker:
                 str(self.batch_size),
                 "--log-level",
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                "--priority",
+                self.running_priority(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=worker_environment(store_env),
@@ -374,6 +427,10 @@ class IndexWorker:
             self._ready.clear()
             if self._stopping:
                 return
+            if self._replacing and code == 0:
+                self._replacing = False
+                continue  # asked to quit for a successor at another priority
+            self._replacing = False
             self.failures += 1
             self.restarts += 1
             log.error("index worker exited (status %s); restarting in %.1f s", code, backoff)
@@ -420,6 +477,35 @@ class IndexWorker:
             await asyncio.sleep(self.follow_interval)
             if self._ready.is_set() and self.spool.head()[0] > self._sent:
                 self._tell_head()
+            self.check_backlog()
+
+    def running_priority(self) -> str:
+        """The priority a child started now gets."""
+        return "low" if self.boosted else self.priority
+
+    def backlog(self) -> int:
+        """Spooled entries the store does not have yet."""
+        return max(0, self.spool.head()[0] - max(self._applied, self.spool.cursor()))
+
+    def check_backlog(self) -> None:
+        """Replace an idle child by a low one when indexing falls behind, and back."""
+        if self.priority != "idle" or self._replacing or not self._ready.is_set():
+            return
+        backlog = self.backlog()
+        if not self.boosted and backlog > self.boost_backlog:
+            self.boosted = True
+            log.warning(
+                "indexing is %d entries behind: the index worker now shares the CPU "
+                "(priority low) until it catches up",
+                backlog,
+            )
+        elif self.boosted and backlog <= self.boost_backlog // 10:
+            self.boosted = False
+            log.info("indexing caught up: the index worker uses idle CPU time again")
+        else:
+            return
+        self.priority_changes += 1
+        self._replacing = self._send("Q")
 
     async def _cursor_loop(self) -> None:
         while True:

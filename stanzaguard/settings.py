@@ -205,6 +205,17 @@ class Settings(BaseSettings):
         description="Index in a worker process (false: in the proxy's own process, which then "
         "shares its CPU and GIL with indexing).",
     )
+    index_worker_priority: Literal["idle", "low"] = Field(
+        "idle",
+        description="CPU priority of the index worker: 'idle' (SCHED_IDLE: only CPU time "
+        "nothing else wants, so indexing never delays a stanza) or 'low' (nice 5).",
+    )
+    index_worker_boost_backlog: int = Field(
+        200_000,
+        ge=1,
+        description="Unindexed spool entries at which an 'idle' index worker is replaced by a "
+        "'low' one until the backlog is down to a tenth of this.",
+    )
     # -- distributed mode (docs/distributed.md) --
     indexing: Literal["process", "celery"] = Field(
         "process",

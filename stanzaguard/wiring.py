@@ -454,7 +454,10 @@ class ArchivingService:
             )
         elif settings.index_worker:
             self.indexer = IndexWorker(
-                self.spool, spec_from_settings(settings, DataLayout(settings.data_dir).store)
+                self.spool,
+                spec_from_settings(settings, DataLayout(settings.data_dir).store),
+                priority=settings.index_worker_priority,
+                boost_backlog=settings.index_worker_boost_backlog,
             )
         else:
             self.indexer = Indexer(self.spool, self.store)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,13 +113,26 @@ async def test_drain_waits_for_entries_written_behind(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "line",
-    ["", "H", "H -1", "H 1 2", "D", "D x", "D x y", "Z 1", "H 99999999999999999999x", "\x00" * 50],
+    [
+        "",
+        "H",
+        "H -1",
+        "H 1 2",
+        "D",
+        "D x",
+        "D x y",
+        "Z 1",
+        "H 99999999999999999999x",
+        "\x00" * 50,
+        "Q 1",
+        "QQ",
+    ],
 )
 def test_worker_ignores_malformed_commands(line: str) -> None:
     sent: list[str] = []
     worker = _Worker(None, None, Path("."), 10, sent.append)  # type: ignore[arg-type]
     worker.command(line)
-    assert worker.through == 0 and worker.drains == []
+    assert worker.through == 0 and worker.drains == [] and not worker.quitting
 
 
 def test_worker_takes_well_formed_commands() -> None:
@@ -127,3 +141,99 @@ def test_worker_takes_well_formed_commands() -> None:
     worker.command("H 3")  # never backwards
     worker.command("D t1 9")
     assert worker.through == 9 and worker.drains == [("t1", 9)]
+
+
+# -- CPU priority: idle by default in the service, boosted to low while far behind ----------
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
+def child_policy(worker: IndexWorker) -> tuple[int, int] | None:
+    """(scheduling policy, nice) of the running child, None while there is none."""
+    proc = worker._proc
+    if proc is None or proc.returncode is not None:
+        return None
+    try:
+        return os.sched_getscheduler(proc.pid), os.getpriority(os.PRIO_PROCESS, proc.pid)
+    except ProcessLookupError:
+        return None
+
+
+async def test_an_idle_worker_runs_under_sched_idle_and_indexes(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool", clock=ManualClock())
+    store_path = tmp_path / "archive.sqlite3"
+    worker = IndexWorker(spool, store_path, priority="idle", notify_interval=0.001)
+    worker.start()
+    try:
+        await wait_for(lambda: child_policy(worker) is not None, "the child runs")
+        await wait_for(
+            lambda: (child_policy(worker) or (None,))[0] == os.SCHED_IDLE, "it is SCHED_IDLE"
+        )
+        for n in range(1, 31):
+            await spool.append([entry_payload(n)])
+            worker.notify()
+        await asyncio.wait_for(worker.drain(), 60)
+        assert await store_count(store_path) == 30
+        assert worker.boosted is False and worker.priority_changes == 0
+    finally:
+        await worker.stop()
+        await spool.close()
+
+
+async def test_a_far_behind_idle_worker_is_replaced_by_a_low_one_and_back(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "spool", clock=ManualClock())
+    store_path = tmp_path / "archive.sqlite3"
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    worker = IndexWorker(spool, store_path, priority="idle", boost_backlog=5, follow_interval=0.05)
+    worker.start()
+    try:
+        await wait_for(lambda: worker._ready.is_set(), "the first child is ready")
+        first = worker._proc
+        # Spooled without notify(): only the follow loop tells the worker, and looks at the
+        # backlog in the same breath, before the worker can have caught up.
+        for n in range(1, 51):
+            await spool.append([entry_payload(n)])
+        await wait_for(lambda: worker.priority_changes >= 1, "the worker was boosted")
+        await wait_for(
+            lambda: (
+                worker._proc is not first
+                and child_policy(worker) == (os.SCHED_OTHER, min(own_nice + 5, 19))
+            ),
+            "a low-priority successor runs",
+        )
+        assert first is not None and first.returncode == 0  # it quit when asked
+        await wait_for(lambda: worker.priority_changes >= 2, "the worker went back to idle")
+        await wait_for(
+            lambda: (child_policy(worker) or (None,))[0] == os.SCHED_IDLE, "an idle child runs"
+        )
+        await asyncio.wait_for(worker.drain(), 60)
+        assert await store_count(store_path) == 50
+        assert spool.cursor() == 50
+        assert worker.boosted is False
+        # Planned replacements are neither failures nor restarts.
+        assert worker.failures == 0 and worker.restarts == 0
+    finally:
+        await worker.stop()
+        await spool.close()
+
+
+def test_the_worker_refuses_an_unknown_priority(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="priority"):
+        IndexWorker(None, tmp_path / "a.sqlite3", priority="realtime")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="boost_backlog"):
+        IndexWorker(None, tmp_path / "a.sqlite3", boost_backlog=0)  # type: ignore[arg-type]
+
+
+def test_q_asks_the_worker_to_quit_after_its_batch() -> None:
+    worker = _Worker(None, None, Path("."), 10, [].append)  # type: ignore[arg-type]
+    worker.command("Q")
+    assert worker.quitting and worker.wake.is_set()
+    assert worker.through == 0 and worker.drains == []
