@@ -39,6 +39,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from archive_api.store.base import ArchiveStore
 from proxy.errors import SpoolCorrupt
@@ -150,7 +151,8 @@ class _Worker:
                 await self.store.add_checkpoint(checkpoint)
 
 
-PRIORITIES = ("idle", "low")
+Priority = Literal["idle", "low"]
+PRIORITIES: tuple[Priority, ...] = ("idle", "low")
 IDLE_FALLBACK_NICE = 19  # where SCHED_IDLE does not exist (not Linux)
 
 
@@ -274,7 +276,7 @@ class IndexWorker:
         stop_timeout: float = 30.0,
         notify_interval: float = 0.1,
         follow_interval: float = 1.0,
-        priority: str = "low",
+        priority: Priority = "low",
         boost_backlog: int = 200_000,
         python: str = sys.executable,
     ) -> None:
@@ -427,10 +429,9 @@ class IndexWorker:
             self._ready.clear()
             if self._stopping:
                 return
-            if self._replacing and code == 0:
-                self._replacing = False
+            replacing, self._replacing = self._replacing, False
+            if replacing and code == 0:
                 continue  # asked to quit for a successor at another priority
-            self._replacing = False
             self.failures += 1
             self.restarts += 1
             log.error("index worker exited (status %s); restarting in %.1f s", code, backoff)
@@ -479,7 +480,7 @@ class IndexWorker:
                 self._tell_head()
             self.check_backlog()
 
-    def running_priority(self) -> str:
+    def running_priority(self) -> Priority:
         """The priority a child started now gets."""
         return "low" if self.boosted else self.priority
 
