@@ -14,14 +14,17 @@ import argparse
 import asyncio
 import asyncio.sslproto
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.c2s import C2SProxy
 from proxy.hook import PassThroughHook
+from stanzaguard.event_loop import EventLoopName, run_on
 from stanzaguard.logs import configure_logging
 from stanzaguard.settings import load_settings, split_host_port
 from stanzaguard.wiring import build_proxy_config, tune_tls_buffers
@@ -70,10 +73,11 @@ def main() -> None:
         help="profile with cProfile on CPU time (time.thread_time) and dump stats here on exit",
     )
     args = parser.parse_args()
+    loop = cast("EventLoopName", os.environ.get("STANZAGUARD_EVENT_LOOP", "uvloop"))
     if args.ssl_buffer_kib:
         asyncio.sslproto.SSLProtocol.max_size = args.ssl_buffer_kib * 1024
     if not args.cprofile:
-        asyncio.run(serve(args))
+        run_on(loop, serve(args))
         return
     import cProfile
     import time
@@ -81,7 +85,7 @@ def main() -> None:
     profiler = cProfile.Profile(time.thread_time)
     profiler.enable()
     try:
-        asyncio.run(serve(args))
+        run_on(loop, serve(args))
     finally:
         profiler.disable()
         profiler.dump_stats(args.cprofile)

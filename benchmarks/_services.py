@@ -269,6 +269,7 @@ class Proxy:
     ssl_buffer_kib: int = 0  # passthrough only: experiment with asyncio's TLS read buffer
     cprofile: str = ""  # passthrough only: cProfile (CPU time) stats file written on exit
     pure: bool = False  # run from the .py sources even where compiled modules exist
+    event_loop: str = "uvloop"  # the event_loop setting: "uvloop" or "asyncio"
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -304,6 +305,7 @@ class Proxy:
         env = dict(os.environ)
         env.setdefault("STANZAGUARD_LOG_LEVEL", "info")
         env["PYTHONPATH"] = str(REPO)
+        env["STANZAGUARD_EVENT_LOOP"] = self.event_loop
         if self.pure:
             env["PYTHONPATH"] = f"{PURE_PYTHON}{os.pathsep}{REPO}"
         with self.log_path.open("ab") as log:

@@ -463,6 +463,7 @@ async def cprofile_round(
         name="proxy-cprofile",
         kind="passthrough",
         cprofile=str(stats_file),
+        event_loop=args.loop,
     )
     started.append(prof)
     prof.start()
@@ -766,11 +767,13 @@ async def run(
         kind=args.proxy,
         ssl_buffer_kib=args.ssl_buffer_kib,
         pure=args.pure,
+        event_loop=args.loop,
     )
     started.append(proxy)
     proxy.start()
     res["proxy_kind"] = args.proxy
     res["proxy_code"] = "pure Python" if args.pure else native_state()
+    res["proxy_loop"] = args.loop
     res["proxy_argv"] = " ".join(Path(a).name if "/" in a else a for a in proxy.argv()[:3])
     res["git"] = git_state()
     global QUIET
@@ -847,6 +850,7 @@ async def run(
         kind=args.proxy,
         ssl_buffer_kib=args.ssl_buffer_kib,
         pure=args.pure,
+        event_loop=args.loop,
     )
     started.append(fresh)
     fresh.start()
@@ -956,6 +960,12 @@ def main() -> int:
         help="run the proxy from its .py sources even where `make native` compiled them "
         "(benchmarks/pure_python; bench_native.py compares the two)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the proxy's event loop (the event_loop setting; uvloop is the default)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1011,7 +1021,8 @@ def main() -> int:
     print(
         f"proxy: {args.proxy} ({res.get('proxy_argv')})"
         + (f", asyncio TLS read buffer {args.ssl_buffer_kib} KiB" if args.ssl_buffer_kib else "")
-        + f"; {res.get('proxy_code')}; code: {res.get('git')}"
+        + f"; {res.get('proxy_code')}; event loop {res.get('proxy_loop')}"
+        + f"; code: {res.get('git')}"
     )
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(report(res))

@@ -451,9 +451,9 @@ class BoshFrontEnd:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.config.tls)
         await site.start()
-        server = site._server  # aiohttp keeps the asyncio server here; the port is on it
-        assert isinstance(server, asyncio.Server)
-        address = server.sockets[0].getsockname()
+        # The runner's public list of bound addresses (the port, when 0 was asked for); it
+        # also works on uvloop, whose server is not an asyncio.Server.
+        address = self._runner.addresses[0]
         return str(address[0]), int(address[1])
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stanzaguard.errors import StanzaGuardError
+from stanzaguard.event_loop import run_on
 from stanzaguard.logs import configure_logging
 from stanzaguard.settings import load_settings
 from stanzaguard.tls import write_dev_cert
@@ -107,7 +108,7 @@ def run(
             model=model,
         )
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(serve(settings))
+        run_on(settings.event_loop, serve(settings))
     except StanzaGuardError as exc:
         raise _fail(exc) from None
 
@@ -144,7 +145,7 @@ def api(
         if not address:
             raise StanzaGuardError("--listen: give HOST:PORT (api_listen is off)")
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(serve_api(settings, address))
+        run_on(settings.event_loop, serve_api(settings, address))
     except StanzaGuardError as exc:
         raise _fail(exc) from None
 
@@ -195,7 +196,7 @@ def component(
             model=model,
         )
         configure_logging(settings.log_level, settings.log_format)
-        asyncio.run(serve_component(settings))
+        run_on(settings.event_loop, serve_component(settings))
     except StanzaGuardError as exc:
         raise _fail(exc) from None
 

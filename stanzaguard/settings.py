@@ -205,6 +205,11 @@ class Settings(BaseSettings):
         description="Index in a worker process (false: in the proxy's own process, which then "
         "shares its CPU and GIL with indexing).",
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="Event loop of `run`, `component` and `api`: 'uvloop' (libuv, about a "
+        "tenth less CPU per stanza) or 'asyncio' (the standard library's).",
+    )
     index_worker_priority: Literal["idle", "low"] = Field(
         "idle",
         description="CPU priority of the index worker: 'idle' (SCHED_IDLE: only CPU time "

@@ -657,6 +657,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             "web": {name: f"{h}:{p}" for name, (h, p) in service.web_bound.items()},
             "upstream": settings.upstream,
             "compiled_modules": list(native.compiled),
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
         },
     )
     if native.stale:

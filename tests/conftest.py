@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast, get_args
 
 import pytest
 
 from proxy.hook import StanzaHook
 from proxy.sm import SmStore
+from stanzaguard.event_loop import EventLoopName, loop_factory
 from stanzaguard.logs import CurrentStderrHandler
 from stanzaguard.native import native_status
 from tests.support.certs import TlsPair, make_self_signed
@@ -51,6 +53,21 @@ def pytest_configure(config: pytest.Config) -> None:
             f"not compiled: {', '.join(interpreted)}; run `make native` "
             f"({REQUIRE_SERVICES_ENV}=1 tests the hot path as shipped)"
         )
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Run async tests on the loop the services run on (the `event_loop` setting).
+
+    The proxy and its clients share the test's loop, so the suite tests uvloop, the
+    default; ``STANZAGUARD_EVENT_LOOP=asyncio`` runs it (and the services it starts) on
+    the standard library's loop instead.
+    """
+    name = os.environ.get("STANZAGUARD_EVENT_LOOP", "uvloop")
+    if name not in get_args(EventLoopName):
+        raise pytest.UsageError(f"STANZAGUARD_EVENT_LOOP={name!r}: uvloop or asyncio")
+    return {name: loop_factory(cast("EventLoopName", name))}
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

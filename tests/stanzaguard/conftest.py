@@ -241,8 +241,13 @@ async def receive(
 
 
 def _clean_env() -> dict[str, str]:
-    # No STANZAGUARD_* of the developer's shell leaks into the command under test.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STANZAGUARD_")}
+    # No STANZAGUARD_* of the developer's shell leaks into the command under test, but for
+    # the event loop the whole suite runs on (tests/conftest.py).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STANZAGUARD_") or k == "STANZAGUARD_EVENT_LOOP"
+    }
     env["STANZAGUARD_LOG_FORMAT"] = "text"
     return env
 
@@ -265,11 +270,14 @@ class StanzaguardRun:
         *,
         log_path: Path,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
     ) -> StanzaguardRun:
         port, tls_port = free_port(), free_port()
         argv = run_argv(prosody, data_dir, port, tls_port, extra_args)
-        process = start_process(argv, log_path=log_path, cwd=data_dir.parent, env=_clean_env())
+        process = start_process(
+            argv, log_path=log_path, cwd=data_dir.parent, env={**_clean_env(), **(env or {})}
+        )
         try:
             for listener in (port, tls_port):
                 wait_for_port(LOOPBACK, listener, timeout, process=process.popen)

@@ -9,7 +9,6 @@ message to a denied domain must come back to the browser as a policy-violation b
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -126,9 +125,7 @@ async def page_url(strophe_js: Path) -> AsyncIterator[str]:
     await runner.setup()
     site = web.TCPSite(runner, LOOPBACK, 0)
     await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.Server) and server.sockets
-    port = server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     yield f"http://{LOOPBACK}:{port}/"
     await runner.cleanup()
 
