@@ -54,9 +54,18 @@ def test_a_missing_uvloop_is_a_clear_error_and_the_coroutine_is_closed(
     assert inspect.getcoroutinestate(main) == inspect.CORO_CLOSED  # no "never awaited" later
 
 
-def test_an_unknown_loop_is_refused_by_the_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_an_unknown_loop_is_refused_by_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
     config = tmp_path / "stanzaguard.toml"
-    config.write_text('event_loop = "trio"\n')
+    if source == "config":
+        config.write_text('event_loop = "trio"\n')
+        # The suite's own choice is passed on to commands and would win over the file.
+        monkeypatch.delenv("STANZAGUARD_EVENT_LOOP", raising=False)
+    else:
+        config.write_text("")
+        monkeypatch.setenv("STANZAGUARD_EVENT_LOOP", "trio")
     result = run_cli("run", "--config", str(config), "--data-dir", str(tmp_path), timeout=30)
     assert result.returncode != 0
     assert "event_loop" in result.stdout + result.stderr
