@@ -370,6 +370,7 @@ class ComponentService:
                 spec_from_settings(settings, layout.store),
                 priority=settings.index_worker_priority,
                 boost_backlog=settings.index_worker_boost_backlog,
+                notify_interval=settings.index_worker_batch_interval,
             )
         else:
             self.indexer = Indexer(self.spool, self.store)

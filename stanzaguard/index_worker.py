@@ -27,6 +27,13 @@ that stanza's latency. `low` is nice 5, sharing the CPU at a lower weight. The s
 starts an `idle` child and, if the unindexed backlog passes `boost_backlog` entries (CPU so
 busy that idle time never comes), replaces it with a `low` one until the backlog is down to
 a tenth of that, so starved indexing cannot run the spool into its size limit.
+
+Batching (`notify_interval`, the `index_worker_batch_interval` setting): the child hears of
+new entries at most once per interval and indexes all of them in one transaction. A SQLite
+commit writes every page it changed (the newest leaf of each index, the full-text segments)
+to the WAL, so a hundred small commits write several times the pages of one large commit,
+and the checkpoints of those pages share the disk with the spool's `fsync`. A backlog is
+indexed at once, `batch_size` entries a commit; `drain()` does not wait for the interval.
 """
 
 from __future__ import annotations
@@ -274,7 +281,7 @@ class IndexWorker:
         cursor_interval: float = 0.5,
         seal: bool = True,
         stop_timeout: float = 30.0,
-        notify_interval: float = 0.1,
+        notify_interval: float = 1.0,
         follow_interval: float = 1.0,
         priority: Priority = "low",
         boost_backlog: int = 200_000,
@@ -302,6 +309,7 @@ class IndexWorker:
         self.seal = seal
         self.python = python
         self.indexed = 0
+        self.batches = 0  # the child's commits that moved the store forward
         self.failures = 0
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -316,6 +324,7 @@ class IndexWorker:
         self._ready = asyncio.Event()
         self._stopping = False
         self._notify_scheduled = False
+        self._notify_timer: asyncio.TimerHandle | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -332,6 +341,8 @@ class IndexWorker:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.drain(), timeout)
         self._stopping = True
+        if self._notify_timer is not None:
+            self._notify_timer.cancel()  # the drain above told the worker everything
         proc = self._proc
         if proc is not None and proc.stdin is not None:
             proc.stdin.close()
@@ -357,10 +368,13 @@ class IndexWorker:
 
     def notify(self) -> None:
         # At most once per `notify_interval`, however many batches were spooled: a pipe
-        # write per stanza would cost the proxy more than the indexing lag is worth.
+        # write per stanza would cost the proxy more than the indexing lag is worth, and a
+        # commit per interval writes far fewer archive pages than one per few stanzas.
         if not self._notify_scheduled:
             self._notify_scheduled = True
-            asyncio.get_running_loop().call_later(self.notify_interval, self._tell_head)
+            self._notify_timer = asyncio.get_running_loop().call_later(
+                self.notify_interval, self._tell_head
+            )
 
     def _tell_head(self) -> None:
         self._notify_scheduled = False
@@ -454,6 +468,7 @@ class IndexWorker:
         if kind == "A" and rest.isdigit():
             seq = int(rest)
             if seq > self._applied:
+                self.batches += 1
                 self.indexed += seq - max(self._applied, self.spool.cursor())
                 self._applied = seq
                 self._cursor_dirty.set()

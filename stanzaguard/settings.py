@@ -216,6 +216,13 @@ class Settings(BaseSettings):
         description="CPU priority of the index worker: 'idle' (SCHED_IDLE: only CPU time "
         "nothing else wants, so indexing never delays a stanza) or 'low' (nice 5).",
     )
+    index_worker_batch_interval: float = Field(
+        1.0,
+        ge=0.0,
+        le=60.0,
+        description="Seconds new spool entries gather before the index worker is told of "
+        "them, so that one transaction indexes them all (search lags traffic by up to this).",
+    )
     index_worker_boost_backlog: int = Field(
         200_000,
         ge=1,

@@ -458,6 +458,7 @@ class ArchivingService:
                 spec_from_settings(settings, DataLayout(settings.data_dir).store),
                 priority=settings.index_worker_priority,
                 boost_backlog=settings.index_worker_boost_backlog,
+                notify_interval=settings.index_worker_batch_interval,
             )
         else:
             self.indexer = Indexer(self.spool, self.store)

@@ -111,6 +111,44 @@ async def test_drain_waits_for_entries_written_behind(tmp_path: Path) -> None:
         await spool.close()
 
 
+async def test_entries_gather_for_the_interval_and_go_to_the_store_in_one_commit(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "spool", clock=ManualClock())
+    store_path = tmp_path / "archive.sqlite3"
+    # The follow loop would tell the worker of the head on its own: out of the way here. The
+    # interval outlasts a round's fsync'd appends even on a loaded machine.
+    worker = IndexWorker(spool, store_path, notify_interval=2.0, follow_interval=3600)
+    worker.start()
+    try:
+        for round_, count in enumerate((20, 5), start=1):
+            first = spool.head()[0] + 1
+            for n in range(first, first + count):
+                await spool.append([entry_payload(n)])
+                worker.notify()  # one per stanza, as the pipeline does
+            await wait_for(lambda: worker.indexed == spool.head()[0], "indexed")
+            assert worker.batches == round_
+        assert await store_count(store_path) == 25
+    finally:
+        await worker.stop()
+        await spool.close()
+
+
+async def test_drain_does_not_wait_for_the_interval(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool", clock=ManualClock())
+    store_path = tmp_path / "archive.sqlite3"
+    worker = IndexWorker(spool, store_path, notify_interval=3600, follow_interval=3600)
+    worker.start()
+    try:
+        await spool.append([entry_payload(1)])
+        worker.notify()
+        await asyncio.wait_for(worker.drain(), 60)
+        assert await store_count(store_path) == 1
+    finally:
+        await worker.stop()
+        await spool.close()
+
+
 @pytest.mark.parametrize(
     "line",
     [
