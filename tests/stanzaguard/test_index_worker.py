@@ -121,6 +121,8 @@ async def test_entries_gather_for_the_interval_and_go_to_the_store_in_one_commit
     worker = IndexWorker(spool, store_path, notify_interval=2.0, follow_interval=3600)
     worker.start()
     try:
+        # A child that comes up is told of the head at once: let it be up before round 1.
+        await asyncio.wait_for(worker.drain(), 60)
         for round_, count in enumerate((20, 5), start=1):
             first = spool.head()[0] + 1
             for n in range(first, first + count):
