@@ -492,7 +492,7 @@ class IndexWorker:
         while True:
             await asyncio.sleep(self.follow_interval)
             if self._ready.is_set() and self.spool.head()[0] > self._sent:
-                self._tell_head()
+                self.notify()  # as a stanza would: the batch interval holds for these too
             self.check_backlog()
 
     def running_priority(self) -> Priority:

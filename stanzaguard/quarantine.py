@@ -1160,11 +1160,11 @@ class QuarantineService:
             return 0
         if self.indexer is not None:
             await self.indexer.drain()
-        finished = 0
+        done: list[tuple[Path, Outcome]] = []
         for path, request in waiting:
             if request is None:
                 log.error("quarantine: unreadable request %s; removed", path.name)
-                await asyncio.to_thread(self.requests.finish, path, Outcome(False, "", ""))
+                done.append((path, Outcome(False, "", "")))
                 continue
             try:
                 outcome = await self.apply(request)
@@ -1182,9 +1182,14 @@ class QuarantineService:
                 outcome.pending,
                 request.request_id,
             )
+            done.append((path, outcome))
+        if done and self.indexer is not None:
+            # The requester (the CLI, an API in another process) reads the store next: the
+            # statuses just spooled must be in it, not a batch interval behind.
+            await self.indexer.drain()
+        for path, outcome in done:
             await asyncio.to_thread(self.requests.finish, path, outcome)
-            finished += 1
-        return finished
+        return len(done)
 
     async def apply(self, request: Request) -> Outcome:
         match request.kind:

@@ -227,6 +227,49 @@ async def test_stranger_url_is_held_and_contact_is_delivered_then_officer_releas
     ]
 
 
+async def test_a_cli_release_is_in_the_archive_when_the_command_returns(
+    archiving_factory: ArchivingFactory, remote: RemoteFactory
+) -> None:
+    # The index worker hears of new entries once a minute here: only the service draining
+    # it before it answers the request puts the new status in the store in time.
+    running = await archiving_factory(policy=POLICY, index_worker_batch_interval=60)
+    bob = await login(running, "bob", resource="desk")  # the proxy sees what reaches him
+    eve = await remote("eve")
+    eve.send_chat(BOB, SPAM)
+
+    async def held() -> ArchiveRecord | None:
+        await running.drain()
+        found = [r for r in await records_from(running, EVE) if r.body == SPAM]
+        return found[-1] if found else None
+
+    record = await eventually(held, "eve's message held")
+    assert isinstance(record, ArchiveRecord)
+    # Offline, so the release is a pending delivery: nothing on that path indexes anything.
+    await bob.disconnect()
+
+    async def gone() -> bool:
+        return not running.service.proxy.sessions_of(BOB)
+
+    await eventually(gone, "bob's session gone from the proxy")
+    done = await asyncio.to_thread(
+        run_cli,
+        "quarantine",
+        "release",
+        record.record_id,
+        "--actor",
+        "olivia",
+        "--data-dir",
+        str(running.data_dir),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    listing = await asyncio.to_thread(
+        run_cli, "quarantine", "list", "--all", "--json", "--data-dir", str(running.data_dir)
+    )
+    assert listing.returncode == 0, listing.stderr
+    (listed,) = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert (listed["record_id"], listed["status"]) == (record.record_id, "released")
+
+
 async def test_release_through_the_cli_reaches_an_offline_recipient_at_next_login(
     running: ArchivingProxy, remote: RemoteFactory
 ) -> None:
