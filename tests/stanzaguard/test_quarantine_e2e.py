@@ -13,6 +13,8 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from subprocess import CompletedProcess
+from typing import Any
 
 import pytest
 
@@ -120,6 +122,32 @@ async def held_from(running: ArchivingProxy, sender: str, body: str = SPAM) -> A
     record = await eventually(find, f"a record of {sender}'s message {body!r}")
     assert isinstance(record, ArchiveRecord)
     return record
+
+
+async def sign_off(running: ArchivingProxy, client: ChatClient, jid: str) -> None:
+    """Disconnect ``client`` and wait until the proxy holds no session of ``jid``."""
+    await client.disconnect()
+
+    async def gone() -> bool:
+        return not running.service.proxy.sessions_of(jid)
+
+    await eventually(gone, f"{jid}'s session gone from the proxy")
+
+
+async def as_officer(running: ArchivingProxy, *args: str) -> CompletedProcess[str]:
+    """`stanzaguard ARGS` as officer olivia on the service's data, in its own process."""
+    return await asyncio.to_thread(
+        run_cli, *args, "--actor", "olivia", "--data-dir", str(running.data_dir)
+    )
+
+
+async def cli_listing(running: ArchivingProxy) -> list[dict[str, Any]]:
+    """`stanzaguard quarantine list --all --json`, one object per listed message."""
+    listing = await asyncio.to_thread(
+        run_cli, "quarantine", "list", "--all", "--json", "--data-dir", str(running.data_dir)
+    )
+    assert listing.returncode == 0, listing.stderr
+    return [json.loads(line) for line in listing.stdout.splitlines()]
 
 
 async def status_entries(running: ArchivingProxy, record_id: str) -> list[SpoolEntry]:
@@ -245,28 +273,10 @@ async def test_a_cli_release_is_in_the_archive_when_the_command_returns(
     record = await eventually(held, "eve's message held")
     assert isinstance(record, ArchiveRecord)
     # Offline, so the release is a pending delivery: nothing on that path indexes anything.
-    await bob.disconnect()
-
-    async def gone() -> bool:
-        return not running.service.proxy.sessions_of(BOB)
-
-    await eventually(gone, "bob's session gone from the proxy")
-    done = await asyncio.to_thread(
-        run_cli,
-        "quarantine",
-        "release",
-        record.record_id,
-        "--actor",
-        "olivia",
-        "--data-dir",
-        str(running.data_dir),
-    )
+    await sign_off(running, bob, BOB)
+    done = await as_officer(running, "quarantine", "release", record.record_id)
     assert done.returncode == 0, done.stdout + done.stderr
-    listing = await asyncio.to_thread(
-        run_cli, "quarantine", "list", "--all", "--json", "--data-dir", str(running.data_dir)
-    )
-    assert listing.returncode == 0, listing.stderr
-    (listed,) = [json.loads(line) for line in listing.stdout.splitlines()]
+    (listed,) = await cli_listing(running)
     assert (listed["record_id"], listed["status"]) == (record.record_id, "released")
 
 
@@ -277,34 +287,16 @@ async def test_release_through_the_cli_reaches_an_offline_recipient_at_next_logi
     eve = await remote("eve")
     eve.send_chat(BOB, SPAM)
     held = await held_from(running, EVE)
-    await bob.disconnect()
-
-    async def gone() -> bool:
-        return not running.service.proxy.sessions_of(BOB)
-
-    await eventually(gone, "bob's session gone from the proxy")
+    await sign_off(running, bob, BOB)
 
     # The CLI runs in another process: it leaves a request the running service picks up.
-    done = await asyncio.to_thread(
-        run_cli,
-        "quarantine",
-        "release",
-        held.record_id,
-        "--actor",
-        "olivia",
-        "--data-dir",
-        str(running.data_dir),
-    )
+    done = await as_officer(running, "quarantine", "release", held.record_id)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "next login" in done.stdout
     pending = json.loads((running.data_dir / "review" / "pending-deliveries.json").read_text())
     assert [p["record_id"] for p in pending] == [held.record_id]
 
-    listing = await asyncio.to_thread(
-        run_cli, "quarantine", "list", "--all", "--json", "--data-dir", str(running.data_dir)
-    )
-    assert listing.returncode == 0, listing.stderr
-    (listed,) = [json.loads(line) for line in listing.stdout.splitlines()]
+    (listed,) = await cli_listing(running)
     assert (listed["record_id"], listed["status"]) == (held.record_id, "released")
 
     back = await login(running, "bob", resource="laptop")
@@ -349,16 +341,7 @@ async def test_confirmed_spam_is_never_delivered(
     eve.send_chat(BOB, SPAM)
     held = await held_from(running, EVE)
 
-    done = await asyncio.to_thread(
-        run_cli,
-        "quarantine",
-        "confirm-spam",
-        held.record_id,
-        "--actor",
-        "olivia",
-        "--data-dir",
-        str(running.data_dir),
-    )
+    done = await as_officer(running, "quarantine", "confirm-spam", held.record_id)
     assert done.returncode == 0, done.stdout + done.stderr
     refused = await quarantine.release(running.service, held.record_id, "oscar")
     assert not refused.ok and refused.status is RecordStatus.CONFIRMED_SPAM
@@ -448,16 +431,7 @@ async def test_a_report_raises_the_senders_score_and_becomes_an_example(
 
     # An officer disagrees: the message was fine. The report stops counting against eve,
     # and bob's reports weigh less from now on.
-    done = await asyncio.to_thread(
-        run_cli,
-        "label",
-        before.record_id,
-        "ham",
-        "--actor",
-        "olivia",
-        "--data-dir",
-        str(running.data_dir),
-    )
+    done = await as_officer(running, "label", before.record_id, "ham")
     assert done.returncode == 0, done.stdout + done.stderr
     assert running.service.reputation.weight(EVE, running.service.clock.now()) == (0.0, 0)
     assert learning.examples.reporter_weight(BOB) == pytest.approx(0.5)
