@@ -14,24 +14,22 @@ import argparse
 import asyncio
 import asyncio.sslproto
 import contextlib
-import os
 import signal
 import sys
 from pathlib import Path
-from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.c2s import C2SProxy
 from proxy.hook import PassThroughHook
-from stanzaguard.event_loop import EventLoopName, run_on
+from stanzaguard.event_loop import run_on
 from stanzaguard.logs import configure_logging
-from stanzaguard.settings import load_settings, split_host_port
+from stanzaguard.settings import Settings, load_settings, split_host_port
 from stanzaguard.wiring import build_proxy_config, tune_tls_buffers
 
 
-async def serve(args: argparse.Namespace) -> None:
-    settings = load_settings(
+def settings_of(args: argparse.Namespace) -> Settings:
+    return load_settings(
         None,
         domain=[args.domain],
         upstream=args.upstream,
@@ -40,6 +38,9 @@ async def serve(args: argparse.Namespace) -> None:
         listen=args.listen,
         listen_tls=args.listen_tls,
     )
+
+
+async def serve(args: argparse.Namespace, settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     if not args.ssl_buffer_kib:
         tune_tls_buffers(settings)  # what `stanzaguard run` does
@@ -73,11 +74,11 @@ def main() -> None:
         help="profile with cProfile on CPU time (time.thread_time) and dump stats here on exit",
     )
     args = parser.parse_args()
-    loop = cast("EventLoopName", os.environ.get("STANZAGUARD_EVENT_LOOP", "uvloop"))
+    settings = settings_of(args)
     if args.ssl_buffer_kib:
         asyncio.sslproto.SSLProtocol.max_size = args.ssl_buffer_kib * 1024
     if not args.cprofile:
-        run_on(loop, serve(args))
+        run_on(settings.event_loop, serve(args, settings))
         return
     import cProfile
     import time
@@ -85,7 +86,7 @@ def main() -> None:
     profiler = cProfile.Profile(time.thread_time)
     profiler.enable()
     try:
-        run_on(loop, serve(args))
+        run_on(settings.event_loop, serve(args, settings))
     finally:
         profiler.disable()
         profiler.dump_stats(args.cprofile)

@@ -33,6 +33,11 @@ def loop_factory(name: EventLoopName) -> Callable[[], asyncio.AbstractEventLoop]
     return uvloop.new_event_loop
 
 
+def running_loop_name() -> str:
+    """What the running loop is: "uvloop", "asyncio" (or another library's name)."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
 def run_on(name: EventLoopName, main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on a new loop of the named kind, as `asyncio.run` does."""
     try:

@@ -323,8 +323,7 @@ class IndexWorker:
         self._cursor_dirty = asyncio.Event()
         self._ready = asyncio.Event()
         self._stopping = False
-        self._notify_scheduled = False
-        self._notify_timer: asyncio.TimerHandle | None = None
+        self._notify_timer: asyncio.TimerHandle | None = None  # a tell is scheduled
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -370,14 +369,13 @@ class IndexWorker:
         # At most once per `notify_interval`, however many batches were spooled: a pipe
         # write per stanza would cost the proxy more than the indexing lag is worth, and a
         # commit per interval writes far fewer archive pages than one per few stanzas.
-        if not self._notify_scheduled:
-            self._notify_scheduled = True
+        if self._notify_timer is None:
             self._notify_timer = asyncio.get_running_loop().call_later(
                 self.notify_interval, self._tell_head
             )
 
     def _tell_head(self) -> None:
-        self._notify_scheduled = False
+        self._notify_timer = None
         head = self.spool.head()[0]
         if head > self._sent and self._send(f"H {head}"):
             self._sent = head

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from archive_api.store.audit import AUDIT_CHAIN
 from stanzaguard.errors import SettingsError
+from stanzaguard.event_loop import EventLoopName
 
 
 def _host_port(value: str) -> str:
@@ -205,7 +206,7 @@ class Settings(BaseSettings):
         description="Index in a worker process (false: in the proxy's own process, which then "
         "shares its CPU and GIL with indexing).",
     )
-    event_loop: Literal["uvloop", "asyncio"] = Field(
+    event_loop: EventLoopName = Field(
         "uvloop",
         description="Event loop of `run`, `component` and `api`: 'uvloop' (libuv, a little "
         "less CPU per stanza) or 'asyncio' (the standard library's; less memory per idle TLS "

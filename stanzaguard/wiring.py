@@ -45,6 +45,7 @@ from proxy.websocket import WebSocketConfig, WebSocketFrontEnd
 from stanzaguard.api_wiring import start_beside
 from stanzaguard.clock import SystemClock
 from stanzaguard.errors import SettingsError, StanzaGuardError
+from stanzaguard.event_loop import running_loop_name
 from stanzaguard.index_worker import IndexWorker
 from stanzaguard.keys import load_or_create_signer
 from stanzaguard.learning import Learning
@@ -658,7 +659,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             "web": {name: f"{h}:{p}" for name, (h, p) in service.web_bound.items()},
             "upstream": settings.upstream,
             "compiled_modules": list(native.compiled),
-            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            "event_loop": running_loop_name(),
         },
     )
     if native.stale:

@@ -18,6 +18,7 @@ from proxy.sm import SmStore
 from stanzaguard.event_loop import EventLoopName, loop_factory
 from stanzaguard.logs import CurrentStderrHandler
 from stanzaguard.native import native_status
+from stanzaguard.settings import Settings
 from tests.support.certs import TlsPair, make_self_signed
 from tests.support.clients import ChatClient
 from tests.support.ejabberd import EjabberdServer, make_ejabberd
@@ -64,7 +65,7 @@ def pytest_asyncio_loop_factories(
     default; ``STANZAGUARD_EVENT_LOOP=asyncio`` runs it (and the services it starts) on
     the standard library's loop instead.
     """
-    name = os.environ.get("STANZAGUARD_EVENT_LOOP", "uvloop")
+    name = os.environ.get("STANZAGUARD_EVENT_LOOP", Settings.model_fields["event_loop"].default)
     if name not in get_args(EventLoopName):
         raise pytest.UsageError(f"STANZAGUARD_EVENT_LOOP={name!r}: uvloop or asyncio")
     return {name: loop_factory(cast("EventLoopName", name))}

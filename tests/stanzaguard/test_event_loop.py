@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stanzaguard.errors import StanzaGuardError
-from stanzaguard.event_loop import loop_factory, run_on
+from stanzaguard.event_loop import loop_factory, run_on, running_loop_name
 from stanzaguard.settings import Settings
 from tests.conftest import ProsodyFactory
 from tests.stanzaguard.conftest import StanzaguardRun, run_cli
@@ -20,7 +19,7 @@ from tests.support.rawxmpp import RawXmppClient
 
 
 async def _loop_module() -> str:
-    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    return running_loop_name()
 
 
 async def test_the_suite_runs_on_the_loop_the_services_default_to() -> None:
