@@ -80,6 +80,21 @@ async def resume_on_new_connection(
     return new
 
 
+async def indicate(phone: RawXmppClient, prosody: ProsodyServer, state: str) -> None:
+    """CSI ``<active/>`` or ``<inactive/>`` (a nonza: not counted by SM), waited for until the
+    server has acted on it.
+
+    Another client's stanza travels on another connection, so without the wait it can reach
+    the server first and be delivered at once. Prosody logs a stanza it received and then
+    handles it before it reads anything else, so the log line is proof enough; an
+    ``<r/>`` would not do, since its ``<a/>`` is what makes the server flush the phone.
+    """
+    logged = f"Received[c2s]: <{state} "
+    seen = prosody.log_text().count(logged)
+    phone.send(f"<{state} xmlns='{CSI_NS}'/>".encode())
+    await wait_until(lambda: prosody.log_text().count(logged) > seen)
+
+
 def chat_state(to: str, msg_id: str) -> str:
     return (
         f"<message to='{to}' type='chat' id='{msg_id}'>"
@@ -116,7 +131,7 @@ async def test_csi_passes_and_the_server_holds_unimportant_stanzas_while_inactiv
         assert phone.features is not None
         assert phone.features.find(f"{{{CSI_NS}}}csi") is not None  # the proxy kept the feature
         sm = await phone.enable_sm()
-        phone.send(f"<inactive xmlns='{CSI_NS}'/>".encode())  # a nonza: not counted by SM
+        await indicate(phone, prosody, "inactive")
         bob.send_raw(chat_state(PHONE, "typing-1"))
         body_id = bob.send_chat(PHONE, "a message with a body wakes the phone")
         typing, message = await phone.messages(2)
@@ -124,7 +139,7 @@ async def test_csi_passes_and_the_server_holds_unimportant_stanzas_while_inactiv
         assert (typing.get("id"), message.get("id")) == ("typing-1", body_id)
         assert held_by_csi(typing) and not held_by_csi(message)
 
-        phone.send(f"<active xmlns='{CSI_NS}'/>".encode())
+        await indicate(phone, prosody, "active")
         bob.send_raw(chat_state(PHONE, "typing-2"))
         [typing] = await phone.messages(1)
         assert typing.get("id") == "typing-2" and not held_by_csi(typing)
