@@ -30,6 +30,7 @@ from archive_api.store.records import (
     SpoolEntry,
     StanzaIdRef,
     canonical_json,
+    iso_datetime,
 )
 from classifier.verdict import Action, Reason, Verdict
 
@@ -126,6 +127,51 @@ _ENTRIES = st.builds(
     at=st.none() | _MOMENTS,
     fetch=st.none() | _FETCHES,
 )
+
+
+class _StampSubclass(datetime):
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        return "mine"
+
+
+_ANY_ZONE = (
+    st.none()
+    | st.just(UTC)
+    | st.timezones()
+    | st.builds(
+        timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23))
+    )
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.datetimes(timezones=_ANY_ZONE) | st.datetimes(timezones=st.just(UTC)))
+def test_iso_datetime_is_isoformat(moment: datetime) -> None:
+    # The hash chain covers these strings: any difference would change every entry's bytes.
+    assert iso_datetime(moment) == moment.isoformat()
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 23, 20, 41, 5, 123456, tzinfo=UTC),
+        datetime(2026, 11, 23, 20, 41, 5, tzinfo=UTC),  # no fraction printed
+        datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=UTC),  # a fraction with leading zeros
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # a three-digit year
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime.fromisoformat("2026-11-23T00:00:00Z"),  # parsed: the same UTC singleton
+        datetime(2026, 11, 23, tzinfo=timezone(timedelta(0))),  # UTC, but another object
+        datetime(2026, 11, 23, tzinfo=timezone(timedelta(hours=5, minutes=30, seconds=7))),
+        datetime(2026, 11, 23, 1, 2, 3),  # naive
+    ],
+)
+def test_iso_datetime_on_the_edges(moment: datetime) -> None:
+    assert iso_datetime(moment) == moment.isoformat()
+
+
+def test_iso_datetime_leaves_a_subclass_its_own_isoformat() -> None:
+    assert iso_datetime(_StampSubclass(2026, 11, 23, tzinfo=UTC)) == "mine"
 
 
 def _outcome(make: object) -> bytes | type[BaseException]:
