@@ -21,6 +21,7 @@ import asyncio
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
+from typing import Literal
 
 import pytest
 
@@ -80,7 +81,9 @@ async def resume_on_new_connection(
     return new
 
 
-async def indicate(phone: RawXmppClient, prosody: ProsodyServer, state: str) -> None:
+async def indicate(
+    phone: RawXmppClient, prosody: ProsodyServer, state: Literal["active", "inactive"]
+) -> None:
     """CSI ``<active/>`` or ``<inactive/>`` (a nonza: not counted by SM), waited for until the
     server has acted on it.
 
