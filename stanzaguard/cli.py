@@ -678,17 +678,24 @@ def _fold_progress() -> Progress:
     )
 
 
-def _print_metrics(title: str, metrics: Any) -> None:
+def _print_metrics(title: str, *rows: Any) -> None:
+    """One table row per metrics object; ``rows`` are metrics or ``(label, metrics)`` pairs."""
     table = Table(title=title)
+    labelled = [row if isinstance(row, tuple) else ("", row) for row in rows]
+    has_labels = any(label for label, _ in labelled)
+    if has_labels:
+        table.add_column("")
     for column in ("spam caught", "blocked ham", "MCC", "precision", "TP", "FP", "TN", "FN"):
         table.add_column(column, justify="right")
-    table.add_row(
-        f"{metrics.spam_caught:.2%}",
-        f"{metrics.blocked_ham:.3%}",
-        f"{metrics.mcc:.4f}",
-        f"{metrics.precision:.2%}",
-        *(str(n) for n in (metrics.tp, metrics.fp, metrics.tn, metrics.fn)),
-    )
+    for label, metrics in labelled:
+        cells = [
+            f"{metrics.spam_caught:.2%}",
+            f"{metrics.blocked_ham:.3%}",
+            f"{metrics.mcc:.4f}",
+            f"{metrics.precision:.2%}",
+            *(str(n) for n in (metrics.tp, metrics.fp, metrics.tn, metrics.fn)),
+        ]
+        table.add_row(*([label] if has_labels else []), *cells)
     Console().print(table)
 
 
@@ -762,11 +769,23 @@ def evaluate(
     ] = None,
     folds: FoldsOption = 10,
     seed: SeedOption = 0,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats",
+            min=1,
+            max=20,
+            help="Repeat the cross-validation with fold seeds --seed, --seed+1, ...; "
+            "prints each and the pooled figures.",
+        ),
+    ] = 1,
 ) -> None:
     """Duplicate-grouped cross-validation of the text model's recipe on --data.
 
     Prints spam caught, blocked ham and MCC at the block threshold (chosen inside each fold),
-    and writes evaluation.json and curves.png (precision-recall and ROC) to --report.
+    and writes evaluation.json and curves.png (precision-recall and ROC) to --report. With
+    --repeats N the cross-validation runs N times on different fold assignments and the
+    pooled confusion matrix is printed as well (repeated k-fold cross-validation).
     """
     from stanzaguard.datasets import load_dataset
     from stanzaguard.models import load_model
@@ -782,6 +801,8 @@ def evaluate(
         command += f" --model {model}"
     if folds != 10 or seed != 0:
         command += f" --folds {folds} --seed {seed}"
+    if repeats != 1:
+        command += f" --repeats {repeats}"
     try:
         dataset = load_dataset(data, data_format)
         err.print(f"{data}: {len(dataset.samples)} messages ({dataset.spam} spam)")
@@ -789,9 +810,10 @@ def evaluate(
         config = train_config(trained, folds=folds, seed=seed)
         with _fold_progress() as progress:
             task = progress.add_task("cross-validation", total=None)
-            evaluation = evaluate_dataset(
+            repeated = evaluate_dataset(
                 dataset,
                 config,
+                repeats=repeats,
                 progress=lambda done, total, what: progress.update(
                     task, completed=done, total=total, description=what
                 ),
@@ -800,7 +822,7 @@ def evaluate(
         if trained is not None:
             extra = {"given_model": fixed_model_metrics(trained, dataset.samples)}
         json_path, png_path = write_report(
-            evaluation,
+            repeated,
             report,
             dataset=dataset,
             command=command,
@@ -809,7 +831,13 @@ def evaluate(
         )
     except StanzaGuardError as exc:
         raise _fail(exc) from None
-    _print_metrics(f"{folds}-fold cross-validation, duplicates grouped", evaluation.block)
+    evaluation = repeated.runs[0]
+    title = f"{folds}-fold cross-validation, duplicates grouped"
+    if repeats == 1:
+        _print_metrics(title, evaluation.block)
+    else:
+        rows = [(f"seed {run.config.seed}", run.block) for run in repeated.runs]
+        _print_metrics(f"{title}, {repeats} repetitions", *rows, ("pooled", repeated.block))
     typer.echo(
         f"ROC AUC {evaluation.curves.roc_auc:.4f}, "
         f"average precision {evaluation.curves.average_precision:.4f}"

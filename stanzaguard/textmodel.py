@@ -22,7 +22,7 @@ from stanzaguard.datasets import Dataset
 from stanzaguard.errors import StanzaGuardError
 
 if TYPE_CHECKING:
-    from classifier.train import CrossValidation, TrainConfig
+    from classifier.train import CrossValidation, RepeatedCrossValidation, TrainConfig
 
 REPORT_JSON = "evaluation.json"
 REPORT_PNG = "curves.png"
@@ -54,8 +54,19 @@ def train_config(model: TextModel | None = None, *, folds: int = 10, seed: int =
     recorded = model.info.get("training", {}).get("config", {})
     if not isinstance(recorded, dict):
         recorded = {}
-    fields = ("c", "spam_weight", "inner_folds", "block_fpr", "flag_fpr", "max_iter")
+    fields = (
+        "c",
+        "ridge_alpha",
+        "ridge_share",
+        "spam_weight",
+        "inner_folds",
+        "block_fpr",
+        "flag_fpr",
+        "max_iter",
+    )
     kwargs = {k: recorded[k] for k in fields if k in recorded}
+    # Models from before the ridge blend record no share: they were the SVM alone.
+    kwargs.setdefault("ridge_share", 0.0)
     try:
         config = train.TrainConfig(features=model.features, folds=folds, seed=seed, **kwargs)
     except (TypeError, ValueError) as exc:
@@ -117,12 +128,17 @@ def train_model(
 
 
 def evaluate_dataset(
-    dataset: Dataset, config: TrainConfig, *, progress: Progress | None = None
-) -> CrossValidation:
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    repeats: int = 1,
+    progress: Progress | None = None,
+) -> RepeatedCrossValidation:
+    """The recipe's cross-validation, ``repeats`` times with fold seeds from ``config.seed``."""
     train = _train_module()
     try:
-        evaluation: CrossValidation = train.cross_validate(
-            dataset.samples, config, progress=progress
+        evaluation: RepeatedCrossValidation = train.repeated_cross_validate(
+            dataset.samples, config, repeats=repeats, progress=progress
         )
     except train.TrainingError as exc:
         raise StanzaGuardError(str(exc)) from None
@@ -147,7 +163,7 @@ def fixed_model_metrics(model: TextModel, samples: Sequence[tuple[str, int]]) ->
 
 
 def write_report(
-    evaluation: CrossValidation,
+    repeated: RepeatedCrossValidation,
     directory: Path,
     *,
     dataset: Dataset,
@@ -155,8 +171,13 @@ def write_report(
     created: datetime,
     extra: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """``evaluation.json`` and ``curves.png`` in ``directory``."""
+    """``evaluation.json`` and ``curves.png`` in ``directory``.
+
+    ``metrics`` and the curves are the first repetition's (fold seed ``--seed``); with more
+    than one, ``repetitions`` lists each seed's figures and the pooled ones.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    evaluation = repeated.runs[0]
     report: dict[str, Any] = {
         "created": created.isoformat(timespec="seconds"),
         "command": command,
@@ -168,6 +189,8 @@ def write_report(
         "metrics": evaluation.to_json(),
         "curves": evaluation.curves.to_json(max_points=1000),
     }
+    if len(repeated.runs) > 1:
+        report["repetitions"] = repeated.to_json()
     if extra:
         report.update(extra)
     json_path = directory / REPORT_JSON

@@ -89,6 +89,11 @@ class TestExactness:
         assert small.model.score(long_text) == small.model.score(long_text[:30])
         assert_matches_sklearn(small, [long_text, long_text[:29] + " x"])
 
+    @pytest.mark.parametrize("share", [0.0, 1.0])
+    def test_svm_alone_and_ridge_alone(self, share: float) -> None:
+        other = fit_model(synthetic_corpus(), TrainConfig(inner_folds=3, ridge_share=share))
+        assert_matches_sklearn(other, TRICKY + [t for t, _ in synthetic_corpus()[:50]])
+
     def test_without_sublinear_tf_and_unigrams_only(self) -> None:
         features = FeatureConfig(sublinear_tf=False, word_ngrams=(1, 1), char_ngrams=(2, 4))
         other = fit_model(synthetic_corpus(), TrainConfig(inner_folds=3, features=features))

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+from sklearn.linear_model import RidgeClassifier
 from sklearn.metrics import matthews_corrcoef
+from sklearn.svm import LinearSVC
 
 from classifier.train import (
     BinaryMetrics,
+    HashedCorpus,
     TrainConfig,
     TrainingError,
+    _fit_linear,
     choose_threshold,
     cross_validate,
     duplicate_groups,
     fit_model,
     normalise_for_grouping,
+    repeated_cross_validate,
 )
 from tests.support.textdata import read_sms, synthetic_corpus
 
@@ -56,6 +62,12 @@ class TestMetrics:
         ours = BinaryMetrics.of(y, predicted)
         assert ours.mcc == pytest.approx(matthews_corrcoef(y, predicted), abs=1e-12)
         assert ours.tp + ours.fp + ours.tn + ours.fn == 300
+
+    def test_pooled_adds_the_confusion_matrices(self) -> None:
+        pooled = BinaryMetrics.pooled([BinaryMetrics(95, 1, 999, 5), BinaryMetrics(90, 2, 998, 10)])
+        assert pooled == BinaryMetrics(tp=185, fp=3, tn=1997, fn=15)
+        assert pooled.blocked_ham == 3 / 2000
+        assert BinaryMetrics.pooled([]) == BinaryMetrics(0, 0, 0, 0)
 
     def test_rates(self) -> None:
         m = BinaryMetrics(tp=95, fp=1, tn=999, fn=5)
@@ -103,6 +115,53 @@ class TestFitting:
             TrainConfig(block_fpr=0.1, flag_fpr=0.01)
         with pytest.raises(TrainingError):
             TrainConfig(folds=1)
+        for share in (-0.1, 1.5, float("nan")):
+            with pytest.raises(TrainingError, match="ridge_share"):
+                TrainConfig(ridge_share=share)
+        for alpha in (0.0, -1.0, float("inf")):
+            with pytest.raises(TrainingError, match="ridge_alpha"):
+                TrainConfig(ridge_alpha=alpha)
+
+
+class TestBlend:
+    """The recipe's linear model: SVM and ridge fits blended by ``ridge_share``."""
+
+    def fits(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        samples = synthetic_corpus()
+        texts = [t for t, _ in samples]
+        y = np.array([label for _, label in samples])
+        corpus = HashedCorpus.build(texts, TrainConfig().features)
+        rows = np.arange(len(texts), dtype=np.int64)
+        buckets, df = corpus.vocabulary(rows)
+        return corpus.matrix(rows, buckets, df, rows.size), y
+
+    @pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 1.0])
+    def test_decision_is_the_weighted_sum_of_both_fits(self, share: float) -> None:
+        x, y = self.fits()
+        config = TrainConfig(ridge_share=share, c=0.5, ridge_alpha=0.3)
+        svm = LinearSVC(C=0.5, class_weight={0: 1.0, 1: 1.0}, max_iter=20_000, random_state=0)
+        ridge = RidgeClassifier(alpha=0.3, solver="sparse_cg", class_weight={0: 1.0, 1: 1.0})
+        expected = share * ridge.fit(x, y).decision_function(x) + (1 - share) * svm.fit(
+            x, y
+        ).decision_function(x)
+        blended = _fit_linear(x, y, config, None)
+        assert np.allclose(blended.decision_function(x), expected, atol=1e-9)
+        assert isinstance(blended, RidgeClassifier if share == 1.0 else LinearSVC)
+
+    def test_the_two_fits_rank_differently(self) -> None:
+        # Otherwise the blend would be a rescaled SVM and the setting would mean nothing.
+        x, y = self.fits()
+        svm = _fit_linear(x, y, TrainConfig(ridge_share=0.0), None).decision_function(x)
+        ridge = _fit_linear(x, y, TrainConfig(ridge_share=1.0), None).decision_function(x)
+        assert not np.array_equal(np.argsort(svm), np.argsort(ridge))
+
+    def test_recorded_in_the_metadata(self) -> None:
+        config = TrainConfig()
+        recorded = config.to_json()
+        assert recorded["ridge_share"] == 0.5 and recorded["ridge_alpha"] == 0.3
+        assert recorded["c"] == 0.5
+        assert "blend" in recorded["classifier"]
+        assert "ridge" not in TrainConfig(ridge_share=0.0).to_json()["classifier"]
 
 
 class TestCrossValidation:
@@ -121,6 +180,27 @@ class TestCrossValidation:
         assert report["distinct_texts"] < len(samples)
         curves = cv.curves.to_json(max_points=50)
         assert len(curves["pr"]) <= 50 and len(curves["roc"]) <= 50
+
+    def test_repeated_cv_uses_consecutive_seeds_and_pools(self) -> None:
+        samples = synthetic_corpus()
+        progress: list[tuple[int, int, str]] = []
+        repeated = repeated_cross_validate(
+            samples,
+            TrainConfig(folds=3, inner_folds=3, seed=7),
+            repeats=2,
+            progress=lambda done, total, what: progress.append((done, total, what)),
+        )
+        assert repeated.seeds == [7, 8]
+        single = cross_validate(samples, TrainConfig(folds=3, inner_folds=3, seed=8))
+        assert repeated.runs[1].block == single.block
+        assert repeated.block == BinaryMetrics.pooled([repeated.runs[0].block, single.block])
+        assert [done for done, _, _ in progress] == list(range(1, 2 * 3 * 4 + 1))
+        assert {total for _, total, _ in progress} == {24}
+        assert progress[0][2].startswith("seed 7: ") and progress[-1][2].startswith("seed 8: ")
+        report = repeated.to_json()
+        assert report["seeds"] == [7, 8] and report["pooled"]["block"]["tp"] == repeated.block.tp
+        with pytest.raises(TrainingError, match="repeats"):
+            repeated_cross_validate(samples, repeats=0)
 
     def test_quick_cv_on_an_sms_subset(self) -> None:
         samples = read_sms(limit=1200)

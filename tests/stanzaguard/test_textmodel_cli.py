@@ -65,6 +65,31 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     assert (report / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_evaluate_repeats_prints_each_seed_and_the_pooled_figures(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl")
+    report = tmp_path / "report"
+    args = ["evaluate", "--data", str(data), "--format", "jsonl", "--report", str(report)]
+    result = CliRunner().invoke(app, [*args, "--folds", "3", "--seed", "4", "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    for row in ("seed 4", "seed 5", "pooled"):
+        assert row in result.output
+    written = json.loads((report / "evaluation.json").read_text())
+    assert written["command"].endswith("--folds 3 --seed 4 --repeats 2")
+    repetitions = written["repetitions"]
+    assert repetitions["seeds"] == [4, 5]
+    per_seed = [run["block"] for run in repetitions["per_seed"]]
+    pooled = repetitions["pooled"]["block"]
+    for cell in ("tp", "fp", "tn", "fn"):
+        assert pooled[cell] == sum(run[cell] for run in per_seed)
+    assert pooled["tp"] + pooled["fp"] + pooled["tn"] + pooled["fn"] == 2 * len(synthetic_corpus())
+    # The headline metrics stay the first repetition's, as without --repeats.
+    assert written["metrics"]["block"] == per_seed[0]
+
+    refused = CliRunner().invoke(app, [*args, "--repeats", "0"])
+    assert refused.exit_code == 2
+    assert "--repeats" in refused.output
+
+
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
     data = tmp_path / "bad.txt"
     data.write_text("ham\tfine\nspam without a tab\n", encoding="utf-8")
