@@ -12,7 +12,7 @@ Recipe (chosen by duplicate-grouped cross-validation on the SMS Spam Collection)
   the blend ranks the few spam-like hams (promotional texts labelled ham) below more of the
   spam than either fit alone, which is what decides blocked ham at 0.1 %. Blending weights
   is blending decision values, so the model stays one weight vector;
-- probabilities by Platt scaling: a one-feature logistic regression fitted to the SVM's
+- probabilities by Platt scaling: a one-feature logistic regression fitted to the model's
   *out-of-fold* decision values (inner grouped cross-validation on the training rows), so the
   probabilities are honest about unseen text;
 - thresholds chosen on those same out-of-fold probabilities: ``block`` keeps blocked ham at

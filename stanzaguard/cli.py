@@ -663,6 +663,16 @@ FormatOption = Annotated[
 ]
 FoldsOption = Annotated[int, typer.Option("--folds", min=2, max=50, help="Cross-validation folds.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the fold assignment.")]
+RepeatsOption = Annotated[
+    int,
+    typer.Option(
+        "--repeats",
+        min=1,
+        max=20,
+        help="Repeat the cross-validation with fold seeds --seed, --seed+1, ...; "
+        "prints each and the pooled figures.",
+    ),
+]
 
 
 def _fold_progress() -> Progress:
@@ -699,6 +709,15 @@ def _print_metrics(title: str, *rows: Any) -> None:
     Console().print(table)
 
 
+def _print_repeated(title: str, repeated: Any) -> None:
+    """One cross-validation's row, or each repetition's and the pooled one."""
+    if len(repeated.runs) == 1:
+        _print_metrics(title, repeated.block)
+        return
+    rows = [(f"seed {run.config.seed}", run.block) for run in repeated.runs]
+    _print_metrics(f"{title}, {len(repeated.runs)} repetitions", *rows, ("pooled", repeated.block))
+
+
 @app.command()
 def train(
     data: DataOption,
@@ -712,6 +731,7 @@ def train(
             "--evaluate/--no-evaluate", help="Cross-validate first, for the metadata's metrics."
         ),
     ] = True,
+    repeats: RepeatsOption = 1,
 ) -> None:
     """Train the text model on all of --data and write it to --out.
 
@@ -727,6 +747,8 @@ def train(
         command += f" --folds {folds} --seed {seed}"
     if not evaluate:
         command += " --no-evaluate"
+    elif repeats != 1:
+        command += f" --repeats {repeats}"
     try:
         dataset = load_dataset(data, data_format)
         err.print(f"{data}: {len(dataset.samples)} messages ({dataset.spam} spam)")
@@ -739,6 +761,7 @@ def train(
                 created=datetime.now(UTC),
                 config=config,
                 evaluate=evaluate,
+                repeats=repeats,
                 progress=lambda done, total, what: progress.update(
                     task, completed=done, total=total, description=what
                 ),
@@ -746,10 +769,8 @@ def train(
         files = save_model(outcome.model, out)
     except StanzaGuardError as exc:
         raise _fail(exc) from None
-    if outcome.evaluation is not None:
-        _print_metrics(
-            f"{folds}-fold cross-validation, duplicates grouped", outcome.evaluation.block
-        )
+    if outcome.repeated is not None:
+        _print_repeated(f"{folds}-fold cross-validation, duplicates grouped", outcome.repeated)
     thresholds = outcome.model.thresholds
     typer.echo(f"thresholds: block {thresholds.block:.4f}, flag {thresholds.flag:.4f}")
     typer.echo(f"{files.npz}\n{files.json}")
@@ -769,16 +790,7 @@ def evaluate(
     ] = None,
     folds: FoldsOption = 10,
     seed: SeedOption = 0,
-    repeats: Annotated[
-        int,
-        typer.Option(
-            "--repeats",
-            min=1,
-            max=20,
-            help="Repeat the cross-validation with fold seeds --seed, --seed+1, ...; "
-            "prints each and the pooled figures.",
-        ),
-    ] = 1,
+    repeats: RepeatsOption = 1,
 ) -> None:
     """Duplicate-grouped cross-validation of the text model's recipe on --data.
 
@@ -832,12 +844,7 @@ def evaluate(
     except StanzaGuardError as exc:
         raise _fail(exc) from None
     evaluation = repeated.runs[0]
-    title = f"{folds}-fold cross-validation, duplicates grouped"
-    if repeats == 1:
-        _print_metrics(title, evaluation.block)
-    else:
-        rows = [(f"seed {run.config.seed}", run.block) for run in repeated.runs]
-        _print_metrics(f"{title}, {repeats} repetitions", *rows, ("pooled", repeated.block))
+    _print_repeated(f"{folds}-fold cross-validation, duplicates grouped", repeated)
     typer.echo(
         f"ROC AUC {evaluation.curves.roc_auc:.4f}, "
         f"average precision {evaluation.curves.average_precision:.4f}"

@@ -79,7 +79,12 @@ def train_config(model: TextModel | None = None, *, folds: int = 10, seed: int =
 @dataclass(frozen=True, slots=True)
 class TrainOutcome:
     model: TextModel
-    evaluation: CrossValidation | None
+    repeated: RepeatedCrossValidation | None
+
+    @property
+    def evaluation(self) -> CrossValidation | None:
+        """The first (``--seed``) cross-validation, the one the metadata's metrics are."""
+        return self.repeated.runs[0] if self.repeated is not None else None
 
 
 def train_model(
@@ -89,12 +94,18 @@ def train_model(
     created: datetime,
     config: TrainConfig | None = None,
     evaluate: bool = True,
+    repeats: int = 1,
     progress: Progress | None = None,
 ) -> TrainOutcome:
-    """Cross-validate the recipe on ``dataset`` (for the metrics), then fit on all of it."""
+    """Cross-validate the recipe on ``dataset`` (for the metrics), then fit on all of it.
+
+    With ``repeats`` > 1 the cross-validation runs that many times (fold seeds from
+    ``config.seed``); ``metrics`` stays the first run's and ``metrics.repetitions`` holds each
+    seed's and the pooled figures.
+    """
     train = _train_module()
     config = config or train.TrainConfig()
-    cv_steps = config.folds * (config.inner_folds + 1) if evaluate else 0
+    cv_steps = repeats * config.folds * (config.inner_folds + 1) if evaluate else 0
     total = cv_steps + config.inner_folds + 1
 
     def step(offset: int) -> Callable[[int, int, str], None]:
@@ -105,15 +116,22 @@ def train_model(
         return report
 
     try:
-        evaluation = (
-            train.cross_validate(dataset.samples, config, progress=step(0)) if evaluate else None
+        repeated: RepeatedCrossValidation | None = (
+            train.repeated_cross_validate(
+                dataset.samples, config, repeats=repeats, progress=step(0)
+            )
+            if evaluate
+            else None
         )
+        evaluation = repeated.runs[0] if repeated is not None else None
         info: dict[str, Any] = {
             "created": created.isoformat(timespec="seconds"),
             "training": {"command": command, "data": dataset.describe()},
         }
         if evaluation is not None:
             info["metrics"] = {**evaluation.to_json(), "curves": evaluation.curves.to_json()}
+            if repeated is not None and repeats > 1:
+                info["metrics"]["repetitions"] = repeated.to_json()
         else:
             info["metrics"] = None
         fitted = train.fit_model(
@@ -124,7 +142,7 @@ def train_model(
         )
     except train.TrainingError as exc:
         raise StanzaGuardError(str(exc)) from None
-    return TrainOutcome(fitted.model, evaluation)
+    return TrainOutcome(fitted.model, repeated)
 
 
 def evaluate_dataset(

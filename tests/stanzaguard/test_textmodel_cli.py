@@ -90,6 +90,19 @@ def test_evaluate_repeats_prints_each_seed_and_the_pooled_figures(tmp_path: Path
     assert "--repeats" in refused.output
 
 
+def test_train_repeats_records_every_seed_in_the_metadata(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl")
+    out = tmp_path / "model"
+    args = ["train", "--data", str(data), "--format", "jsonl", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--folds", "3", "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    assert "seed 0" in result.output and "seed 1" in result.output and "pooled" in result.output
+    metrics = load_model(out).info["metrics"]
+    assert metrics["repetitions"]["seeds"] == [0, 1]
+    assert metrics["block"] == metrics["repetitions"]["per_seed"][0]["block"]
+    assert load_model(out).info["training"]["command"].endswith("--folds 3 --seed 0 --repeats 2")
+
+
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
     data = tmp_path / "bad.txt"
     data.write_text("ham\tfine\nspam without a tab\n", encoding="utf-8")
