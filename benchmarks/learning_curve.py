@@ -19,7 +19,8 @@
    shipped model itself (the script says whether the weights are identical).
 
 Prints the curve as a table (mean ± standard deviation over repeats) and, with ``--json``,
-every repeat's figures. About 10 s per retrain on one core (SMS collection, 6 SVM fits).
+every repeat's figures. About 15 s per retrain on one core (SMS collection, 6 fits of the
+SVM and ridge blend).
 
     .venv/bin/python benchmarks/learning_curve.py [--sms PATH] [--chat PATH]
         [--sizes 25 50 100] [--repeats 5] [--seed 0] [--json OUT]
