@@ -659,11 +659,37 @@ def cross_validate(
     every test message once.
     """
     config = config or TrainConfig()
-    texts, y = _split(samples)
-    w = _sample_weights(weights, len(texts))
-    groups = duplicate_groups(texts)
-    _check_classes(y, groups, config.folds, "cross-validation")
-    corpus = HashedCorpus.build(texts, config.features)
+    return _cross_validate(_EvaluationData.of(samples, weights, config), config, progress)
+
+
+@dataclass(frozen=True, slots=True)
+class _EvaluationData:
+    """What every fold assignment of one data set shares: hashing depends on no split."""
+
+    texts: list[str]
+    y: IntArray
+    weights: FloatArray | None
+    groups: IntArray
+    corpus: HashedCorpus
+
+    @classmethod
+    def of(
+        cls,
+        samples: Sequence[tuple[str, int]],
+        weights: Sequence[float] | None,
+        config: TrainConfig,
+    ) -> _EvaluationData:
+        texts, y = _split(samples)
+        w = _sample_weights(weights, len(texts))
+        groups = duplicate_groups(texts)
+        _check_classes(y, groups, config.folds, "cross-validation")
+        return cls(texts, y, w, groups, HashedCorpus.build(texts, config.features))
+
+
+def _cross_validate(
+    data: _EvaluationData, config: TrainConfig, progress: Progress | None
+) -> CrossValidation:
+    texts, y, w, groups, corpus = data.texts, data.y, data.weights, data.groups, data.corpus
     outer = StratifiedGroupKFold(config.folds, shuffle=True, random_state=config.seed)
     total = config.folds * (config.inner_folds + 1)
     done = 0
@@ -762,6 +788,7 @@ def repeated_cross_validate(
         raise TrainingError("repeats must be at least 1")
     per_run = config.folds * (config.inner_folds + 1)
     total = repeats * per_run
+    data = _EvaluationData.of(samples, weights, config)
     runs: list[CrossValidation] = []
     for r in range(repeats):
         run_config = replace(config, seed=config.seed + r)
@@ -771,5 +798,5 @@ def repeated_cross_validate(
                 label = f"seed {config.seed + r}: {what}" if repeats > 1 else what
                 progress(r * per_run + done, total, label)
 
-        runs.append(cross_validate(samples, run_config, weights=weights, progress=report))
+        runs.append(_cross_validate(data, run_config, report))
     return RepeatedCrossValidation(runs)

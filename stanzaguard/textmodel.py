@@ -123,17 +123,16 @@ def train_model(
             if evaluate
             else None
         )
-        evaluation = repeated.runs[0] if repeated is not None else None
         info: dict[str, Any] = {
             "created": created.isoformat(timespec="seconds"),
             "training": {"command": command, "data": dataset.describe()},
+            "metrics": None,
         }
-        if evaluation is not None:
-            info["metrics"] = {**evaluation.to_json(), "curves": evaluation.curves.to_json()}
-            if repeated is not None and repeats > 1:
+        if repeated is not None:
+            first = repeated.runs[0]
+            info["metrics"] = {**first.to_json(), "curves": first.curves.to_json()}
+            if len(repeated.runs) > 1:
                 info["metrics"]["repetitions"] = repeated.to_json()
-        else:
-            info["metrics"] = None
         fitted = train.fit_model(
             dataset.samples,
             config,
